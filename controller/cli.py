@@ -1,0 +1,560 @@
+"""The `pluginctl` command line: the standalone controller (`run`), one-shot passes
+(`reconcile --once`), inspection (`status`), tokens, pausing, migrations, the reference
+runtime (`agent`) and a demo. Exit codes: 0 in sync / done, 2 out of sync, 1 could not run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import click
+
+from controller import manifests, service, status, tokens
+from controller.desired import Desired, DesiredStateError
+from controller.driver import RuntimeDriver
+from controller.models import (
+    InvalidSpec,
+    Plugin,
+    Policy,
+    check_workspace_id,
+    derive_plugin_name,
+    utcnow,
+)
+from controller.reconciler import PassReport, WorkspaceResult, reconcile_once
+from controller.store import (
+    DatabaseError,
+    Sessions,
+    database_url,
+    ensure_schema,
+    make_engine,
+    make_sessions,
+    queries,
+    transaction,
+    upgrade,
+)
+
+EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
+log = logging.getLogger("pluginctl")
+
+
+class Failure(Exception):
+    """Could not run: printed as one line, exit 1."""
+
+
+# --- shared options --------------------------------------------------------------------------
+
+def db_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--db", "db", metavar="URL", default=None,
+        help="Database URL (env PLUGINCTL_DB; default sqlite:///pluginctl.db). "
+             "PostgreSQL: postgresql+psycopg://user:pass@host/db",
+    )(function)
+
+
+def output_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+                        show_default=True, help="Output format.")(function)
+
+
+def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--offline-after", type=click.FloatRange(min=1), default=90.0,
+                     show_default=True, help="Seconds without a heartbeat before a workspace "
+                                             "counts as offline."),
+        click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Workspaces reconciled at the same time."),
+        click.option("--call-timeout", type=click.FloatRange(min=0.1), default=10.0,
+                     show_default=True, help="Seconds allowed for one call to a runtime."),
+        click.option("--restart-budget", type=click.IntRange(min=0), default=3,
+                     show_default=True, help="Restarts allowed per workspace per hour."),
+    ]):
+        function = option(function)
+    return function
+
+
+def make_policy(offline_after: float, concurrency: int, call_timeout: float,
+                restart_budget: int) -> Policy:
+    return Policy(offline_after=timedelta(seconds=offline_after), concurrency=concurrency,
+                  call_timeout=call_timeout, restart_budget=restart_budget,
+                  workspace_timeout=max(60.0, call_timeout * 6))
+
+
+def open_store(db: str | None) -> Sessions:
+    engine = make_engine(database_url(db))
+    ensure_schema(engine)
+    return make_sessions(engine)
+
+
+def load_manifests(directory: Path) -> Desired:
+    return manifests.load(directory)
+
+
+def manifests_option(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--manifests", type=click.Path(path_type=Path), required=required, metavar="DIR",
+        envvar="PLUGINCTL_MANIFESTS",
+        help="Directory of WorkspaceTemplate/Workspace YAML files (desired state), "
+             "re-read on every pass.")
+
+
+def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
+    logging.basicConfig(level=level.upper(), stream=stream,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def cli(log_level: str) -> None:
+    """Keeps the plugins of every online agent workspace exactly as declared."""
+    setup_logging(log_level)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return host or "0.0.0.0", int(port)
+
+
+@cli.command()
+@manifests_option(required=True)
+@db_option
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Address of the registry API.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds between full passes (with +/-10% jitter).")
+@policy_options
+def run(manifests: Path, db: str | None, listen: str, interval: float, offline_after: float,
+        concurrency: int, call_timeout: float, restart_budget: int) -> None:
+    """Serve the registry API and run the periodic reconcile loop (standalone mode)."""
+    host, port = _listen(listen)
+    load_manifests(manifests)  # fail fast on a missing directory
+    sessions = open_store(db)
+    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget)
+    try:
+        asyncio.run(service.serve(lambda: load_manifests(manifests), sessions, policy,
+                                  host, port, interval))
+    except OSError as error:
+        raise Failure(f"cannot listen on {listen}: {error.strerror or error}") from error
+
+
+# --- reconcile -------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Run one pass and exit (required).")
+@manifests_option(required=True)
+@db_option
+@click.option("--dry-run", is_flag=True, help="Plan only: no runtime calls, no writes.")
+@output_option
+@policy_options
+def reconcile(once: bool, manifests: Path, db: str | None, dry_run: bool, output: str,
+              offline_after: float, concurrency: int, call_timeout: float,
+              restart_budget: int) -> None:
+    """One pass over every online workspace, then exit.
+
+    Exit 0: every online workspace is in sync afterwards. Exit 2: out of sync (dry run: drift
+    found; otherwise some actions failed, are backing off or are held). Exit 1: could not run.
+    """
+    if not once:
+        raise click.UsageError("reconcile runs exactly one pass: add --once "
+                               "(use `pluginctl run` for the periodic loop)")
+    desired = load_manifests(manifests)
+    for error in desired.errors:
+        click.echo(f"error: {error}", err=True)
+    sessions = open_store(db)
+    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget)
+
+    async def one_pass() -> PassReport:
+        with progress_bar() as progress:
+            async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+                return await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
+                                            progress=progress)
+
+    report = asyncio.run(one_pass())
+    if output == "json":
+        click.echo(json.dumps(report_json(report), indent=2))
+    else:
+        print_report(report)
+    if desired.errors:
+        raise Failure(f"{len(desired.errors)} manifest error(s); the other workspaces were "
+                      "reconciled")
+    sys.exit(EXIT_OK if report.in_sync else EXIT_DRIFT)
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal and the pass is long enough to want one."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bars: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            if total < 20:
+                return
+            bar = click.progressbar(length=total, label="reconciling", file=sys.stderr,
+                                    show_pos=True, show_eta=True)
+            bar.__enter__()
+            bars.append(bar)
+        bars[0].update(1)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+
+
+def _result_lines(result: WorkspaceResult, dry_run: bool) -> list[str]:
+    lines = []
+    if dry_run:
+        lines += [f"would {action}" for action in result.planned]
+    else:
+        for outcome in result.outcomes:
+            verdict = "ok" if outcome.ok else f"FAILED: {outcome.message}"
+            lines.append(f"{outcome.action.describe()}: {verdict}")
+    lines += [f"waiting until {_when(w.until)}: {w.reason}" for w in result.waits]
+    if result.restart_pending and not dry_run:
+        lines.append("restart pending (held)")
+    if result.error:
+        lines.append(f"error: {result.error}")
+    return lines or ["in sync"]
+
+
+def print_report(report: PassReport) -> None:
+    rows = []
+    for result in report.results:
+        for index, line in enumerate(_result_lines(result, report.dry_run)):
+            rows.append([result.workspace_id if index == 0 else "", line])
+    for invalid in report.invalid:
+        rows.append([invalid.workspace_id, f"invalid desired state: {invalid.error}"])
+    if rows:
+        click.echo(table(["WORKSPACE", "ACTIONS"], rows))
+    click.echo(report.summary())
+
+
+def report_json(report: PassReport) -> dict[str, Any]:
+    from controller.models import ActionKind
+
+    def result(r: WorkspaceResult) -> dict[str, Any]:
+        return {
+            "workspace_id": r.workspace_id,
+            "in_sync": (all(p.in_sync for p in r.plans) if report.dry_run else r.in_sync),
+            "planned": [_action_json(a) for p in r.plans for a in p.actions],
+            "outcomes": [
+                {**_action_json(o.action), "ok": o.ok, "message": o.message,
+                 "restart_required": o.restart_required}
+                for o in r.outcomes
+            ],
+            "waits": [{"kind": w.kind.value, "key": w.key, "until": _iso(w.until),
+                       "reason": w.reason} for w in r.waits],
+            "restart_pending": r.restart_pending,
+            "error": r.error,
+        }
+
+    return {
+        "dry_run": report.dry_run,
+        "in_sync": report.in_sync,
+        "started_at": _iso(report.started_at),
+        "finished_at": _iso(report.finished_at),
+        "summary": {
+            "online": len(report.results),
+            "installed": report.count(ActionKind.INSTALL),
+            "removed": report.count(ActionKind.REMOVE),
+            "restarted": report.count(ActionKind.RESTART),
+            "failed": report.failed,
+            "waiting": report.waiting,
+            "held": sum(1 for r in report.results if r.restart_pending),
+            "invalid": len(report.invalid),
+            "skipped": {phase.value: n for phase, n in report.skipped.items()},
+        },
+        "workspaces": [result(r) for r in report.results],
+        "invalid": [{"workspace_id": d.workspace_id, "object": d.object_ref, "error": d.error}
+                    for d in report.invalid],
+        "manifest_errors": [str(e) for e in report.manifest_errors],
+    }
+
+
+def _action_json(action: Any) -> dict[str, Any]:
+    plugin: Plugin | None = action.plugin
+    return {"action": action.kind.value, "plugin": plugin.name if plugin else None,
+            "source": plugin.source if plugin else None, "reason": action.reason}
+
+
+# --- status ----------------------------------------------------------------------------------
+
+@cli.command("status")
+@db_option
+@manifests_option(required=False)
+@output_option
+@click.option("--offline-after", type=click.FloatRange(min=1), default=90.0, show_default=True)
+def status_command(db: str | None, manifests: Path | None, output: str,
+                   offline_after: float) -> None:
+    """Per workspace: phase, desired vs installed, drift, last error, next retry.
+
+    Without --manifests only what runtimes reported is known (no desired plugins)."""
+    desired = load_manifests(manifests) if manifests else None
+    sessions = open_store(db)
+    policy = Policy(offline_after=timedelta(seconds=offline_after))
+    now = utcnow()
+    with transaction(sessions) as session:
+        observed = queries.load_observed(session, now=None, restart_window=policy.restart_window)
+    wanted = dict(desired.workspaces) if desired else {}
+    ids = sorted(set(observed) | set(wanted))
+    statuses = [status.build(wanted.get(i), observed.get(i), now, policy) for i in ids]
+    if desired is not None:
+        statuses += [status.build(d, observed.get(d.workspace_id), now, policy)
+                     for d in desired.rejected]
+    if output == "json":
+        click.echo(json.dumps({"workspaces": [status_json(s) for s in statuses],
+                               "manifest_errors": [str(e) for e in desired.errors]
+                               if desired else []}, indent=2))
+        return
+    rows = [[s.workspace_id, s.phase.value, f"{s.installed}/{s.desired}" if desired else "-",
+             "yes" if s.in_sync else "no", ", ".join(s.drift) or "-",
+             _clip(s.error or "-"), _when(s.next_retry_at) if s.next_retry_at else "-"]
+            for s in statuses]
+    click.echo(table(["WORKSPACE", "PHASE", "PLUGINS", "IN-SYNC", "DRIFT", "LAST ERROR",
+                      "NEXT RETRY"], rows) if rows else "no workspaces")
+    if desired:
+        for error in desired.errors:
+            click.echo(f"error: {error}", err=True)
+
+
+def status_json(s: status.WorkspaceStatus) -> dict[str, Any]:
+    return {
+        "workspace_id": s.workspace_id,
+        "object": s.object_ref,
+        "template": s.template,
+        "phase": s.phase.value,
+        "desired": s.desired,
+        "installed": s.installed,
+        "in_sync": s.in_sync,
+        "drift": list(s.drift),
+        "plugins": [{"name": p.name, "source": p.source, "state": p.state.value,
+                     "message": p.message, "attempts": p.attempts,
+                     "next_retry_at": _iso(p.next_retry_at)} for p in s.plugins],
+        "last_error": s.error,
+        "next_retry_at": _iso(s.next_retry_at),
+        "restart_pending": s.restart_pending,
+        "restarts_left": s.restarts_left,
+        "last_seen_at": _iso(s.last_seen_at),
+        "report_at": _iso(s.report_at),
+    }
+
+
+# --- tokens, pause/resume, db ----------------------------------------------------------------
+
+def _workspace_id(value: str) -> str:
+    try:
+        return check_workspace_id(value)
+    except InvalidSpec as error:
+        raise click.BadParameter(str(error)) from error
+
+
+@cli.group()
+def token() -> None:
+    """Registry tokens (one or more per workspace)."""
+
+
+@token.command("create")
+@click.argument("workspace_id")
+@db_option
+def token_create(workspace_id: str, db: str | None) -> None:
+    """Create a token for WORKSPACE_ID and print it once; only its hash is stored."""
+    workspace_id = _workspace_id(workspace_id)
+    sessions = open_store(db)
+    secret = tokens.generate()
+    with transaction(sessions) as session:
+        queries.add_token(session, workspace_id, tokens.digest(secret), utcnow())
+    click.echo(secret)
+    if sys.stderr.isatty():
+        click.echo("Store this token now: it is not shown again.", err=True)
+
+
+@cli.group()
+def workspace() -> None:
+    """Pause or resume the loop for one workspace."""
+
+
+@workspace.command("pause")
+@click.argument("workspace_id")
+@db_option
+def workspace_pause(workspace_id: str, db: str | None) -> None:
+    """Make WORKSPACE_ID dormant: no calls until `resume`, whatever its runtime reports."""
+    _set_dormant(workspace_id, db, True)
+    click.echo(f"workspace {workspace_id} paused (dormant)")
+
+
+@workspace.command("resume")
+@click.argument("workspace_id")
+@db_option
+def workspace_resume(workspace_id: str, db: str | None) -> None:
+    """Undo `pause`: WORKSPACE_ID is reconciled again when online."""
+    _set_dormant(workspace_id, db, False)
+    click.echo(f"workspace {workspace_id} resumed")
+
+
+def _set_dormant(workspace_id: str, db: str | None, dormant: bool) -> None:
+    workspace_id = _workspace_id(workspace_id)
+    with transaction(open_store(db)) as session:
+        queries.set_dormant(session, workspace_id, dormant)
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@db_option
+def db_upgrade(db: str | None) -> None:
+    """Migrate the database to this version's schema (safe to run from several replicas)."""
+    engine = make_engine(database_url(db))
+    before, after = upgrade(engine)
+    if before == after:
+        click.echo(f"database already at revision {after}")
+    else:
+        click.echo(f"database upgraded from {before or 'empty'} to revision {after}")
+
+
+# --- the reference runtime -------------------------------------------------------------------
+
+@cli.command()
+@click.option("--workspace-id", required=True)
+@click.option("--token", envvar="PLUGINCTL_TOKEN", required=True,
+              help="Registry token (env PLUGINCTL_TOKEN).")
+@click.option("--registry", default="http://127.0.0.1:8080", show_default=True, metavar="URL")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="Address of this runtime's API (port 0: any free port).")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True)
+@click.option("--register-only", is_flag=True,
+              help="Register, then never heartbeat (the boot path that broke edge triggers).")
+@click.option("--no-report", is_flag=True, help="Do not send the plugin list with calls.")
+@click.option("--lose-plugins-on-restart", is_flag=True,
+              help="Forget every plugin on POST /restart, like a re-created box.")
+@click.option("--install-delay", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds each install takes.")
+@click.option("--fail-plugin", multiple=True, metavar="NAME", help="Installs of NAME fail.")
+@click.option("--plugin", "preinstalled", multiple=True, metavar="SOURCE",
+              help="A plugin installed by the user before the controller came.")
+def agent(workspace_id: str, token: str, registry: str, listen: str, heartbeat_interval: float,
+          register_only: bool, no_report: bool, lose_plugins_on_restart: bool,
+          install_delay: float, fail_plugin: Sequence[str], preinstalled: Sequence[str]) -> None:
+    """Run the reference workspace runtime: serves the runtime API, registers, heartbeats."""
+    from controller.agent import Faults, ReferenceRuntime
+
+    host, port = _listen(listen)
+    try:
+        plugins = [Plugin(derive_plugin_name(s), s) for s in preinstalled]
+    except InvalidSpec as error:
+        raise click.BadParameter(str(error), param_hint="--plugin") from error
+    runtime = ReferenceRuntime(
+        _workspace_id(workspace_id), registry_url=registry, token=token, host=host, port=port,
+        plugins=plugins, report=not no_report, heartbeat_interval=heartbeat_interval,
+        faults=Faults(lose_plugins_on_restart=lose_plugins_on_restart,
+                      install_delay=install_delay, failing_plugins=set(fail_plugin)),
+    )
+
+    async def main() -> None:
+        import aiohttp
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+        async with runtime:
+            log.info("runtime %s serving on %s", workspace_id, runtime.url)
+            try:
+                await runtime.register()
+            except (aiohttp.ClientError, OSError) as error:
+                raise Failure(f"cannot register with {registry}: {error}") from error
+            log.info("registered with %s", registry)
+            beats = None if register_only else asyncio.create_task(runtime.heartbeat_forever())
+            await stop.wait()
+            if beats is not None:
+                beats.cancel()
+
+    asyncio.run(main())
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+@cli.command()
+@manifests_option(required=False)
+@click.option("--seconds", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Give up (exit 2) if the fleet has not converged by then.")
+@click.option("--db", default=None, metavar="URL",
+              help="Database URL (default: a fresh SQLite file in a temporary directory).")
+def demo(manifests: Path | None, seconds: float, db: str | None) -> None:
+    """Start the registry, the loop and one reference runtime per example workspace, and
+    show them converge: one registers and never heartbeats, one had a plugin installed by
+    its user, one loses its plugins when restarted."""
+    from controller.demo import run_demo
+
+    directory = manifests or Path("manifests/examples")
+    converged = asyncio.run(run_demo(directory, seconds, db))
+    sys.exit(EXIT_OK if converged else EXIT_DRIFT)
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+             .rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _when(value: datetime) -> str:
+    seconds = (value - utcnow()).total_seconds()
+    if seconds <= 0:
+        return "now"
+    return f"in {seconds:.0f}s" if seconds < 120 else f"in {seconds / 60:.0f}m"
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: every way of not being able to run ends in one line and exit 1 (click's
+    usage errors included, so that exit 2 always means "out of sync")."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="pluginctl",
+                 standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.UsageError as error:
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+        fail(f"{error.format_message()}{hint}")
+    except click.ClickException as error:
+        fail(error.format_message())
+    except click.Abort:
+        fail("aborted")
+    except (Failure, DatabaseError, DesiredStateError) as error:
+        fail(str(error))

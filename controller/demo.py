@@ -1,0 +1,143 @@
+"""`pluginctl demo`: the standalone controller plus one reference runtime per declared
+workspace, each taking a boot path that broke edge-triggered installs, shown converging."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from controller import manifests, service, tokens
+from controller.agent import ReferenceRuntime
+from controller.models import ActionKind, DesiredWorkspace, Plugin, Policy, utcnow
+from controller.reconciler import PassReport
+from controller.store import (
+    Sessions,
+    ensure_schema,
+    make_engine,
+    make_sessions,
+    queries,
+    transaction,
+)
+
+Say = Callable[[str, str], None]
+USER_PLUGIN = Plugin("scratchpad", "local://user/scratchpad")
+
+
+def _converged(runtime: ReferenceRuntime, wanted: DesiredWorkspace) -> bool:
+    return all(
+        (have := runtime.plugins.get(name)) is not None and have.satisfies(plugin)
+        for name, plugin in wanted.plugins.items()
+    )
+
+
+async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
+    desired = manifests.load(directory)
+    for error in desired.errors:
+        click.echo(f"error: {error}", err=True)
+    workspaces = [w for w in desired.workspaces.values() if w.error is None and not w.suspended]
+    if not workspaces:
+        click.echo(f"no usable Workspace objects in {directory}", err=True)
+        return False
+
+    with tempfile.TemporaryDirectory(prefix="pluginctl-demo-") as scratch:
+        url = db or f"sqlite:///{Path(scratch) / 'pluginctl.db'}"
+        engine = make_engine(url)
+        ensure_schema(engine)
+        sessions = make_sessions(engine)
+        started_at = time.monotonic()
+
+        def say(who: str, text: str) -> None:
+            click.echo(f"[{time.monotonic() - started_at:5.1f}s] {who:<12} {text}")
+
+        def on_pass(report: PassReport, trigger: str) -> None:
+            for result in report.results:
+                for outcome in result.outcomes:
+                    if outcome.action.kind is ActionKind.DISOWN:
+                        continue
+                    verdict = "ok" if outcome.ok else f"failed: {outcome.message}"
+                    say(result.workspace_id, f"{outcome.action.describe()} -> {verdict} "
+                                             f"[{trigger} pass]")
+
+        port_ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        policy = Policy(call_timeout=5.0)
+        controller = asyncio.create_task(service.serve(
+            lambda: manifests.load(directory), sessions, policy, "127.0.0.1", 0, interval=2.0,
+            started=port_ready.set_result, stop=stop, on_pass=on_pass))
+        port = await asyncio.wait_for(port_ready, 10)
+        say("controller", f"registry on http://127.0.0.1:{port}, full pass every 2s, "
+                          f"database {engine.url.render_as_string(hide_password=True)}")
+        runtimes = await _start_runtimes(workspaces, sessions, port, say)
+        try:
+            return await _watch(workspaces, runtimes, seconds, say)
+        finally:
+            stop.set()
+            await controller
+            for runtime in runtimes:
+                await runtime.stop()
+            engine.dispose()
+
+
+async def _start_runtimes(workspaces: list[DesiredWorkspace], sessions: Sessions, port: int,
+                          say: Say) -> list[ReferenceRuntime]:
+    runtimes = []
+    for index, wanted in enumerate(sorted(workspaces, key=lambda w: w.workspace_id)):
+        secret = tokens.generate()
+        with transaction(sessions) as session:
+            queries.add_token(session, wanted.workspace_id, tokens.digest(secret), utcnow())
+        role = index % 3
+        runtime = ReferenceRuntime(
+            wanted.workspace_id, registry_url=f"http://127.0.0.1:{port}", token=secret,
+            plugins=[USER_PLUGIN] if role == 1 else [], report=role != 0,
+            heartbeat_interval=1.0,
+        )
+        await runtime.start()
+        await runtime.register()
+        story = {
+            0: "registered without a report and never heartbeats (the boot path edge "
+               "triggers missed)",
+            1: f"registered with a plugin its user installed ({USER_PLUGIN.name}); heartbeats",
+            2: "registered empty; heartbeats; its box will be re-created later",
+        }[role]
+        say(wanted.workspace_id, story)
+        if role != 0:
+            runtime.start_heartbeats()
+        runtimes.append(runtime)
+    return runtimes
+
+
+async def _watch(workspaces: list[DesiredWorkspace], runtimes: list[ReferenceRuntime],
+                 seconds: float, say: Say) -> bool:
+    wanted = {w.workspace_id: w for w in workspaces}
+    deadline = time.monotonic() + seconds
+
+    async def until_converged() -> bool:
+        while time.monotonic() < deadline:
+            if all(_converged(r, wanted[r.workspace_id]) for r in runtimes):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    if not await until_converged():
+        say("controller", f"not converged after {seconds:g}s")
+        return False
+    say("controller", f"all {len(runtimes)} workspaces converged")
+    recreated = runtimes[2] if len(runtimes) > 2 else runtimes[-1]
+    recreated.plugins.clear()
+    await recreated.register()
+    say(recreated.workspace_id,
+        "box re-created: every plugin lost, registered again")
+    if not await until_converged():
+        say("controller", f"not converged again after {seconds:g}s")
+        return False
+    say("controller", "converged again")
+    for runtime in runtimes:
+        if USER_PLUGIN.name in runtime.plugins:
+            say(runtime.workspace_id,
+                f"user-installed {USER_PLUGIN.name} still there: never touched")
+    return True

@@ -1,0 +1,130 @@
+"""The runtime driver: the only code that speaks HTTP to workspace runtimes
+(GET/PUT/DELETE /plugins, POST /restart). Every call has a timeout; failures are values."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from controller.models import Plugin, check_plugin_name, check_source
+
+
+class RuntimeCallError(Exception):
+    """A call to a runtime failed; the message says how, in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstallResult:
+    restart_required: bool
+
+
+class RuntimeDriver:
+    """One HTTP connection pool for all runtimes of a pass, or of a long-running loop."""
+
+    def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl") -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"User-Agent": user_agent}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> RuntimeDriver:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            headers=self._headers,
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=8),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
+        self, method: str, url: str, *, body: dict[str, Any] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> tuple[int, Any]:
+        if self._session is None:
+            raise RuntimeError("RuntimeDriver used outside `async with`")
+        try:
+            async with self._session.request(method, url, json=body) as response:
+                text = await response.text()
+                if response.status not in ok:
+                    detail = _error_detail(text)
+                    raise RuntimeCallError(f"{method} {_path(url)}: HTTP {response.status}"
+                                           + (f": {detail}" if detail else ""))
+                if not text:
+                    return response.status, None
+                try:
+                    return response.status, json.loads(text)
+                except ValueError as error:
+                    raise RuntimeCallError(
+                        f"{method} {_path(url)}: answer is not JSON: {text[:80]!r}"
+                    ) from error
+        except TimeoutError as error:
+            raise RuntimeCallError(f"{method} {_path(url)}: timed out after "
+                                   f"{self._timeout.total:g}s") from error
+        except aiohttp.ClientError as error:
+            raise RuntimeCallError(f"{method} {_path(url)}: {type(error).__name__}: "
+                                   f"{error}".strip()) from error
+
+    async def list_plugins(self, base_url: str) -> list[Plugin]:
+        _, data = await self._call("GET", _join(base_url, "plugins"))
+        items = data.get("plugins") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise RuntimeCallError('GET /plugins: answer has no "plugins" list')
+        plugins = []
+        for item in items:
+            try:
+                plugin = Plugin.from_json(item)
+                check_plugin_name(plugin.name)
+                check_source(plugin.source)
+            except (KeyError, TypeError, AttributeError, ValueError) as error:
+                raise RuntimeCallError(f"GET /plugins: bad entry {item!r}: {error}") from error
+            plugins.append(plugin)
+        return plugins
+
+    async def install(self, base_url: str, plugin: Plugin) -> InstallResult:
+        body: dict[str, Any] = {"source": plugin.source}
+        if plugin.digest is not None:
+            body["digest"] = plugin.digest
+        _, data = await self._call("PUT", _join(base_url, "plugins", plugin.name), body=body)
+        restart = data.get("restart_required", False) if isinstance(data, dict) else False
+        if not isinstance(restart, bool):
+            raise RuntimeCallError(f"PUT /plugins/{plugin.name}: restart_required is not a bool")
+        return InstallResult(restart_required=restart)
+
+    async def remove(self, base_url: str, name: str) -> None:
+        # 404 counts as already removed: the end state is what we wanted.
+        await self._call("DELETE", _join(base_url, "plugins", name), ok=(200, 204, 404))
+
+    async def restart(self, base_url: str) -> None:
+        await self._call("POST", _join(base_url, "restart"), ok=(200, 202, 204))
+
+
+def _join(base_url: str, *parts: str) -> str:
+    return base_url.rstrip("/") + "/" + "/".join(quote(part, safe="") for part in parts)
+
+
+def _path(url: str) -> str:
+    after_scheme = url.split("://", 1)[-1]
+    return "/" + after_scheme.split("/", 1)[1] if "/" in after_scheme else "/"
+
+
+def _error_detail(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:200]
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])[:200]
+    return text.strip()[:200]

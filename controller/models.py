@@ -1,0 +1,262 @@
+"""Domain values that flow through every stage: plugins, desired and observed workspaces,
+actions the planner decides on, and the outcomes the executor brings back."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+API_GROUP = "pluginctl.dev"
+API_VERSION = "v1alpha1"
+
+#: Plugin names travel in URL paths (`PUT /plugins/{name}`) and in Kubernetes list-map keys.
+PLUGIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+#: Workspace ids are chosen by the platform (often a UUID or an object name).
+WORKSPACE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+#: `scheme://path[#ref]`, e.g. `gitea://org/repo/agent-skills/seo-all#v1` or `local://seo`.
+SOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[^\s#]+(#[^\s#]+)?$"
+MAX_SOURCE_LENGTH = 2048
+MAX_DIGEST_LENGTH = 256
+
+_PLUGIN_NAME = re.compile(PLUGIN_NAME_PATTERN)
+_WORKSPACE_ID = re.compile(WORKSPACE_ID_PATTERN)
+_SOURCE = re.compile(SOURCE_PATTERN)
+
+#: Attempt key for calls that concern the whole runtime (observe, restart), never a plugin name
+#: because `@` is not allowed in plugin names.
+RUNTIME_KEY = "@runtime"
+
+
+def utcnow() -> datetime:
+    """The one clock of the controller (frozen by freezegun in tests)."""
+    return datetime.now(UTC)
+
+
+class InvalidSpec(ValueError):
+    """A plugin, source or workspace id that cannot be used; the message says why."""
+
+
+def check_plugin_name(name: str) -> str:
+    if not _PLUGIN_NAME.match(name):
+        raise InvalidSpec(
+            f"invalid plugin name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_workspace_id(workspace_id: str) -> str:
+    if not _WORKSPACE_ID.match(workspace_id):
+        raise InvalidSpec(
+            f"invalid workspace id {workspace_id!r}: use 1-253 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return workspace_id
+
+
+def check_source(source: str) -> str:
+    if len(source) > MAX_SOURCE_LENGTH or not _SOURCE.match(source):
+        raise InvalidSpec(
+            f"invalid plugin source {source!r}: expected scheme://path[#ref], "
+            "e.g. gitea://org/repo/skills/seo#v1"
+        )
+    return source
+
+
+def derive_plugin_name(source: str) -> str:
+    """The last path segment of a source without its `#ref`:
+    `gitea://org/repo/agent-skills/seo-all#v1` -> `seo-all`."""
+    path = check_source(source).split("://", 1)[1].split("#", 1)[0]
+    segments = [segment for segment in path.split("/") if segment]
+    if not segments:
+        raise InvalidSpec(f"cannot derive a plugin name from source {source!r}")
+    return check_plugin_name(segments[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class Plugin:
+    """One plugin as declared or as reported by a runtime."""
+
+    name: str
+    source: str
+    digest: str | None = None
+
+    def satisfies(self, wanted: Plugin) -> bool:
+        """True when this (installed) plugin is what `wanted` asks for: same source, and the
+        same digest if `wanted` pins one."""
+        if self.source != wanted.source:
+            return False
+        return wanted.digest is None or self.digest == wanted.digest
+
+    def to_json(self) -> dict[str, str]:
+        data = {"name": self.name, "source": self.source}
+        if self.digest is not None:
+            data["digest"] = self.digest
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Plugin:
+        digest = data.get("digest")
+        return cls(
+            name=str(data["name"]),
+            source=str(data["source"]),
+            digest=None if digest is None else str(digest),
+        )
+
+
+def plugins_by_name(plugins: tuple[Plugin, ...] | list[Plugin]) -> dict[str, Plugin]:
+    return {plugin.name: plugin for plugin in plugins}
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """Where a desired plugin comes from, for explanations: a template entry or the workspace."""
+
+    kind: str  # "WorkspaceTemplate" or "Workspace"
+    name: str
+    index: int
+
+
+@dataclass(frozen=True)
+class DesiredWorkspace:
+    """What one workspace should have, merged from its template and its own spec."""
+
+    workspace_id: str
+    object_ref: str  # "namespace/name" of the Workspace object, for messages
+    template: str | None
+    plugins: Mapping[str, Plugin]
+    suspended: bool = False
+    error: str | None = None  # desired state is unusable; the workspace gets no calls
+    declared_by: Mapping[str, Declaration] = field(default_factory=dict)
+    generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Failure history of one (workspace, key) pair; the key is a plugin name or RUNTIME_KEY."""
+
+    failures: int
+    last_error: str
+    last_attempt_at: datetime
+    next_retry_at: datetime
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the store knows about one registered workspace."""
+
+    workspace_id: str
+    url: str | None
+    registered_at: datetime | None
+    last_seen_at: datetime | None
+    dormant: bool
+    report: Mapping[str, Plugin] | None  # None: nothing known since the last register
+    report_at: datetime | None
+    owned: Mapping[str, Plugin]  # plugins this controller installed because they were declared
+    attempts: Mapping[str, Attempt]
+    restarts: tuple[datetime, ...]  # restarts within the budget window, oldest first
+    restart_pending: bool  # a call asked for a restart that has not happened yet
+
+    def is_online(self, now: datetime, offline_after: timedelta) -> bool:
+        return (
+            self.url is not None
+            and not self.dormant
+            and self.last_seen_at is not None
+            and now - self.last_seen_at <= offline_after
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Knobs of the control loop, with the documented defaults."""
+
+    offline_after: timedelta = timedelta(seconds=90)
+    backoff_base: timedelta = timedelta(seconds=5)
+    backoff_cap: timedelta = timedelta(minutes=10)
+    backoff_jitter: float = 0.2  # a delay is shortened by up to this share, at random
+    restart_budget: int = 3
+    restart_window: timedelta = timedelta(hours=1)
+    call_timeout: float = 10.0
+    workspace_timeout: float = 60.0
+    concurrency: int = 16
+
+
+# --- actions: what the planner decides, what the executor performs -------------------------
+
+
+class ActionKind(enum.StrEnum):
+    OBSERVE = "observe"  # GET /plugins: nothing is known about what is installed
+    INSTALL = "install"  # PUT /plugins/{name}
+    REMOVE = "remove"  # DELETE /plugins/{name}
+    DISOWN = "disown"  # store only: an owned plugin is gone and no longer declared
+    RESTART = "restart"  # POST /restart for a restart a previous call asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: ActionKind
+    reason: str
+    plugin: Plugin | None = None  # INSTALL: what to install; REMOVE/DISOWN: what is removed
+
+    @property
+    def key(self) -> str:
+        """The backoff key this action counts against."""
+        return self.plugin.name if self.plugin is not None else RUNTIME_KEY
+
+    def describe(self) -> str:
+        target = f" {self.plugin.name}" if self.plugin is not None else ""
+        return f"{self.kind.value}{target} ({self.reason})"
+
+
+class WaitKind(enum.StrEnum):
+    BACKOFF = "backoff"  # a failed action waits for its next retry
+    RESTART_BUDGET = "restart-budget"  # a restart is needed but the budget is spent
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Something the plan would do but holds back, and until when."""
+
+    kind: WaitKind
+    key: str
+    until: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkspacePlan:
+    workspace_id: str
+    actions: tuple[Action, ...]
+    waits: tuple[Wait, ...]
+    may_restart: bool  # the restart budget allows one restart now
+    restart_pending: bool
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.actions and not self.waits and not self.restart_pending
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one action (or of the restart the executor decided on)."""
+
+    action: Action
+    ok: bool
+    message: str = ""
+    restart_required: bool = False
+    report: tuple[Plugin, ...] | None = None  # OBSERVE: what the runtime said it has
+
+
+class Phase(enum.StrEnum):
+    """Where a workspace stands for the loop; only ONLINE workspaces receive calls."""
+
+    ONLINE = "Online"
+    OFFLINE = "Offline"  # registered, but not seen within --offline-after
+    DORMANT = "Dormant"  # paused by an operator (`pluginctl workspace pause`)
+    SUSPENDED = "Suspended"  # spec.suspend in its desired state
+    UNREGISTERED = "Unregistered"  # declared, its runtime never registered
+    INVALID = "Invalid"  # its desired state cannot be used (see the error)
+    UNMANAGED = "Unmanaged"  # registered, but no Workspace declares it

@@ -1,0 +1,126 @@
+"""The planner: desired x observed x ownership x backoff state x now -> actions, for one
+workspace. Pure and deterministic; the executor performs what it returns."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from controller import backoff
+from controller.models import (
+    RUNTIME_KEY,
+    Action,
+    ActionKind,
+    DesiredWorkspace,
+    Observed,
+    Phase,
+    Plugin,
+    Policy,
+    Wait,
+    WaitKind,
+    WorkspacePlan,
+)
+
+
+def phase_of(
+    desired: DesiredWorkspace | None, observed: Observed | None, now: datetime, policy: Policy
+) -> Phase:
+    if desired is None:
+        return Phase.UNMANAGED
+    if desired.error is not None:
+        return Phase.INVALID
+    if desired.suspended:
+        return Phase.SUSPENDED
+    if observed is None or observed.url is None:
+        return Phase.UNREGISTERED
+    if observed.dormant:
+        return Phase.DORMANT
+    if not observed.is_online(now, policy.offline_after):
+        return Phase.OFFLINE
+    return Phase.ONLINE
+
+
+def recent_restarts(observed: Observed, now: datetime, policy: Policy) -> list[datetime]:
+    window_start = now - policy.restart_window
+    return sorted(t for t in observed.restarts if window_start < t <= now)
+
+
+def _drift_reason(have: Plugin | None, want: Plugin) -> str:
+    if have is None:
+        return "missing"
+    if have.source != want.source:
+        return f"source {have.source} -> {want.source}"
+    return f"digest {have.digest or 'unknown'} -> {want.digest}"
+
+
+def plan(
+    desired: DesiredWorkspace, observed: Observed, now: datetime, policy: Policy
+) -> WorkspacePlan:
+    """Recompute from full state what this workspace needs now. Nothing here depends on how
+    the workspace got online: a missed transition is just another difference."""
+    workspace_id = observed.workspace_id
+    if phase_of(desired, observed, now, policy) is not Phase.ONLINE:
+        return WorkspacePlan(workspace_id, (), (), may_restart=False, restart_pending=False)
+
+    actions: list[Action] = []
+    waits: list[Wait] = []
+
+    def propose(action: Action) -> None:
+        attempt = observed.attempts.get(action.key)
+        if attempt is None or backoff.is_due(attempt, now, policy):
+            actions.append(action)
+        else:
+            waits.append(Wait(WaitKind.BACKOFF, action.key, attempt.next_retry_at,
+                              f"{action.describe()} failed {attempt.failures}x: "
+                              f"{attempt.last_error}"))
+
+    runtime_due = backoff.is_due(observed.attempts.get(RUNTIME_KEY), now, policy)
+    restarts = recent_restarts(observed, now, policy)
+    may_restart = len(restarts) < policy.restart_budget and runtime_due
+
+    if observed.report is None:
+        propose(Action(ActionKind.OBSERVE, "no report from the runtime since it registered"))
+        return WorkspacePlan(workspace_id, tuple(actions), tuple(waits), may_restart,
+                             observed.restart_pending)
+    report = observed.report
+
+    for name in sorted(desired.plugins):
+        want = desired.plugins[name]
+        have = report.get(name)
+        if have is None or not have.satisfies(want):
+            propose(Action(ActionKind.INSTALL, _drift_reason(have, want), want))
+
+    for name in sorted(observed.owned):
+        if name in desired.plugins:
+            continue
+        mine = observed.owned[name]
+        have = report.get(name)
+        if have is None:
+            actions.append(Action(ActionKind.DISOWN, "no longer declared, already gone", mine))
+        elif have.source != mine.source:
+            # Replaced by someone else since we installed it: not ours to remove any more.
+            actions.append(Action(ActionKind.DISOWN, "replaced outside the controller", mine))
+        else:
+            propose(Action(ActionKind.REMOVE, "no longer declared", mine))
+
+    if observed.restart_pending:
+        if may_restart:
+            actions.append(Action(ActionKind.RESTART, "requested by an earlier install"))
+        elif not runtime_due:
+            propose(Action(ActionKind.RESTART, "requested by an earlier install"))
+        else:
+            until = restarts[0] + policy.restart_window
+            waits.append(Wait(WaitKind.RESTART_BUDGET, RUNTIME_KEY, until,
+                              f"restart budget spent ({policy.restart_budget} per "
+                              f"{_human(policy.restart_window)})"))
+
+    return WorkspacePlan(workspace_id, tuple(actions), tuple(waits), may_restart,
+                         observed.restart_pending)
+
+
+def _human(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"

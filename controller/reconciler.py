@@ -1,0 +1,310 @@
+"""The reconciler: one pass over every online workspace (read state, plan, execute, record),
+and the periodic loop that runs passes. The standalone process, the one-shot CLI and the
+operator all run this same pass; only where desired state comes from differs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from controller import executor, outcomes, planner
+from controller.desired import Desired, DesiredStateError, ObjectError
+from controller.driver import RuntimeDriver
+from controller.models import (
+    ActionKind,
+    DesiredWorkspace,
+    Observed,
+    Outcome,
+    Phase,
+    Policy,
+    Wait,
+    WorkspacePlan,
+    utcnow,
+)
+from controller.store import DatabaseError, Sessions, queries, transaction
+
+log = logging.getLogger("pluginctl.reconciler")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class WorkspaceResult:
+    workspace_id: str
+    plans: tuple[WorkspacePlan, ...]
+    outcomes: tuple[Outcome, ...]
+    restart_pending: bool
+    error: str | None = None  # the pass could not finish this workspace
+
+    @property
+    def waits(self) -> tuple[Wait, ...]:
+        return self.plans[-1].waits if self.plans else ()
+
+    @property
+    def failures(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if not o.ok)
+
+    @property
+    def planned(self) -> tuple[str, ...]:
+        return tuple(a.describe() for p in self.plans for a in p.actions)
+
+    @property
+    def in_sync(self) -> bool:
+        return (self.error is None and not self.failures and not self.waits
+                and not self.restart_pending)
+
+
+@dataclass(frozen=True)
+class PassReport:
+    started_at: datetime
+    finished_at: datetime
+    dry_run: bool
+    results: tuple[WorkspaceResult, ...]
+    invalid: tuple[DesiredWorkspace, ...]  # online workspaces whose desired state is unusable
+    skipped: dict[Phase, int] = field(default_factory=dict)  # online but suspended/unmanaged
+    manifest_errors: tuple[ObjectError, ...] = ()
+
+    def count(self, kind: ActionKind, ok: bool = True) -> int:
+        if self.dry_run:
+            return sum(1 for r in self.results for p in r.plans for a in p.actions
+                       if a.kind is kind) if ok else 0
+        return sum(1 for r in self.results for o in r.outcomes
+                   if o.action.kind is kind and o.ok is ok)
+
+    @property
+    def failed(self) -> int:
+        return sum(len(r.failures) + (r.error is not None) for r in self.results)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(r.waits) for r in self.results)
+
+    @property
+    def held(self) -> int:
+        return sum(1 for r in self.results if r.restart_pending)
+
+    def summary(self) -> str:
+        verb = "would " if self.dry_run else ""
+        parts = [
+            f"{len(self.results)} online",
+            f"{verb}install {self.count(ActionKind.INSTALL)}",
+            f"{verb}remove {self.count(ActionKind.REMOVE)}",
+            f"{verb}restart {self.count(ActionKind.RESTART)}",
+            f"observe {self.count(ActionKind.OBSERVE)}" if self.dry_run
+            else f"failed {self.failed}",
+            f"backing off {self.waiting}",
+            f"held {self.held}",
+            f"invalid {len(self.invalid)}",
+        ]
+        state = "in sync" if self.in_sync else ("drift found" if self.dry_run else "out of sync")
+        return ", ".join(parts) + f" -> {state}"
+
+    @property
+    def in_sync(self) -> bool:
+        """Every online, managed workspace is as declared (for a dry run: needs nothing)."""
+        if self.invalid:
+            return False
+        if self.dry_run:
+            return all(p.in_sync for r in self.results for p in r.plans)
+        return all(r.in_sync for r in self.results)
+
+
+async def reconcile_once(
+    desired: Desired,
+    sessions: Sessions,
+    driver: RuntimeDriver,
+    policy: Policy,
+    *,
+    only: Collection[str] | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    rand: Callable[[], float] = random.random,
+) -> PassReport:
+    """One level-triggered pass: for every online workspace, desired vs observed -> actions.
+    Nothing here asks how a workspace got online."""
+    now = utcnow()
+    with transaction(sessions) as session:
+        observed = queries.load_observed(
+            session, now=now, offline_after=policy.offline_after,
+            restart_window=policy.restart_window, only=only,
+        )
+
+    work: list[tuple[DesiredWorkspace, Observed]] = []
+    invalid: list[DesiredWorkspace] = []
+    skipped: dict[Phase, int] = {}
+    for workspace_id in sorted(observed):
+        wanted = desired.workspaces.get(workspace_id)
+        phase = planner.phase_of(wanted, observed[workspace_id], now, policy)
+        if wanted is not None and phase is Phase.ONLINE:
+            work.append((wanted, observed[workspace_id]))
+        elif wanted is not None and phase is Phase.INVALID:
+            invalid.append(wanted)
+        else:
+            skipped[phase] = skipped.get(phase, 0) + 1
+
+    done = 0
+    limit = asyncio.Semaphore(max(1, policy.concurrency))
+
+    async def one(wanted: DesiredWorkspace, seen: Observed) -> WorkspaceResult:
+        nonlocal done
+        async with limit:
+            result = await _reconcile_workspace(
+                wanted, seen, sessions, driver, policy, now, dry_run, rand
+            )
+        done += 1
+        if progress is not None:
+            progress(done, len(work))
+        return result
+
+    results = await asyncio.gather(*(one(w, o) for w, o in work))
+    return PassReport(
+        started_at=now,
+        finished_at=utcnow(),
+        dry_run=dry_run,
+        results=tuple(results),
+        invalid=tuple(invalid),
+        skipped=skipped,
+        manifest_errors=desired.errors,
+    )
+
+
+async def _reconcile_workspace(
+    wanted: DesiredWorkspace,
+    seen: Observed,
+    sessions: Sessions,
+    driver: RuntimeDriver,
+    policy: Policy,
+    now: datetime,
+    dry_run: bool,
+    rand: Callable[[], float],
+) -> WorkspaceResult:
+    plan = planner.plan(wanted, seen, now, policy)
+    if dry_run or not plan.actions:
+        return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending)
+
+    url = seen.url or ""
+    plans = [plan]
+    done: list[Outcome] = []
+    error: str | None = None
+    try:
+        async with asyncio.timeout(policy.workspace_timeout):
+            await executor.execute(driver, url, plan, done)
+            observed_now = [o for o in done if o.action.kind is ActionKind.OBSERVE and o.ok]
+            if observed_now:
+                # Now that we know what the runtime has, plan again with that knowledge.
+                report = {p.name: p for p in observed_now[-1].report or ()}
+                plan = planner.plan(wanted, replace(seen, report=report), now, policy)
+                plans.append(plan)
+                await executor.execute(driver, url, plan, done)
+    except TimeoutError:
+        error = f"workspace pass exceeded {policy.workspace_timeout:g}s; the rest waits"
+
+    changes = outcomes.changes_from(seen, done, now, policy, rand)
+    try:
+        with transaction(sessions) as session:
+            queries.apply_changes(session, changes, now)
+    except DatabaseError as exc:
+        # The calls happened but are not recorded: the next pass sees the runtime's report
+        # and repeats at most an idempotent install.
+        log.error("could not record outcomes of %s: %s", seen.workspace_id, exc)
+        error = f"could not record outcomes: {exc}"
+    for outcome in done:
+        _log_outcome(seen.workspace_id, outcome)
+    pending = seen.restart_pending if changes.restart_pending is None else changes.restart_pending
+    return WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error)
+
+
+def _log_outcome(workspace_id: str, outcome: Outcome) -> None:
+    action = outcome.action
+    extra = {"workspace": workspace_id, "action": action.kind.value,
+             "plugin": action.plugin.name if action.plugin else None}
+    if outcome.ok:
+        log.info("%s: %s ok", workspace_id, action.describe(), extra=extra)
+    else:
+        log.warning("%s: %s failed: %s", workspace_id, action.describe(), outcome.message,
+                    extra=extra)
+
+
+class Hints:
+    """Workspaces the registry asked the loop to look at sooner. Correctness never depends
+    on them: the periodic full pass covers every workspace anyway."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self.event = asyncio.Event()
+
+    def __call__(self, workspace_id: str) -> None:
+        self._ids.add(workspace_id)
+        self.event.set()
+
+    def take(self) -> set[str]:
+        ids, self._ids = self._ids, set()
+        self.event.clear()
+        return ids
+
+
+DesiredSource = Callable[[], Desired]
+PassCallback = Callable[[PassReport, str], None]
+
+
+async def run_forever(
+    source: DesiredSource,
+    sessions: Sessions,
+    driver: RuntimeDriver,
+    policy: Policy,
+    *,
+    interval: float,
+    stop: asyncio.Event,
+    hints: Hints | None = None,
+    jitter: float = 0.1,
+    on_pass: PassCallback | None = None,
+    rand: Callable[[], float] = random.random,
+) -> None:
+    """Full passes every `interval` seconds (plus or minus `jitter` of it, so that replicas
+    and restarts never line up), and small passes for hinted workspaces in between."""
+    loop = asyncio.get_running_loop()
+    hints = hints or Hints()
+    next_full = loop.time()
+    last_errors: tuple[ObjectError, ...] = ()
+    while not stop.is_set():
+        delay = max(0.0, next_full - loop.time())
+        await _wait_any((hints.event, stop), delay)
+        if stop.is_set():
+            return
+        if loop.time() >= next_full:
+            hints.take()
+            only: set[str] | None = None
+            trigger = "periodic"
+            next_full = loop.time() + interval * (1 + jitter * (2 * rand() - 1))
+        else:
+            only = hints.take()
+            trigger = "hint"
+        try:
+            desired = source()
+        except (DesiredStateError, OSError) as error:
+            log.error("cannot read desired state, skipping this pass: %s", error)
+            continue
+        if desired.errors != last_errors:
+            for object_error in desired.errors:
+                log.error("desired state: %s", object_error)
+            last_errors = desired.errors
+        try:
+            report = await reconcile_once(desired, sessions, driver, policy, only=only, rand=rand)
+        except DatabaseError as error:
+            log.error("pass failed, will retry: %s", error)
+            continue
+        if on_pass is not None:
+            on_pass(report, trigger)
+
+
+async def _wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

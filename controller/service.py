@@ -1,0 +1,61 @@
+"""The standalone controller process: the registry API and the periodic loop in one event
+loop, sharing one store; the registry hints the loop so a fresh register converges fast."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from controller.desired import Desired
+from controller.driver import RuntimeDriver
+from controller.http import start_site
+from controller.models import Policy
+from controller.reconciler import Hints, PassCallback, PassReport, run_forever
+from controller.registry import make_app
+from controller.store import Sessions
+
+log = logging.getLogger("pluginctl")
+
+
+def log_pass(report: PassReport, trigger: str) -> None:
+    acted = any(r.outcomes for r in report.results) or report.failed
+    log.log(logging.INFO if acted else logging.DEBUG, "pass (%s): %s", trigger, report.summary())
+
+
+async def serve(
+    source: Callable[[], Desired],
+    sessions: Sessions,
+    policy: Policy,
+    host: str,
+    port: int,
+    interval: float,
+    *,
+    started: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    on_pass: PassCallback | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM (or `stop` is set). Raises OSError if it cannot listen."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    hints = Hints()
+    runner = web.AppRunner(make_app(sessions, hint=hints), access_log=None)
+    await runner.setup()
+    try:
+        bound = await start_site(runner, host, port)
+        log.info("registry listening on http://%s:%d", host, bound)
+        if started is not None:
+            started(bound)
+        async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+            await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
+                              hints=hints, on_pass=on_pass or log_pass)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")

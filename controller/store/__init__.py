@@ -1,0 +1,24 @@
+"""The store: the only package that speaks SQL. Use-cases open a `transaction(sessions)` and
+call the functions of `queries` inside it."""
+
+from controller.store.database import (
+    DatabaseError,
+    Sessions,
+    database_url,
+    ensure_schema,
+    make_engine,
+    make_sessions,
+    transaction,
+    upgrade,
+)
+
+__all__ = [
+    "DatabaseError",
+    "Sessions",
+    "database_url",
+    "ensure_schema",
+    "make_engine",
+    "make_sessions",
+    "transaction",
+    "upgrade",
+]

@@ -1,0 +1,153 @@
+"""Connections and schema: the engine for a database URL, the session factory, and
+`pluginctl db upgrade` (Alembic, under an advisory lock on PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+DEFAULT_URL = "sqlite:///pluginctl.db"
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Any constant will do: it only has to be the same for every replica of pluginctl.
+_ADVISORY_LOCK_ID = 0x706C7567  # "plug"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used; the message is meant for the operator."""
+
+
+def database_url(explicit: str | None) -> str:
+    return explicit or os.environ.get("PLUGINCTL_DB") or DEFAULT_URL
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    except (ArgumentError, ImportError) as error:
+        raise DatabaseError(f"bad database URL {_safe(url)}: {error}") from error
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # the registry and the CLI write side by side
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    if head is None:
+        raise DatabaseError("no migrations found in the package")
+    return head
+
+
+@contextmanager
+def _migration_lock(connection: Connection) -> Iterator[None]:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _ADVISORY_LOCK_ID})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _ADVISORY_LOCK_ID})
+    else:
+        yield
+
+
+def current_revision(engine: Engine) -> str | None:
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as error:
+        raise DatabaseError(f"cannot reach the database {_safe(str(engine.url))}: "
+                            f"{_first_line(error)}") from error
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Migrate to the newest schema; returns (revision before, revision after). Two replicas
+    running this at once on PostgreSQL take turns on an advisory lock."""
+    try:
+        with engine.connect() as connection:
+            with _migration_lock(connection):
+                before = MigrationContext.configure(connection).get_current_revision()
+                command.upgrade(_alembic_config(connection), "head")
+                connection.commit()
+            return before, head_revision()
+    except SQLAlchemyError as error:
+        raise DatabaseError(f"cannot migrate {_safe(str(engine.url))}: "
+                            f"{_first_line(error)}") from error
+
+
+def ensure_schema(engine: Engine, *, migrate_embedded: bool = True) -> None:
+    """Make sure the schema is current before use. The embedded SQLite database is migrated on
+    the spot; a shared PostgreSQL database must be migrated on purpose (`pluginctl db upgrade`)
+    so that replicas of different versions never race a migration."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    if engine.dialect.name == "sqlite" and migrate_embedded:
+        upgrade(engine)
+        return
+    raise DatabaseError(
+        f"database schema is at {current or 'nothing'}, this pluginctl needs {head}: "
+        f"run `pluginctl db upgrade --db URL` first"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+Sessions = sessionmaker[Session]
+
+
+@contextmanager
+def transaction(sessions: Sessions) -> Iterator[Session]:
+    """One unit of work: commits on success, rolls back on error, and turns driver errors into
+    DatabaseError so that callers need not know SQLAlchemy."""
+    try:
+        with sessions.begin() as session:
+            yield session
+    except SQLAlchemyError as error:
+        raise DatabaseError(f"database error: {_first_line(error)}") from error

@@ -1,0 +1,239 @@
+"""Store operations. Each takes the session first, may flush, never commits (the caller owns
+the transaction) and returns plain domain values, never ORM objects."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, and_, delete, select, true, update
+from sqlalchemy.orm import Session
+
+from controller.models import Attempt, Observed, Plugin, plugins_by_name
+from controller.outcomes import Changes
+from controller.store.tables import AttemptRow, OwnedPluginRow, RestartRow, TokenRow, WorkspaceRow
+
+
+def _report_json(plugins: Iterable[Plugin]) -> list[dict[str, str]]:
+    return [plugin.to_json() for plugin in sorted(plugins, key=lambda p: p.name)]
+
+
+def _report(data: list[dict[str, str]] | None) -> dict[str, Plugin] | None:
+    if data is None:
+        return None
+    return plugins_by_name([Plugin.from_json(item) for item in data])
+
+
+# --- registry: facts reported by runtimes --------------------------------------------------
+
+
+def token_workspace(session: Session, token_hash: str) -> str | None:
+    """The workspace a (hashed) token belongs to, unless it was revoked."""
+    return session.scalar(
+        select(TokenRow.workspace_id).where(
+            TokenRow.token_hash == token_hash, TokenRow.revoked_at.is_(None)
+        )
+    )
+
+
+def _ensure_workspace(session: Session, workspace_id: str) -> WorkspaceRow:
+    row = session.get(WorkspaceRow, workspace_id)
+    if row is None:
+        row = WorkspaceRow(workspace_id=workspace_id, dormant=False, restart_pending=False)
+        session.add(row)
+    return row
+
+
+def add_token(session: Session, workspace_id: str, token_hash: str, now: datetime) -> None:
+    _ensure_workspace(session, workspace_id)
+    session.flush()
+    session.add(TokenRow(token_hash=token_hash, workspace_id=workspace_id, created_at=now))
+
+
+def record_register(
+    session: Session, workspace_id: str, url: str, report: list[Plugin] | None, now: datetime
+) -> None:
+    """A runtime (re)started: where it is, and what it has if it said so. Without a report the
+    old one is dropped, because a restarted box may have lost what it had."""
+    row = _ensure_workspace(session, workspace_id)
+    row.url = url
+    row.registered_at = now
+    row.last_seen_at = now
+    row.report = None if report is None else _report_json(report)
+    row.report_at = now if report is not None else None
+
+
+def record_heartbeat(
+    session: Session, workspace_id: str, report: list[Plugin] | None, now: datetime
+) -> bool:
+    """Still alive, and what it has if it said so. False when the workspace never registered."""
+    values: dict[str, object] = {"last_seen_at": now}
+    if report is not None:
+        values["report"] = _report_json(report)
+        values["report_at"] = now
+    result = session.execute(
+        update(WorkspaceRow)
+        .where(WorkspaceRow.workspace_id == workspace_id, WorkspaceRow.url.is_not(None))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def set_dormant(session: Session, workspace_id: str, dormant: bool) -> None:
+    _ensure_workspace(session, workspace_id).dormant = dormant
+
+
+# --- the loop: everything known about many workspaces, in a constant number of queries ----
+
+
+def _selection(
+    now: datetime | None, offline_after: timedelta | None, only: Collection[str] | None
+) -> ColumnElement[bool]:
+    conditions: list[ColumnElement[bool]] = []
+    if now is not None and offline_after is not None:
+        conditions += [
+            WorkspaceRow.url.is_not(None),
+            WorkspaceRow.dormant.is_(False),
+            WorkspaceRow.last_seen_at >= now - offline_after,
+        ]
+    if only is not None:
+        conditions.append(WorkspaceRow.workspace_id.in_(list(only)))
+    return and_(true(), *conditions)
+
+
+def load_observed(
+    session: Session,
+    *,
+    now: datetime | None = None,
+    offline_after: timedelta | None = None,
+    restart_window: timedelta = timedelta(hours=1),
+    only: Collection[str] | None = None,
+) -> dict[str, Observed]:
+    """Observed state of every workspace, or of the online ones when `now` and `offline_after`
+    are given, or of `only` these ids. Four queries, however many workspaces there are."""
+    selected = _selection(now, offline_after, only)
+    rows = session.execute(select(WorkspaceRow).where(selected)).scalars().all()
+
+    owned: dict[str, dict[str, Plugin]] = defaultdict(dict)
+    for owned_row in session.execute(
+        select(OwnedPluginRow.workspace_id, OwnedPluginRow.name, OwnedPluginRow.source,
+               OwnedPluginRow.digest)
+        .join(WorkspaceRow, WorkspaceRow.workspace_id == OwnedPluginRow.workspace_id)
+        .where(selected)
+    ):
+        owned[owned_row.workspace_id][owned_row.name] = Plugin(
+            owned_row.name, owned_row.source, owned_row.digest
+        )
+
+    attempts: dict[str, dict[str, Attempt]] = defaultdict(dict)
+    for attempt_row in session.execute(
+        select(AttemptRow.workspace_id, AttemptRow.key, AttemptRow.failures,
+               AttemptRow.last_error, AttemptRow.last_attempt_at, AttemptRow.next_retry_at)
+        .join(WorkspaceRow, WorkspaceRow.workspace_id == AttemptRow.workspace_id)
+        .where(selected)
+    ):
+        attempts[attempt_row.workspace_id][attempt_row.key] = Attempt(
+            attempt_row.failures, attempt_row.last_error, attempt_row.last_attempt_at,
+            attempt_row.next_retry_at,
+        )
+
+    restarts: dict[str, list[datetime]] = defaultdict(list)
+    restart_query = (
+        select(RestartRow.workspace_id, RestartRow.at)
+        .join(WorkspaceRow, WorkspaceRow.workspace_id == RestartRow.workspace_id)
+        .where(selected)
+        .order_by(RestartRow.at)
+    )
+    if now is not None:
+        restart_query = restart_query.where(RestartRow.at > now - restart_window)
+    for restart_row in session.execute(restart_query):
+        restarts[restart_row.workspace_id].append(restart_row.at)
+
+    session.expunge_all()
+    return {
+        row.workspace_id: Observed(
+            workspace_id=row.workspace_id,
+            url=row.url,
+            registered_at=row.registered_at,
+            last_seen_at=row.last_seen_at,
+            dormant=row.dormant,
+            report=_report(row.report),
+            report_at=row.report_at,
+            owned=owned.get(row.workspace_id, {}),
+            attempts=attempts.get(row.workspace_id, {}),
+            restarts=tuple(restarts.get(row.workspace_id, ())),
+            restart_pending=row.restart_pending,
+        )
+        for row in rows
+    }
+
+
+def apply_changes(session: Session, changes: Changes, now: datetime) -> None:
+    """Record what one workspace's pass did, on top of whatever is stored now."""
+    if changes.empty:
+        return
+    workspace_id = changes.workspace_id
+    row = session.get(WorkspaceRow, workspace_id, with_for_update=True)
+    if row is None:  # deleted while the pass ran: nothing left to record against
+        return
+    touches_report = (
+        changes.report_replace is not None
+        or changes.report_put
+        or changes.report_drop
+        or changes.report_forget
+    )
+    if touches_report:
+        current = _report(row.report)
+        if changes.report_replace is not None:
+            current = plugins_by_name(list(changes.report_replace))
+        if current is not None:
+            for plugin in changes.report_put:
+                current[plugin.name] = plugin
+            for name in changes.report_drop:
+                current.pop(name, None)
+        if changes.report_forget:
+            current = None
+        row.report = None if current is None else _report_json(current.values())
+        row.report_at = now
+    if changes.restart_pending is not None:
+        row.restart_pending = changes.restart_pending
+
+    names = {plugin.name for plugin in changes.own} | set(changes.disown)
+    if names:
+        session.execute(
+            delete(OwnedPluginRow).where(
+                OwnedPluginRow.workspace_id == workspace_id, OwnedPluginRow.name.in_(names)
+            )
+        )
+    disowned = set(changes.disown)
+    session.add_all(
+        OwnedPluginRow(workspace_id=workspace_id, name=plugin.name, source=plugin.source,
+                       digest=plugin.digest, installed_at=now)
+        for plugin in changes.own
+        if plugin.name not in disowned
+    )
+
+    keys = set(changes.clear_attempts) | set(changes.attempts)
+    if keys:
+        session.execute(
+            delete(AttemptRow).where(
+                AttemptRow.workspace_id == workspace_id, AttemptRow.key.in_(keys)
+            )
+        )
+    session.add_all(
+        AttemptRow(workspace_id=workspace_id, key=key, failures=attempt.failures,
+                   last_error=attempt.last_error[:4000], last_attempt_at=attempt.last_attempt_at,
+                   next_retry_at=attempt.next_retry_at)
+        for key, attempt in changes.attempts.items()
+    )
+    if changes.restarted_at is not None:
+        session.add(RestartRow(workspace_id=workspace_id, at=changes.restarted_at))
+    session.flush()
+
+
+def prune_restarts(session: Session, before: datetime) -> int:
+    """Forget restarts older than the budget window."""
+    result = session.execute(delete(RestartRow).where(RestartRow.at < before))
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,126 @@
+"""The store's schema: the facts the registry records and the loop's outcomes. Typed
+SQLAlchemy 2.x models; migrations in `controller/store/migrations` mirror this file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class WorkspaceRow(Base):
+    """One workspace as its runtime told us: where it is, when we last heard, what it has."""
+
+    __tablename__ = "workspaces"
+
+    workspace_id: Mapped[str] = mapped_column(String(253), primary_key=True)
+    url: Mapped[str | None] = mapped_column(String(2048))
+    registered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    dormant: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The runtime's full plugin set as last reported: [{"name", "source", "digest"?}], or NULL
+    # when nothing is known since the last register (the loop then asks the runtime).
+    report: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    restart_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class TokenRow(Base):
+    """A registry token: only its SHA-256 is kept."""
+
+    __tablename__ = "tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.workspace_id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class OwnedPluginRow(Base):
+    """A plugin this controller installed because it was declared: the only kind it removes."""
+
+    __tablename__ = "owned_plugins"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.workspace_id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    source: Mapped[str] = mapped_column(String(2048))
+    digest: Mapped[str | None] = mapped_column(String(256))
+    installed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AttemptRow(Base):
+    """Consecutive failures of one (workspace, plugin or '@runtime') and the next retry."""
+
+    __tablename__ = "attempts"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.workspace_id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text)
+    last_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_retry_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RestartRow(Base):
+    """One restart the controller asked for, kept for the restart budget."""
+
+    __tablename__ = "restarts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.workspace_id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime())

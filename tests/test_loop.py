@@ -1,0 +1,362 @@
+"""The level-triggered pass against real databases, a real registry and real runtimes on
+loopback: the boot paths that edge-triggered installs lost, ownership, backoff, exclusions."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from freezegun import freeze_time
+
+from controller.agent import Faults, ReferenceRuntime
+from controller.desired import Desired
+from controller.driver import RuntimeDriver
+from controller.models import RUNTIME_KEY, ActionKind, Phase, Plugin, Policy, utcnow
+from controller.reconciler import PassReport, reconcile_once
+from controller.status import PluginState
+from controller.status import build as build_status
+from controller.store import Sessions, queries, transaction
+
+from .conftest import (
+    NOTES,
+    SEO,
+    TEMPLATE,
+    Registry,
+    RuntimeFactory,
+    desired_from,
+    fleet,
+    workspace_yaml,
+)
+
+
+async def one_pass(desired: Desired, sessions: Sessions, policy: Policy, **kwargs: object
+                   ) -> PassReport:
+    async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+        return await reconcile_once(desired, sessions, driver, policy, **kwargs)  # type: ignore[arg-type]
+
+
+def has(runtime: ReferenceRuntime, *plugins: Plugin) -> bool:
+    return all(
+        (got := runtime.plugins.get(p.name)) is not None and got.source == p.source
+        for p in plugins
+    )
+
+
+async def test_register_only_boot_installs_on_next_pass(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """The original bug: register set `online` before any heartbeat, so an install triggered
+    by the provisioning -> online edge never fired. Here the runtime registers (without even a
+    report) and never heartbeats; the next pass must still install."""
+    runtime = await runtime_factory("ws-1", report=False)
+    await runtime.register()
+
+    report = await one_pass(fleet("ws-1"), sessions, policy)
+
+    assert has(runtime, SEO, NOTES)
+    assert report.in_sync
+    assert runtime.count("GET", "/plugins") == 1  # no report: the pass asked the runtime
+
+
+async def test_controller_down_while_workspace_came_online(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """Register and heartbeats all happened while no controller ran; the first pass after
+    start converges, with nothing depending on having seen the transition."""
+    runtime = await runtime_factory("ws-1")
+    await runtime.register()
+    for _ in range(3):
+        await runtime.heartbeat()
+    assert runtime.plugins == {}
+
+    report = await one_pass(fleet("ws-1"), sessions, policy)
+
+    assert has(runtime, SEO, NOTES)
+    assert report.in_sync
+    assert runtime.count("GET") == 0  # the heartbeat's report was enough
+
+
+async def test_box_recreated_reports_empty_and_is_reinstalled(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    runtime = await runtime_factory("ws-1", faults=Faults(restart_required=False))
+    await runtime.register()
+    await one_pass(fleet("ws-1"), sessions, policy)
+    assert has(runtime, SEO, NOTES)
+    second = await one_pass(fleet("ws-1"), sessions, policy)
+    assert second.in_sync and not any(r.outcomes for r in second.results)
+    calls = len(runtime.calls)
+
+    runtime.plugins.clear()  # the box was re-created: the store's memory is now untrue
+    await runtime.heartbeat()
+    await one_pass(fleet("ws-1"), sessions, policy)
+
+    assert has(runtime, SEO, NOTES)
+    assert runtime.count("PUT") == 4 and len(runtime.calls) == calls + 2
+
+
+async def test_ownership_user_plugins_removal_and_upgrade(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    user = Plugin("scratchpad", "local://user/scratchpad")
+    runtime = await runtime_factory("ws-1", plugins=[user])
+    await runtime.register()
+    await one_pass(fleet("ws-1"), sessions, policy)
+    assert has(runtime, SEO, NOTES, user)
+
+    # The template drops `notes` and moves seo-all to v2: notes (ours) goes, seo-all upgrades,
+    # the user's scratchpad stays.
+    new_template = TEMPLATE.replace("local://plugins/notes", "local://plugins/other").replace(
+        "seo-all#v1", "seo-all#v2")
+    desired = desired_from(new_template, workspace_yaml("ws-1"))
+    await runtime.heartbeat()
+    report = await one_pass(desired, sessions, policy)
+
+    assert "notes" not in runtime.plugins
+    assert runtime.plugins["seo-all"].source.endswith("#v2")
+    assert has(runtime, user, Plugin("other", "local://plugins/other"))
+    assert report.in_sync
+    assert runtime.count("DELETE", "/plugins/scratchpad") == 0
+
+    # Even with nothing declared at all, the user's plugin is never touched.
+    empty = desired_from(TEMPLATE.split("spec:")[0] + "spec: {plugins: []}\n",
+                         workspace_yaml("ws-1"))
+    await runtime.heartbeat()
+    await one_pass(empty, sessions, policy)
+    assert set(runtime.plugins) == {"scratchpad"}
+
+
+async def test_user_installed_plugin_with_a_declared_name_is_not_removed_when_undeclared(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """A plugin that happens to carry a name the template once declared, but that the
+    controller never installed, is not ours to remove."""
+    runtime = await runtime_factory("ws-1", plugins=[SEO, NOTES])
+    await runtime.register()
+    report = await one_pass(fleet("ws-1"), sessions, policy)
+    assert report.in_sync and runtime.count("PUT") == 0
+
+    nothing = desired_from(workspace_yaml("ws-1", templateRef=None))
+    await one_pass(nothing, sessions, policy)
+    assert has(runtime, SEO, NOTES)
+    assert runtime.count("DELETE") == 0
+
+
+async def test_failing_runtime_backs_off_and_others_converge(
+    sessions: Sessions, runtime_factory: RuntimeFactory
+) -> None:
+    """Over one simulated hour of passes every 10 s, a runtime whose installs always fail is
+    called a bounded number of times, shows its error in status, and never holds up the
+    healthy workspace."""
+    policy = Policy(call_timeout=2.0, offline_after=timedelta(days=1))
+    broken = await runtime_factory("broken", faults=Faults(failing_plugins={"seo-all"}))
+    healthy = await runtime_factory("healthy")
+    desired = fleet("broken", "healthy")
+    with freeze_time("2026-01-01 00:00:00", real_asyncio=True) as clock:
+        await broken.register()
+        await healthy.register()
+        for _ in range(360):
+            await one_pass(desired, sessions, policy)
+            clock.tick(10)
+        now = utcnow()
+
+    assert has(healthy, SEO, NOTES)
+    assert has(broken, NOTES) and "seo-all" not in broken.plugins
+    attempts = broken.count("PUT", "/plugins/seo-all")
+    # 5 s doubling to a 10 min cap, jitter up to -20%: about 12 attempts in an hour.
+    assert 8 <= attempts <= 16, attempts
+    assert healthy.count("PUT") == 2
+
+    with transaction(sessions) as session:
+        observed = queries.load_observed(session)
+    state = build_status(desired.workspaces["broken"], observed["broken"], now, policy)
+    seo = next(p for p in state.plugins if p.name == "seo-all")
+    assert seo.state is PluginState.FAILED
+    assert "HTTP 500" in seo.message and "broken plugin" in seo.message
+    assert seo.attempts == attempts
+    assert seo.next_retry_at is not None and seo.next_retry_at > now
+    assert not state.in_sync
+
+
+async def test_backoff_resets_after_success(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    faults = Faults(failing_plugins={"seo-all"})
+    runtime = await runtime_factory("ws-1", faults=faults)
+    with freeze_time("2026-01-01", real_asyncio=True) as clock:
+        await runtime.register()
+        first = await one_pass(fleet("ws-1"), sessions, policy)
+        assert not first.in_sync and first.failed == 1
+        waiting = await one_pass(fleet("ws-1"), sessions, policy)  # same instant: backing off
+        assert waiting.waiting == 1 and runtime.count("PUT", "/plugins/seo-all") == 1
+        faults.failing_plugins.clear()
+        clock.tick(6)
+        healed = await one_pass(fleet("ws-1"), sessions, policy)
+    assert healed.in_sync
+    with transaction(sessions) as session:
+        assert queries.load_observed(session)["ws-1"].attempts == {}
+
+
+async def test_paused_stale_and_suspended_workspaces_get_no_calls(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    paused = await runtime_factory("paused")
+    stale = await runtime_factory("stale")
+    suspended = await runtime_factory("suspended")
+    live = await runtime_factory("live", report=False)
+    desired = desired_from(TEMPLATE, workspace_yaml("paused"), workspace_yaml("stale"),
+                           workspace_yaml("suspended", suspend=True), workspace_yaml("live"))
+    with freeze_time("2026-01-01 00:00:00", real_asyncio=True) as clock:
+        await stale.register()
+        clock.tick(policy.offline_after.total_seconds() + 1)
+        for runtime in (paused, suspended, live):
+            await runtime.register()
+        with transaction(sessions) as session:
+            queries.set_dormant(session, "paused", True)
+        # A later register and heartbeat never undo a pause.
+        await paused.register()
+        await paused.heartbeat()
+        report = await one_pass(desired, sessions, policy)
+
+    for runtime in (paused, stale, suspended):
+        assert runtime.calls == [], runtime.workspace_id
+    assert has(live, SEO, NOTES)
+    assert report.skipped == {Phase.SUSPENDED: 1}  # paused and stale are not even read
+    assert [r.workspace_id for r in report.results] == ["live"]
+
+
+async def test_resume_brings_a_paused_workspace_back(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    runtime = await runtime_factory("ws-1")
+    with transaction(sessions) as session:
+        queries.set_dormant(session, "ws-1", True)
+    await runtime.register()
+    await one_pass(fleet("ws-1"), sessions, policy)
+    assert runtime.calls == []
+    with transaction(sessions) as session:
+        queries.set_dormant(session, "ws-1", False)
+    await one_pass(fleet("ws-1"), sessions, policy)
+    assert has(runtime, SEO, NOTES)
+
+
+async def test_restart_once_per_pass_and_budget_holds(
+    sessions: Sessions, runtime_factory: RuntimeFactory
+) -> None:
+    """A runtime that loses its plugins on every restart would loop forever; the restart
+    budget stops it after 3 restarts in an hour and reports the hold."""
+    policy = Policy(call_timeout=2.0, offline_after=timedelta(days=1))
+    runtime = await runtime_factory("ws-1", faults=Faults(lose_plugins_on_restart=True))
+    with freeze_time("2026-01-01", real_asyncio=True) as clock:
+        await runtime.register()
+        for _ in range(30):
+            report = await one_pass(fleet("ws-1"), sessions, policy)
+            assert report.count(ActionKind.RESTART) <= 1
+            await runtime.heartbeat()  # what the restarted box reports
+            clock.tick(60)
+        assert runtime.restarts == 3
+        final = await one_pass(fleet("ws-1"), sessions, policy)
+        assert not final.in_sync and final.held == 1
+        clock.tick(3600)
+        await one_pass(fleet("ws-1"), sessions, policy)
+    assert runtime.restarts == 4  # the budget refills with time
+
+
+async def test_invalid_workspace_does_not_stop_the_others(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    good = await runtime_factory("good")
+    bad = await runtime_factory("bad")
+    desired = desired_from(TEMPLATE, workspace_yaml("good"), workspace_yaml(
+        "bad", plugins=[{"source": "local://a/x"}, {"source": "local://b/x"}]))
+    await good.register()
+    await bad.register()
+    report = await one_pass(desired, sessions, policy)
+    assert has(good, SEO, NOTES)
+    assert bad.calls == []
+    assert [d.workspace_id for d in report.invalid] == ["bad"]
+    assert "declared twice" in (report.invalid[0].error or "")
+    assert not report.in_sync
+
+
+async def test_unreachable_runtime_reports_error_and_backs_off(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory, registry: Registry
+) -> None:
+    runtime = await runtime_factory("gone", report=False)
+    await runtime.register()
+    await runtime.stop()  # registered, then vanished: connection refused
+    healthy = await runtime_factory("healthy")
+    await healthy.register()
+
+    report = await one_pass(fleet("gone", "healthy"), sessions, policy)
+
+    assert has(healthy, SEO, NOTES)
+    failed = next(r for r in report.results if r.workspace_id == "gone")
+    assert failed.failures and "GET /plugins" in failed.failures[0].message
+    with transaction(sessions) as session:
+        attempt = queries.load_observed(session)["gone"].attempts[RUNTIME_KEY]
+    assert attempt.failures == 1 and attempt.next_retry_at > attempt.last_attempt_at
+
+
+async def test_pass_reads_state_in_constant_queries(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    from sqlalchemy import event
+
+    async def queries_for(count: int, prefix: str) -> int:
+        for i in range(count):
+            runtime = await runtime_factory(f"{prefix}-{i}", plugins=[SEO, NOTES])
+            await runtime.register()
+        desired = fleet(*(f"{prefix}-{i}" for i in range(count)))
+        statements: list[str] = []
+        engine = sessions.kw["bind"]
+        listener = lambda *args: statements.append(args[2])  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            report = await one_pass(desired, sessions, policy, only=[
+                f"{prefix}-{i}" for i in range(count)])
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+        assert report.in_sync and len(report.results) == count
+        return len(statements)
+
+    assert await queries_for(3, "small") == await queries_for(30, "large") <= 5
+
+
+async def test_dry_run_changes_nothing(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    runtime = await runtime_factory("ws-1")
+    await runtime.register()
+    report = await one_pass(fleet("ws-1"), sessions, policy, dry_run=True)
+    assert not report.in_sync
+    assert runtime.calls == [] and runtime.plugins == {}
+    planned = report.results[0].planned
+    assert planned == ("install notes (missing)", "install seo-all (missing)")
+    with transaction(sessions) as session:
+        assert queries.load_observed(session)["ws-1"].owned == {}
+
+
+async def test_digest_pin_mismatch_is_drift(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    pinned = Plugin("seo-all", SEO.source, "sha256:abc")
+    runtime = await runtime_factory("ws-1", plugins=[replace(pinned, digest="sha256:other")])
+    await runtime.register()
+    desired = desired_from(TEMPLATE, workspace_yaml(
+        "ws-1", plugins=[{"source": SEO.source, "digest": "sha256:abc"}]))
+    report = await one_pass(desired, sessions, policy)
+    assert report.in_sync
+    assert runtime.plugins["seo-all"].digest == "sha256:abc"
+
+
+@pytest.mark.parametrize("restart_required", [True, False])
+async def test_restart_only_when_a_call_asked(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory,
+    restart_required: bool,
+) -> None:
+    runtime = await runtime_factory("ws-1", faults=Faults(restart_required=restart_required))
+    await runtime.register()
+    await one_pass(fleet("ws-1"), sessions, policy)
+    assert runtime.count("POST", "/restart") == (1 if restart_required else 0)
