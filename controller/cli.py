@@ -108,7 +108,8 @@ def manifests_option(required: bool) -> Callable[[Callable[..., Any]], Callable[
 def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
     logging.basicConfig(level=level.upper(), stream=stream,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for noisy in ("aiohttp.access", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -314,7 +315,8 @@ def status_command(db: str | None, manifests: Path | None, output: str,
         observed = queries.load_observed(session, now=None, restart_window=policy.restart_window)
     wanted = dict(desired.workspaces) if desired else {}
     ids = sorted(set(observed) | set(wanted))
-    statuses = [status.build(wanted.get(i), observed.get(i), now, policy) for i in ids]
+    statuses = [status.build(wanted.get(i), observed.get(i), now, policy,
+                             desired_known=desired is not None) for i in ids]
     if desired is not None:
         statuses += [status.build(d, observed.get(d.workspace_id), now, policy)
                      for d in desired.rejected]
@@ -507,6 +509,8 @@ def demo(manifests: Path | None, seconds: float, db: str | None) -> None:
     its user, one loses its plugins when restarted."""
     from controller.demo import run_demo
 
+    if logging.getLogger().level > logging.DEBUG:  # the demo tells its own story on stdout
+        logging.getLogger().setLevel(logging.WARNING)
     directory = manifests or Path("manifests/examples")
     converged = asyncio.run(run_demo(directory, seconds, db))
     sys.exit(EXIT_OK if converged else EXIT_DRIFT)

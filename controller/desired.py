@@ -193,7 +193,9 @@ def _add_template(
             continue
         seen[plugin.name] = index
         plugins.append(plugin)
-    problem = f"template {namespace}/{name} is invalid: " + "; ".join(problems) if problems else None
+    problem = None
+    if problems:
+        problem = f"template {namespace}/{name} is invalid: " + "; ".join(problems)
     catalog.templates[key] = TemplateObject(namespace, name, tuple(plugins), problem)
 
 

@@ -22,18 +22,21 @@ from controller.models import (
 
 
 def phase_of(
-    desired: DesiredWorkspace | None, observed: Observed | None, now: datetime, policy: Policy
+    desired: DesiredWorkspace | None, observed: Observed | None, now: datetime, policy: Policy,
+    *, desired_known: bool = True,
 ) -> Phase:
-    if desired is None:
+    """Where a workspace stands. With `desired_known=False` (no desired state at hand, e.g.
+    `pluginctl status` without manifests) only the runtime's side is judged."""
+    if desired_known and desired is None:
         return Phase.UNMANAGED
-    if desired.error is not None:
+    if desired is not None and desired.error is not None:
         return Phase.INVALID
-    if desired.suspended:
+    if desired is not None and desired.suspended:
         return Phase.SUSPENDED
+    if observed is not None and observed.dormant:
+        return Phase.DORMANT
     if observed is None or observed.url is None:
         return Phase.UNREGISTERED
-    if observed.dormant:
-        return Phase.DORMANT
     if not observed.is_online(now, policy.offline_after):
         return Phase.OFFLINE
     return Phase.ONLINE

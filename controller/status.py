@@ -54,9 +54,10 @@ class WorkspaceStatus:
 
 
 def build(
-    desired: DesiredWorkspace | None, observed: Observed | None, now: datetime, policy: Policy
+    desired: DesiredWorkspace | None, observed: Observed | None, now: datetime, policy: Policy,
+    *, desired_known: bool = True,
 ) -> WorkspaceStatus:
-    phase = planner.phase_of(desired, observed, now, policy)
+    phase = planner.phase_of(desired, observed, now, policy, desired_known=desired_known)
     report = observed.report if observed else None
     attempts = observed.attempts if observed else {}
     restarts_used = len(planner.recent_restarts(observed, now, policy)) if observed else 0

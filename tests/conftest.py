@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestServer
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -24,8 +25,6 @@ from controller.registry import make_app
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
 
 from . import pg
-
-import yaml
 
 
 @pytest.fixture(scope="session")

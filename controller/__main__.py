@@ -1,0 +1,5 @@
+"""`python -m controller` is `pluginctl`."""
+
+from controller.cli import main
+
+main()

@@ -1,0 +1,240 @@
+"""The command line as a user runs it: real processes, real databases, real runtimes on
+loopback, and the documented exit codes (0 in sync, 2 out of sync, 1 could not run)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controller.agent import Faults
+
+from .conftest import TEMPLATE, Registry, RuntimeFactory, workspace_yaml
+from .pg import free_port
+
+
+async def pluginctl(*args: str, env: dict[str, str] | None = None,
+                    timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+def manifest_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "manifests"
+    directory.mkdir()
+    (directory / "template.yaml").write_text(TEMPLATE)
+    (directory / "workspaces.yaml").write_text(
+        workspace_yaml("ws-1") + "---\n" + workspace_yaml("ws-2"))
+    return directory
+
+
+async def test_reconcile_exit_codes_dry_run_and_json(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path
+) -> None:
+    one = await runtime_factory("ws-1", report=False)
+    two = await runtime_factory("ws-2")
+    await one.register()
+    await two.register()
+    base = ["reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url]
+
+    code, out, err = await pluginctl(*base, "--dry-run")
+    assert code == 2, err
+    assert "would observe" in out and "would install notes (missing)" in out
+    assert "drift found" in out
+    assert one.calls == [] and two.calls == []
+
+    code, out, err = await pluginctl(*base, "-o", "json")
+    assert code == 0, (out, err)
+    result = json.loads(out)
+    assert result["in_sync"] is True
+    assert result["summary"]["installed"] == 4 and result["summary"]["online"] == 2
+    assert set(one.plugins) == set(two.plugins) == {"seo-all", "notes"}
+
+    code, out, _ = await pluginctl(*base)
+    assert code == 0 and "-> in sync" in out
+
+
+async def test_reconcile_reports_failures_with_exit_2(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path
+) -> None:
+    broken = await runtime_factory("ws-1", faults=Faults(failing_plugins={"notes"}))
+    await broken.register()
+    code, out, _ = await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir),
+                                   "--db", db_url)
+    assert code == 2
+    assert "install notes (missing): FAILED" in out and "failed 1" in out
+
+    code, out, _ = await pluginctl("status", "--db", db_url, "--manifests",
+                                   str(manifest_dir), "-o", "json")
+    assert code == 0
+    ws1 = next(w for w in json.loads(out)["workspaces"] if w["workspace_id"] == "ws-1")
+    assert ws1["phase"] == "Online" and ws1["in_sync"] is False
+    assert ws1["installed"] == 1 and ws1["desired"] == 2
+    assert "broken plugin" in ws1["last_error"] and ws1["next_retry_at"]
+    notes = next(p for p in ws1["plugins"] if p["name"] == "notes")
+    assert notes["state"] == "Failed" and notes["attempts"] == 1
+
+    code, out, _ = await pluginctl("status", "--db", db_url, "--manifests",
+                                   str(manifest_dir))
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "Online" in lines["ws-1"] and "1/2" in lines["ws-1"] and "notes: failed" in lines["ws-1"]
+    assert "Unregistered" in lines["ws-2"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["reconcile", "--manifests", "{dir}"], "add --once"),
+    (["reconcile", "--once", "--manifests", "{dir}/missing"], "does not exist"),
+    (["reconcile", "--once", "--manifests", "{dir}", "--concurrency", "0"], "--concurrency"),
+    (["reconcile", "--once", "--manifests", "{dir}", "--bogus"], "No such option"),
+    (["reconcile", "--once", "--manifests", "{dir}", "--db", "nosuchdb://x"], "database"),
+    (["reconcile", "--once", "--manifests", "{dir}", "--db",
+      "postgresql+psycopg://nobody@127.0.0.1:{port}/x"], "cannot reach the database"),
+    (["token", "create", "bad id!"], "invalid workspace id"),
+])
+async def test_could_not_run_is_exit_1_with_one_line(
+    args: list[str], message: str, manifest_dir: Path, tmp_path: Path
+) -> None:
+    args = [a.format(dir=manifest_dir, port=free_port()) for a in args]
+    code, out, err = await pluginctl(*args, env={"PLUGINCTL_DB": f"sqlite:///{tmp_path}/x.db"})
+    assert code == 1, (out, err)
+    assert message in err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+async def test_bad_manifest_reports_file_and_still_reconciles_the_rest(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path
+) -> None:
+    (manifest_dir / "zz-broken.yaml").write_text("apiVersion: [\n")
+    runtime = await runtime_factory("ws-1")
+    await runtime.register()
+    code, _, err = await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir),
+                                   "--db", db_url)
+    assert code == 1
+    assert "zz-broken.yaml" in err
+    assert set(runtime.plugins) == {"seo-all", "notes"}
+
+
+async def test_postgres_needs_an_explicit_migration(
+    postgres_url: str, manifest_dir: Path
+) -> None:
+    from .conftest import _fresh_postgres_database
+
+    url, drop = _fresh_postgres_database(postgres_url)
+    try:
+        code, _, err = await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir),
+                                       "--db", url)
+        assert code == 1 and "pluginctl db upgrade" in err
+        code, out, _ = await pluginctl("db", "upgrade", "--db", url)
+        assert code == 0 and "upgraded from empty" in out
+        code, out, _ = await pluginctl("db", "upgrade", "--db", url)
+        assert code == 0 and "already at" in out
+        code, out, _ = await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir),
+                                       "--db", url)
+        assert code == 0, out
+    finally:
+        drop()
+
+
+async def test_token_create_and_pause_resume(sqlite_url: str) -> None:
+    code, token, _ = await pluginctl("token", "create", "ws-9", "--db", sqlite_url)
+    assert code == 0 and token.strip().startswith("plc_")
+    code, out, _ = await pluginctl("workspace", "pause", "ws-9", "--db", sqlite_url)
+    assert code == 0 and "paused" in out
+    code, out, _ = await pluginctl("status", "--db", sqlite_url, "-o", "json")
+    assert json.loads(out)["workspaces"][0]["phase"] == "Dormant"
+    code, out, _ = await pluginctl("workspace", "resume", "ws-9", "--db", sqlite_url)
+    assert code == 0 and "resumed" in out
+    code, out, _ = await pluginctl("status", "--db", sqlite_url, "-o", "json")
+    assert json.loads(out)["workspaces"][0]["phase"] == "Unregistered"
+
+
+async def wait_for(condition, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await condition()
+        if result:
+            return result
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
+    tmp_path: Path, manifest_dir: Path
+) -> None:
+    """`pluginctl run` and two `pluginctl agent` processes, as the README shows: one agent
+    only registers, the other heartbeats. Both converge; an edited manifest is picked up."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    port = free_port()
+    code, _, _ = await pluginctl("db", "upgrade", "--db", db)
+    assert code == 0
+    tokens = {}
+    for ws in ("ws-1", "ws-2"):
+        _, out, _ = await pluginctl("token", "create", ws, "--db", db)
+        tokens[ws] = out.strip()
+
+    processes = []
+
+    async def spawn(*args: str) -> None:
+        processes.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", *args,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+
+    async def statuses() -> dict[str, dict[str, object]]:
+        _, out, _ = await pluginctl("status", "--db", db, "--manifests", str(manifest_dir),
+                                    "-o", "json", "--offline-after", "600")
+        return {w["workspace_id"]: w for w in json.loads(out)["workspaces"]}
+
+    try:
+        await spawn("run", "--manifests", str(manifest_dir), "--db", db,
+                    "--listen", f"127.0.0.1:{port}", "--interval", "1")
+        registry = f"http://127.0.0.1:{port}"
+
+        async def healthy() -> bool:
+            import aiohttp
+            try:
+                async with aiohttp.ClientSession() as client, \
+                        client.get(registry + "/healthz") as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(healthy, what="registry up")
+        await spawn("agent", "--workspace-id", "ws-1", "--token", tokens["ws-1"],
+                    "--registry", registry, "--register-only", "--no-report")
+        await spawn("agent", "--workspace-id", "ws-2", "--token", tokens["ws-2"],
+                    "--registry", registry, "--heartbeat-interval", "0.5")
+
+        async def converged() -> bool:
+            state = await statuses()
+            return all(state[w]["installed"] == 2 for w in ("ws-1", "ws-2"))
+
+        await wait_for(converged, what="both workspaces converged")
+
+        (manifest_dir / "workspaces.yaml").write_text(
+            workspace_yaml("ws-1") + "---\n" + workspace_yaml(
+                "ws-2", plugins=[{"source": "local://more/extra"}]))
+
+        async def followed_edit() -> bool:
+            state = await statuses()
+            return bool(state["ws-2"]["in_sync"]) and state["ws-2"]["installed"] == 3
+
+        await wait_for(followed_edit, what="the edited manifest applied")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            await asyncio.wait_for(process.wait(), 20)
+    assert processes[0].returncode == 0  # `run` stops cleanly on SIGTERM

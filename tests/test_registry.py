@@ -1,0 +1,167 @@
+"""The registry API over real HTTP on loopback: it records facts, and refuses bad input with
+the right code while writing nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import select
+
+from controller.store import Sessions, queries, transaction
+from controller.store.tables import Base
+
+from .conftest import Registry
+
+PLUGINS = [{"name": "seo-all", "source": "gitea://org/repo/agent-skills/seo-all#v1"}]
+
+
+def snapshot(sessions: Sessions) -> dict[str, list[tuple[Any, ...]]]:
+    with transaction(sessions) as session:
+        return {table.name: sorted(tuple(row) for row in session.execute(select(table)))
+                for table in Base.metadata.sorted_tables}
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def post(http: aiohttp.ClientSession, registry: Registry, path: str, body: Any,
+               token: str | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    async with http.post(registry.url + path, data=data, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_register_and_heartbeat_record_facts(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    status, body = await post(http, registry, "/registry/register",
+                              {"workspace_id": "ws-1", "url": "http://10.0.0.7:8080"}, token)
+    assert (status, body) == (200, {"status": "online"})
+    assert registry.hints.take() == {"ws-1"}
+    with transaction(registry.sessions) as session:
+        seen = queries.load_observed(session)["ws-1"]
+    assert seen.url == "http://10.0.0.7:8080" and seen.report is None
+    assert seen.last_seen_at is not None
+
+    status, body = await post(http, registry, "/registry/heartbeat",
+                              {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
+    assert (status, body) == (200, {"status": "ok"})
+    with transaction(registry.sessions) as session:
+        seen = queries.load_observed(session)["ws-1"]
+    assert seen.report is not None and list(seen.report) == ["seo-all"]
+
+    # Without `plugins` nothing is known from the call: the last report stays.
+    status, _ = await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1"}, token)
+    assert status == 200
+    with transaction(registry.sessions) as session:
+        assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]
+
+    # `[]` is a report: it replaces the last one.
+    status, _ = await post(http, registry, "/registry/heartbeat",
+                           {"workspace_id": "ws-1", "plugins": []}, token)
+    assert status == 200
+    with transaction(registry.sessions) as session:
+        assert queries.load_observed(session)["ws-1"].report == {}
+
+    # A new register without a report drops the old one: a restarted box may have lost it.
+    await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": PLUGINS},
+               token)
+    await post(http, registry, "/registry/register",
+               {"workspace_id": "ws-1", "url": "http://10.0.0.7:8080"}, token)
+    with transaction(registry.sessions) as session:
+        assert queries.load_observed(session)["ws-1"].report is None
+
+
+async def test_healthz(registry: Registry, http: aiohttp.ClientSession) -> None:
+    async with http.get(registry.url + "/healthz") as response:
+        assert response.status == 200
+
+
+REGISTER = {"workspace_id": "ws-1", "url": "http://127.0.0.1:9000"}
+
+BAD_REQUESTS = [
+    # (name, path, body, token kind, expected status, words in the error)
+    ("no token", "/registry/register", REGISTER, None, 401, "missing bearer token"),
+    ("unknown token", "/registry/register", REGISTER, "bogus", 401, "unknown or revoked"),
+    ("another workspace's token", "/registry/register", REGISTER, "other", 403,
+     "does not belong"),
+    ("malformed JSON", "/registry/register", '{"workspace_id": ', "own", 400, "malformed JSON"),
+    ("not an object", "/registry/register", "[1, 2]", "own", 400, "JSON object"),
+    ("wrong type", "/registry/register", {**REGISTER, "workspace_id": 7}, "own", 422,
+     "workspace_id"),
+    ("missing url", "/registry/register", {"workspace_id": "ws-1"}, "own", 422,
+     "url: Field required"),
+    ("empty status typo", "/registry/register", {**REGISTER, "status": ""}, "own", 422,
+     "status: unknown field"),
+    ("unknown heartbeat field", "/registry/heartbeat", {"workspace_id": "ws-1", "status": ""},
+     "own", 422, "status: unknown field"),
+    ("ftp url", "/registry/register", {**REGISTER, "url": "ftp://host/x"}, "own", 422,
+     "http:// or https://"),
+    ("url with credentials", "/registry/register",
+     {**REGISTER, "url": "http://user:pw@host:1/"}, "own", 422, "credentials"),
+    ("plugins not a list", "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": "x"},
+     "own", 422, "plugins"),
+    ("plugin without source", "/registry/heartbeat",
+     {"workspace_id": "ws-1", "plugins": [{"name": "a"}]}, "own", 422,
+     "plugins[0].source: Field required"),
+    ("plugin with a bad source", "/registry/heartbeat",
+     {"workspace_id": "ws-1", "plugins": [{"name": "a", "source": "no scheme"}]}, "own", 422,
+     "plugins[0].source"),
+    ("plugin reported twice", "/registry/heartbeat",
+     {"workspace_id": "ws-1", "plugins": PLUGINS * 2}, "own", 422, "reported twice"),
+    ("empty workspace id", "/registry/heartbeat", {"workspace_id": ""}, "own", 422,
+     "workspace_id"),
+    ("oversized body", "/registry/heartbeat",
+     {"workspace_id": "ws-1", "pad": "x" * 300_000}, "own", 413, "larger than"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "token_kind", "code", "words"),
+                         [case[1:] for case in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+async def test_bad_input_is_refused_and_changes_nothing(
+    registry: Registry, http: aiohttp.ClientSession, path: str, body: Any,
+    token_kind: str | None, code: int, words: str,
+) -> None:
+    own = registry.token("ws-1")
+    other = registry.token("ws-2")
+    # ws-1 is registered and has a report, so a bad heartbeat would have something to spoil.
+    await post(http, registry, "/registry/register", {**REGISTER, "plugins": PLUGINS}, own)
+    before = snapshot(registry.sessions)
+    registry.hints.take()
+    token = {"own": own, "other": other, "bogus": "plc_not-a-token", None: None}[token_kind]
+
+    status, answer = await post(http, registry, path, body, token)
+
+    assert status == code, answer
+    assert isinstance(answer, dict) and words in answer["error"], answer
+    assert snapshot(registry.sessions) == before
+    assert registry.hints.take() == set()
+
+
+async def test_heartbeat_before_register_is_a_conflict(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    before = snapshot(registry.sessions)
+    status, answer = await post(http, registry, "/registry/heartbeat",
+                                {"workspace_id": "ws-1", "plugins": []}, token)
+    assert status == 409 and "register first" in answer["error"]
+    assert snapshot(registry.sessions) == before
+
+
+async def test_tokens_are_stored_as_hashes(registry: Registry) -> None:
+    token = registry.token("ws-1")
+    stored = snapshot(registry.sessions)["tokens"]
+    assert len(stored) == 1
+    assert token not in repr(stored)
