@@ -66,6 +66,7 @@ class PassReport:
     results: tuple[WorkspaceResult, ...]
     invalid: tuple[DesiredWorkspace, ...]  # online workspaces whose desired state is unusable
     skipped: dict[Phase, int] = field(default_factory=dict)  # online but suspended/unmanaged
+    busy: int = 0  # still being handled by an earlier pass (a slow runtime): left to it
     manifest_errors: tuple[ObjectError, ...] = ()
 
     def count(self, kind: ActionKind, ok: bool = True) -> int:
@@ -123,9 +124,16 @@ async def reconcile_once(
     dry_run: bool = False,
     progress: Progress | None = None,
     rand: Callable[[], float] = random.random,
+    busy: set[str] | None = None,
+    limit: asyncio.Semaphore | None = None,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
-    Nothing here asks how a workspace got online."""
+    Nothing here asks how a workspace got online.
+
+    Passes may overlap (the loop never waits for a slow runtime before starting the next
+    pass): `busy` holds the workspaces some pass is handling, which others then skip, and
+    `limit` bounds the concurrent work of all passes together."""
+    busy = set() if busy is None else busy
     now = utcnow()
     with transaction(sessions) as session:
         observed = queries.load_observed(
@@ -136,7 +144,11 @@ async def reconcile_once(
     work: list[tuple[DesiredWorkspace, Observed]] = []
     invalid: list[DesiredWorkspace] = []
     skipped: dict[Phase, int] = {}
+    busy_count = 0
     for workspace_id in sorted(observed):
+        if workspace_id in busy:
+            busy_count += 1
+            continue
         wanted = desired.workspaces.get(workspace_id)
         phase = planner.phase_of(wanted, observed[workspace_id], now, policy)
         if wanted is not None and phase is Phase.ONLINE:
@@ -147,14 +159,19 @@ async def reconcile_once(
             skipped[phase] = skipped.get(phase, 0) + 1
 
     done = 0
-    limit = asyncio.Semaphore(max(1, policy.concurrency))
+    limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
+    claimed = {wanted.workspace_id for wanted, _ in work}
+    busy |= claimed
 
     async def one(wanted: DesiredWorkspace, seen: Observed) -> WorkspaceResult:
         nonlocal done
-        async with limit:
-            result = await _reconcile_workspace(
-                wanted, seen, sessions, driver, policy, now, dry_run, rand
-            )
+        try:
+            async with limit:
+                result = await _reconcile_workspace(
+                    wanted, seen, sessions, driver, policy, now, dry_run, rand
+                )
+        finally:
+            busy.discard(wanted.workspace_id)
         done += 1
         if progress is not None:
             progress(done, len(work))
@@ -168,6 +185,7 @@ async def reconcile_once(
         results=tuple(results),
         invalid=tuple(invalid),
         skipped=skipped,
+        busy=busy_count,
         manifest_errors=desired.errors,
     )
 
@@ -265,40 +283,61 @@ async def run_forever(
     rand: Callable[[], float] = random.random,
 ) -> None:
     """Full passes every `interval` seconds (plus or minus `jitter` of it, so that replicas
-    and restarts never line up), and small passes for hinted workspaces in between."""
+    and restarts never line up), and small passes for hinted workspaces in between. A pass
+    is started on time even if an earlier one still waits on a slow runtime: that runtime's
+    workspace is busy and skipped, every other workspace is served."""
     loop = asyncio.get_running_loop()
     hints = hints or Hints()
-    next_full = loop.time()
-    last_errors: tuple[ObjectError, ...] = ()
-    while not stop.is_set():
-        delay = max(0.0, next_full - loop.time())
-        await _wait_any((hints.event, stop), delay)
-        if stop.is_set():
-            return
-        if loop.time() >= next_full:
-            hints.take()
-            only: set[str] | None = None
-            trigger = "periodic"
-            next_full = loop.time() + interval * (1 + jitter * (2 * rand() - 1))
-        else:
-            only = hints.take()
-            trigger = "hint"
+    busy: set[str] = set()
+    limit = asyncio.Semaphore(max(1, policy.concurrency))
+    running: set[asyncio.Task[None]] = set()
+    last_errors: list[tuple[ObjectError, ...]] = [()]
+
+    async def one_pass(only: set[str] | None, trigger: str) -> None:
         try:
             desired = source()
         except (DesiredStateError, OSError) as error:
             log.error("cannot read desired state, skipping this pass: %s", error)
-            continue
-        if desired.errors != last_errors:
+            return
+        if desired.errors != last_errors[0]:
             for object_error in desired.errors:
                 log.error("desired state: %s", object_error)
-            last_errors = desired.errors
+            last_errors[0] = desired.errors
         try:
-            report = await reconcile_once(desired, sessions, driver, policy, only=only, rand=rand)
+            report = await reconcile_once(desired, sessions, driver, policy, only=only,
+                                          rand=rand, busy=busy, limit=limit)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
-            continue
+            return
         if on_pass is not None:
             on_pass(report, trigger)
+
+    next_full = loop.time()
+    try:
+        while not stop.is_set():
+            await _wait_any((hints.event, stop), max(0.0, next_full - loop.time()))
+            if stop.is_set():
+                break
+            if loop.time() >= next_full:
+                hints.take()
+                only: set[str] | None = None
+                trigger = "periodic"
+                next_full = loop.time() + interval * (1 + jitter * (2 * rand() - 1))
+            else:
+                only = hints.take()
+                trigger = "hint"
+            task = asyncio.create_task(one_pass(only, trigger))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            await asyncio.sleep(0)  # let the pass claim its workspaces before the next one
+    finally:
+        if running:
+            # Give passes in flight a call's time to finish, then cut them off; whatever
+            # they did not record is re-observed by the next start.
+            _, pending = await asyncio.wait(running, timeout=policy.call_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> None:

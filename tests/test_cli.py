@@ -238,3 +238,43 @@ async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
         for process in processes:
             await asyncio.wait_for(process.wait(), 20)
     assert processes[0].returncode == 0  # `run` stops cleanly on SIGTERM
+
+
+async def test_progress_is_shown_on_a_terminal_only(
+    db_url: str, registry: Registry, manifest_dir: Path
+) -> None:
+    import pty
+
+    from controller.models import utcnow
+    from controller.store import queries, transaction
+
+    from .conftest import NOTES, SEO
+
+    names = [f"ws-{i}" for i in range(25)]
+    (manifest_dir / "workspaces.yaml").write_text("---\n".join(workspace_yaml(n) for n in names))
+    with transaction(registry.sessions) as session:
+        for name in names:  # converged already: the pass has nothing to do but check
+            queries.record_register(session, name, "http://127.0.0.1:9", [SEO, NOTES], utcnow())
+    args = ["reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url]
+
+    code, _, err = await pluginctl(*args)
+    assert code == 0 and "reconciling" not in err  # not a terminal: no progress bar
+
+    controller_fd, terminal_fd = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=terminal_fd)
+    os.close(terminal_fd)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller_fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller_fd)
+    assert process.returncode == 0, out
+    assert b"reconciling" in shown and b"25/25" in shown, shown

@@ -3,6 +3,8 @@ loopback: the boot paths that edge-triggered installs lost, ownership, backoff, 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
@@ -13,7 +15,7 @@ from controller.agent import Faults, ReferenceRuntime
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.models import RUNTIME_KEY, ActionKind, Phase, Plugin, Policy, utcnow
-from controller.reconciler import PassReport, reconcile_once
+from controller.reconciler import PassReport, reconcile_once, run_forever
 from controller.status import PluginState
 from controller.status import build as build_status
 from controller.store import Sessions, queries, transaction
@@ -360,3 +362,43 @@ async def test_restart_only_when_a_call_asked(
     await runtime.register()
     await one_pass(fleet("ws-1"), sessions, policy)
     assert runtime.count("POST", "/restart") == (1 if restart_required else 0)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_slow_runtime_never_delays_the_others_in_the_loop(
+    sessions: Sessions, registry: Registry, runtime_factory: RuntimeFactory
+) -> None:
+    """The periodic loop keeps serving every other workspace (here: a fresh register, via
+    the registry's hint) while an earlier pass still waits on a runtime whose installs take
+    seconds each."""
+    policy = Policy(call_timeout=5.0)
+    slow = await runtime_factory("slow", faults=Faults(install_delay=2.0, restart_required=False))
+    fast = await runtime_factory("fast")
+    stop = asyncio.Event()
+    reports: list[PassReport] = []
+    async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+        loop_task = asyncio.create_task(run_forever(
+            lambda: fleet("slow", "fast"), sessions, driver, policy, interval=0.2, stop=stop,
+            hints=registry.hints, on_pass=lambda report, _trigger: reports.append(report)))
+        try:
+            await slow.register()
+            await wait_until(lambda: slow.count("PUT") >= 1, 5, "the slow install to start")
+            await fast.register()
+            await wait_until(lambda: has(fast, SEO, NOTES), 3, "the fast workspace to converge")
+            assert len(slow.plugins) < 2, "the fast one should not have waited for the slow one"
+            await wait_until(lambda: any(r.busy for r in reports), 3,
+                             "a periodic pass that skips the busy workspace")
+            assert len(slow.plugins) < 2
+            await wait_until(lambda: has(slow, SEO, NOTES), 10, "the slow workspace to converge")
+        finally:
+            stop.set()
+            await loop_task
+    # Never two passes on one workspace at a time: each plugin was installed exactly once.
+    assert slow.count("PUT") == 2
