@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from controller import manifests, service, status, tokens
+from controller import manifests, service, status
 from controller.desired import Desired, DesiredStateError
 from controller.driver import RuntimeDriver
 from controller.models import (
@@ -29,6 +29,7 @@ from controller.models import (
     utcnow,
 )
 from controller.reconciler import PassReport, WorkspaceResult, reconcile_once
+from controller.registry import issue_token
 from controller.store import (
     DatabaseError,
     Sessions,
@@ -377,11 +378,7 @@ def token() -> None:
 @db_option
 def token_create(workspace_id: str, db: str | None) -> None:
     """Create a token for WORKSPACE_ID and print it once; only its hash is stored."""
-    workspace_id = _workspace_id(workspace_id)
-    sessions = open_store(db)
-    secret = tokens.generate()
-    with transaction(sessions) as session:
-        queries.add_token(session, workspace_id, tokens.digest(secret), utcnow())
+    secret = issue_token(open_store(db), _workspace_id(workspace_id))
     click.echo(secret)
     if sys.stderr.isatty():
         click.echo("Store this token now: it is not shown again.", err=True)

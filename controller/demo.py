@@ -11,17 +11,16 @@ from pathlib import Path
 
 import click
 
-from controller import manifests, service, tokens
+from controller import manifests, service
 from controller.agent import ReferenceRuntime
-from controller.models import ActionKind, DesiredWorkspace, Plugin, Policy, utcnow
+from controller.models import ActionKind, DesiredWorkspace, Plugin, Policy
 from controller.reconciler import PassReport
+from controller.registry import issue_token
 from controller.store import (
     Sessions,
     ensure_schema,
     make_engine,
     make_sessions,
-    queries,
-    transaction,
 )
 
 Say = Callable[[str, str], None]
@@ -87,9 +86,7 @@ async def _start_runtimes(workspaces: list[DesiredWorkspace], sessions: Sessions
                           say: Say) -> list[ReferenceRuntime]:
     runtimes = []
     for index, wanted in enumerate(sorted(workspaces, key=lambda w: w.workspace_id)):
-        secret = tokens.generate()
-        with transaction(sessions) as session:
-            queries.add_token(session, wanted.workspace_id, tokens.digest(secret), utcnow())
+        secret = issue_token(sessions, wanted.workspace_id)
         role = index % 3
         runtime = ReferenceRuntime(
             wanted.workspace_id, registry_url=f"http://127.0.0.1:{port}", token=secret,

@@ -121,6 +121,15 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def issue_token(sessions: Sessions, workspace_id: str) -> str:
+    """Create a registry token for a workspace; the caller shows it once, only its hash is
+    kept."""
+    secret = tokens.generate()
+    with transaction(sessions) as session:
+        queries.add_token(session, workspace_id, tokens.digest(secret), utcnow())
+    return secret
+
+
 def _no_hint(_workspace_id: str) -> None:
     return None
 

@@ -16,13 +16,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from controller import desired as desired_mod
-from controller import tokens
 from controller.agent import Faults, ReferenceRuntime
 from controller.desired import Desired
-from controller.models import Plugin, Policy, utcnow
+from controller.models import Plugin, Policy
 from controller.reconciler import Hints
-from controller.registry import make_app
-from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
+from controller.registry import issue_token, make_app
+from controller.store import Sessions, make_engine, make_sessions, upgrade
 
 from . import pg
 
@@ -103,10 +102,7 @@ class Registry:
         return str(self.server.make_url("")).rstrip("/")
 
     def token(self, workspace_id: str) -> str:
-        secret = tokens.generate()
-        with transaction(self.sessions) as session:
-            queries.add_token(session, workspace_id, tokens.digest(secret), utcnow())
-        return secret
+        return issue_token(self.sessions, workspace_id)
 
 
 @pytest.fixture
