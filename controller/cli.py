@@ -30,6 +30,7 @@ from controller.models import (
 )
 from controller.reconciler import PassReport, WorkspaceResult, reconcile_once
 from controller.registry import issue_token
+from controller.render import table
 from controller.store import (
     DatabaseError,
     Sessions,
@@ -514,13 +515,6 @@ def demo(manifests: Path | None, seconds: float, db: str | None) -> None:
 
 
 # --- formatting --------------------------------------------------------------------------------
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
-             .rstrip() for row in [headers, *rows]]
-    return "\n".join(lines)
-
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None

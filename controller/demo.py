@@ -11,16 +11,20 @@ from pathlib import Path
 
 import click
 
-from controller import manifests, service
+from controller import manifests, service, status
 from controller.agent import ReferenceRuntime
-from controller.models import ActionKind, DesiredWorkspace, Plugin, Policy
+from controller.desired import Desired
+from controller.models import ActionKind, DesiredWorkspace, Plugin, Policy, utcnow
 from controller.reconciler import PassReport
 from controller.registry import issue_token
+from controller.render import table
 from controller.store import (
     Sessions,
     ensure_schema,
     make_engine,
     make_sessions,
+    queries,
+    transaction,
 )
 
 Say = Callable[[str, str], None]
@@ -73,7 +77,9 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
                           f"database {engine.url.render_as_string(hide_password=True)}")
         runtimes = await _start_runtimes(workspaces, sessions, port, say)
         try:
-            return await _watch(workspaces, runtimes, seconds, say)
+            converged = await _watch(workspaces, runtimes, seconds, say)
+            _print_status(desired, sessions, policy)
+            return converged
         finally:
             stop.set()
             await controller
@@ -138,3 +144,17 @@ async def _watch(workspaces: list[DesiredWorkspace], runtimes: list[ReferenceRun
             say(runtime.workspace_id,
                 f"user-installed {USER_PLUGIN.name} still there: never touched")
     return True
+
+
+def _print_status(desired: Desired, sessions: Sessions, policy: Policy) -> None:
+    now = utcnow()
+    with transaction(sessions) as session:
+        observed = queries.load_observed(session)
+    rows = []
+    for workspace_id, wanted in sorted(desired.workspaces.items()):
+        state = status.build(wanted, observed.get(workspace_id), now, policy)
+        rows.append([workspace_id, state.phase.value, f"{state.installed}/{state.desired}",
+                     "yes" if state.in_sync else "no", str(policy.restart_budget -
+                                                            state.restarts_left)])
+    click.echo("")
+    click.echo(table(["WORKSPACE", "PHASE", "PLUGINS", "IN-SYNC", "RESTARTS"], rows))

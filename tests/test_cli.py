@@ -278,3 +278,17 @@ async def test_progress_is_shown_on_a_terminal_only(
     os.close(controller_fd)
     assert process.returncode == 0, out
     assert b"reconciling" in shown and b"25/25" in shown, shown
+
+
+async def test_demo_converges_every_example_workspace() -> None:
+    examples = Path(__file__).parent.parent / "manifests" / "examples"
+    code, out, err = await pluginctl("demo", "--manifests", str(examples), "--seconds", "30")
+    assert code == 0, out + err
+    assert "registered without a report and never heartbeats" in out
+    assert "all 3 workspaces converged" in out and "converged again" in out
+    assert "scratchpad still there" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("alpha", "beta",
+                                                                          "gamma"))]
+    assert [row[:4] for row in rows if len(row) == 5] == [
+        ["alpha", "Online", "3/3", "yes"], ["beta", "Online", "3/3", "yes"],
+        ["gamma", "Online", "3/3", "yes"]]
