@@ -77,7 +77,10 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
                           f"database {engine.url.render_as_string(hide_password=True)}")
         runtimes = await _start_runtimes(workspaces, sessions, port, say)
         try:
-            converged = await _watch(workspaces, runtimes, seconds, say)
+            converged = await _watch(
+                workspaces, runtimes, seconds, say,
+                recorded=lambda: all(s.in_sync for s in _statuses(desired, sessions,
+                                                                  policy).values()))
             _print_status(desired, sessions, policy)
             return converged
         finally:
@@ -115,13 +118,14 @@ async def _start_runtimes(workspaces: list[DesiredWorkspace], sessions: Sessions
 
 
 async def _watch(workspaces: list[DesiredWorkspace], runtimes: list[ReferenceRuntime],
-                 seconds: float, say: Say) -> bool:
+                 seconds: float, say: Say, recorded: Callable[[], bool]) -> bool:
+    """Converged means: every runtime has its plugins, and the store agrees."""
     wanted = {w.workspace_id: w for w in workspaces}
     deadline = time.monotonic() + seconds
 
     async def until_converged() -> bool:
         while time.monotonic() < deadline:
-            if all(_converged(r, wanted[r.workspace_id]) for r in runtimes):
+            if all(_converged(r, wanted[r.workspace_id]) for r in runtimes) and recorded():
                 return True
             await asyncio.sleep(0.1)
         return False
@@ -146,13 +150,18 @@ async def _watch(workspaces: list[DesiredWorkspace], runtimes: list[ReferenceRun
     return True
 
 
-def _print_status(desired: Desired, sessions: Sessions, policy: Policy) -> None:
+def _statuses(desired: Desired, sessions: Sessions, policy: Policy
+              ) -> dict[str, status.WorkspaceStatus]:
     now = utcnow()
     with transaction(sessions) as session:
         observed = queries.load_observed(session)
+    return {workspace_id: status.build(wanted, observed.get(workspace_id), now, policy)
+            for workspace_id, wanted in sorted(desired.workspaces.items())}
+
+
+def _print_status(desired: Desired, sessions: Sessions, policy: Policy) -> None:
     rows = []
-    for workspace_id, wanted in sorted(desired.workspaces.items()):
-        state = status.build(wanted, observed.get(workspace_id), now, policy)
+    for workspace_id, state in _statuses(desired, sessions, policy).items():
         rows.append([workspace_id, state.phase.value, f"{state.installed}/{state.desired}",
                      "yes" if state.in_sync else "no", str(policy.restart_budget -
                                                             state.restarts_left)])
