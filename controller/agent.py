@@ -36,6 +36,7 @@ class Faults:
 class Call:
     method: str
     path: str
+    user_agent: str = ""
 
 
 class ReferenceRuntime:
@@ -61,8 +62,9 @@ class ReferenceRuntime:
         self.plugins: dict[str, Plugin] = {p.name: p for p in plugins or []}
         self.report = report  # send the plugin list with register and heartbeat
         self.heartbeat_interval = heartbeat_interval
-        self.calls: list[Call] = []
+        self.calls: list[Call] = []  # calls made to this runtime
         self.restarts = 0
+        self.heartbeats = 0  # heartbeats the registry accepted
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
@@ -81,7 +83,8 @@ class ReferenceRuntime:
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.calls.append(Call(request.method, request.path))
+        self.calls.append(Call(request.method, request.path,
+                               request.headers.get("User-Agent", "")))
         if self.faults.unavailable:
             return web.json_response({"error": "runtime unavailable"}, status=503)
         response: web.StreamResponse = await handler(request)
@@ -162,7 +165,9 @@ class ReferenceRuntime:
         body: dict[str, Any] = {"workspace_id": self.workspace_id}
         if self.report:
             body["plugins"] = self.report_json()
-        return await self._post("/registry/heartbeat", body)
+        answer = await self._post("/registry/heartbeat", body)
+        self.heartbeats += 1
+        return answer
 
     def start_heartbeats(self) -> None:
         """Heartbeat every `heartbeat_interval` seconds until stop()."""

@@ -18,12 +18,13 @@ from typing import Any, NoReturn, TextIO
 import click
 
 from controller import manifests, service, status
-from controller.desired import Desired, DesiredStateError
+from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.models import (
     InvalidSpec,
     Plugin,
     Policy,
+    Unavailable,
     check_workspace_id,
     derive_plugin_name,
     utcnow,
@@ -32,7 +33,6 @@ from controller.reconciler import PassReport, WorkspaceResult, reconcile_once
 from controller.registry import issue_token
 from controller.render import table
 from controller.store import (
-    DatabaseError,
     Sessions,
     database_url,
     ensure_schema,
@@ -131,24 +131,83 @@ def _listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def kubernetes_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--kubernetes", "use_kubernetes", is_flag=True,
+                     help="Desired state from the cluster's Workspace and WorkspaceTemplate "
+                          "objects (kubeconfig or in-cluster config) instead of --manifests."),
+        click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+                     help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or the "
+                          "in-cluster service account)."),
+        click.option("--context", "kube_context", default=None, help="Kubeconfig context."),
+    ]):
+        function = option(function)
+    return function
+
+
+def _source_of_desired_state(manifests: Path | None, use_kubernetes: bool) -> None:
+    if (manifests is None) == (not use_kubernetes):
+        raise click.UsageError("give exactly one source of desired state: --manifests DIR "
+                               "or --kubernetes")
+
+
+def _kube(kubeconfig: str | None, context: str | None) -> Any:
+    from controller.kubeapi import KubeClient
+
+    return KubeClient(kubeconfig, context)
+
+
 @cli.command()
-@manifests_option(required=True)
+@manifests_option(required=False)
+@kubernetes_options
 @db_option
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
-              help="Address of the registry API.")
+              help="Address of the registry API (and /healthz).")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds between full passes (with +/-10% jitter).")
+@click.option("--lease-namespace", envvar="POD_NAMESPACE", default=None,
+              help="Namespace of the leader-election Lease (env POD_NAMESPACE; default: the "
+                   "kubeconfig's namespace, else 'default').")
+@click.option("--leader-election/--no-leader-election", default=True, show_default=True,
+              help="With --kubernetes: only the replica holding the Lease runs passes.")
+@click.option("--identity", default=None, help="This replica's name in the Lease "
+                                                "(default: host-pid-random).")
 @policy_options
-def run(manifests: Path, db: str | None, listen: str, interval: float, offline_after: float,
-        concurrency: int, call_timeout: float, restart_budget: int) -> None:
-    """Serve the registry API and run the periodic reconcile loop (standalone mode)."""
+def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
+        kube_context: str | None, db: str | None, listen: str, interval: float,
+        lease_namespace: str | None, leader_election: bool, identity: str | None,
+        offline_after: float, concurrency: int, call_timeout: float,
+        restart_budget: int) -> None:
+    """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
+    directory, or as the Kubernetes operator (--kubernetes)."""
+    _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
-    load_manifests(manifests)  # fail fast on a missing directory
-    sessions = open_store(db)
     policy = make_policy(offline_after, concurrency, call_timeout, restart_budget)
+    if manifests is not None:
+        directory = manifests
+        load_manifests(directory)  # fail fast on a missing directory
+        sessions = open_store(db)
+        serving = service.serve(lambda: load_manifests(directory), sessions, policy,
+                                host, port, interval)
+    else:
+        from controller import operator
+        from controller.leader import LeaseConfig
+
+        kube = _kube(kubeconfig, kube_context)
+        sessions = open_store(db)
+        lease = LeaseConfig(lease_namespace or kube.default_namespace or "default") \
+            if leader_election else None
+        me = identity or operator.default_identity()
+
+        def operator_loop(hints: Any, stop: asyncio.Event) -> Any:
+            return operator.run_operator(kube, sessions, policy, interval=interval,
+                                         hints=hints, stop=stop, lease=lease, identity=me,
+                                         on_pass=service.log_pass)
+
+        serving = service.serve(None, sessions, policy, host, port, interval,
+                                loop_factory=operator_loop)
     try:
-        asyncio.run(service.serve(lambda: load_manifests(manifests), sessions, policy,
-                                  host, port, interval))
+        asyncio.run(serving)
     except OSError as error:
         raise Failure(f"cannot listen on {listen}: {error.strerror or error}") from error
 
@@ -157,31 +216,44 @@ def run(manifests: Path, db: str | None, listen: str, interval: float, offline_a
 
 @cli.command()
 @click.option("--once", is_flag=True, help="Run one pass and exit (required).")
-@manifests_option(required=True)
+@manifests_option(required=False)
+@kubernetes_options
 @db_option
 @click.option("--dry-run", is_flag=True, help="Plan only: no runtime calls, no writes.")
 @output_option
 @policy_options
-def reconcile(once: bool, manifests: Path, db: str | None, dry_run: bool, output: str,
-              offline_after: float, concurrency: int, call_timeout: float,
-              restart_budget: int) -> None:
+def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
+              kubeconfig: str | None, kube_context: str | None, db: str | None,
+              dry_run: bool, output: str, offline_after: float, concurrency: int,
+              call_timeout: float, restart_budget: int) -> None:
     """One pass over every online workspace, then exit.
 
     Exit 0: every online workspace is in sync afterwards. Exit 2: out of sync (dry run: drift
     found; otherwise some actions failed, are backing off or are held). Exit 1: could not run.
+    With --kubernetes the pass also updates Workspace status, Events and token Secrets.
     """
     if not once:
         raise click.UsageError("reconcile runs exactly one pass: add --once "
                                "(use `pluginctl run` for the periodic loop)")
-    desired = load_manifests(manifests)
-    for error in desired.errors:
-        click.echo(f"error: {error}", err=True)
-    sessions = open_store(db)
+    _source_of_desired_state(manifests, use_kubernetes)
     policy = make_policy(offline_after, concurrency, call_timeout, restart_budget)
+    errors: list[str] = []
+    if manifests is not None:
+        desired = load_manifests(manifests)
+        errors = [str(e) for e in desired.errors]
+        for error in errors:
+            click.echo(f"error: {error}", err=True)
+    kube = _kube(kubeconfig, kube_context) if use_kubernetes else None
+    sessions = open_store(db)
 
     async def one_pass() -> PassReport:
         with progress_bar() as progress:
             async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+                if kube is not None:
+                    from controller.operator import reconcile_cluster_once
+
+                    return await reconcile_cluster_once(kube, sessions, policy, driver,
+                                                        dry_run=dry_run, progress=progress)
                 return await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
                                             progress=progress)
 
@@ -190,8 +262,12 @@ def reconcile(once: bool, manifests: Path, db: str | None, dry_run: bool, output
         click.echo(json.dumps(report_json(report), indent=2))
     else:
         print_report(report)
-    if desired.errors:
-        raise Failure(f"{len(desired.errors)} manifest error(s); the other workspaces were "
+    if kube is not None:
+        errors = [str(e) for e in report.manifest_errors]
+        for error in errors:
+            click.echo(f"error: {error}", err=True)
+    if errors:
+        raise Failure(f"{len(errors)} desired-state error(s); the other workspaces were "
                       "reconciled")
     sys.exit(EXIT_OK if report.in_sync else EXIT_DRIFT)
 
@@ -551,5 +627,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(error.format_message())
     except click.Abort:
         fail("aborted")
-    except (Failure, DatabaseError, DesiredStateError) as error:
+    except (Failure, Unavailable) as error:
         fail(str(error))

@@ -16,6 +16,7 @@ from controller.models import (
     DesiredWorkspace,
     InvalidSpec,
     Plugin,
+    Unavailable,
     check_plugin_name,
     check_source,
     check_workspace_id,
@@ -28,7 +29,7 @@ WORKSPACE_KIND = "Workspace"
 DEFAULT_NAMESPACE = "default"
 
 
-class DesiredStateError(RuntimeError):
+class DesiredStateError(Unavailable):
     """The source of desired state cannot be read at all (as opposed to one bad object)."""
 
 

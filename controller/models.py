@@ -35,6 +35,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class Unavailable(RuntimeError):
+    """Something pluginctl depends on cannot be used (database, cluster, manifest directory);
+    the message is one line meant for the operator."""
+
+
 class InvalidSpec(ValueError):
     """A plugin, source or workspace id that cannot be used; the message says why."""
 

@@ -39,6 +39,7 @@ class WorkspaceResult:
     outcomes: tuple[Outcome, ...]
     restart_pending: bool
     error: str | None = None  # the pass could not finish this workspace
+    prior_failures: frozenset[str] = frozenset()  # attempt keys already failing before
 
     @property
     def waits(self) -> tuple[Wait, ...]:
@@ -201,8 +202,10 @@ async def _reconcile_workspace(
     rand: Callable[[], float],
 ) -> WorkspaceResult:
     plan = planner.plan(wanted, seen, now, policy)
+    prior = frozenset(seen.attempts)
     if dry_run or not plan.actions:
-        return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending)
+        return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
+                               prior_failures=prior)
 
     url = seen.url or ""
     plans = [plan]
@@ -233,7 +236,8 @@ async def _reconcile_workspace(
     for outcome in done:
         _log_outcome(seen.workspace_id, outcome)
     pending = seen.restart_pending if changes.restart_pending is None else changes.restart_pending
-    return WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error)
+    return WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error,
+                           prior_failures=prior)
 
 
 def _log_outcome(workspace_id: str, outcome: Outcome) -> None:
@@ -276,7 +280,7 @@ async def run_forever(
     policy: Policy,
     *,
     interval: float,
-    stop: asyncio.Event,
+    stop: asyncio.Event | tuple[asyncio.Event, ...],
     hints: Hints | None = None,
     jitter: float = 0.1,
     on_pass: PassCallback | None = None,
@@ -285,7 +289,9 @@ async def run_forever(
     """Full passes every `interval` seconds (plus or minus `jitter` of it, so that replicas
     and restarts never line up), and small passes for hinted workspaces in between. A pass
     is started on time even if an earlier one still waits on a slow runtime: that runtime's
-    workspace is busy and skipped, every other workspace is served."""
+    workspace is busy and skipped, every other workspace is served. It returns once any
+    of the `stop` events is set."""
+    stops = stop if isinstance(stop, tuple) else (stop,)
     loop = asyncio.get_running_loop()
     hints = hints or Hints()
     busy: set[str] = set()
@@ -314,9 +320,9 @@ async def run_forever(
 
     next_full = loop.time()
     try:
-        while not stop.is_set():
-            await _wait_any((hints.event, stop), max(0.0, next_full - loop.time()))
-            if stop.is_set():
+        while not any(s.is_set() for s in stops):
+            await _wait_any((hints.event, *stops), max(0.0, next_full - loop.time()))
+            if any(s.is_set() for s in stops):
                 break
             if loop.time() >= next_full:
                 hints.take()

@@ -121,12 +121,12 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def issue_token(sessions: Sessions, workspace_id: str) -> str:
+def issue_token(sessions: Sessions, workspace_id: str, issuer: str = "cli") -> str:
     """Create a registry token for a workspace; the caller shows it once, only its hash is
     kept."""
     secret = tokens.generate()
     with transaction(sessions) as session:
-        queries.add_token(session, workspace_id, tokens.digest(secret), utcnow())
+        queries.add_token(session, workspace_id, tokens.digest(secret), utcnow(), issuer)
     return secret
 
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -27,8 +27,21 @@ def log_pass(report: PassReport, trigger: str) -> None:
     log.log(logging.INFO if acted else logging.DEBUG, "pass (%s): %s", trigger, report.summary())
 
 
+Loop = Callable[[Hints, asyncio.Event], Awaitable[None]]
+
+
+def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy,
+                    interval: float, on_pass: PassCallback | None = None) -> Loop:
+    """The periodic loop over desired state from `source` (a manifest directory)."""
+    async def loop(hints: Hints, stop: asyncio.Event) -> None:
+        async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+            await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
+                              hints=hints, on_pass=on_pass or log_pass)
+    return loop
+
+
 async def serve(
-    source: Callable[[], Desired],
+    source: Callable[[], Desired] | None,
     sessions: Sessions,
     policy: Policy,
     host: str,
@@ -38,8 +51,11 @@ async def serve(
     started: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
     on_pass: PassCallback | None = None,
+    loop_factory: Loop | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or `stop` is set). Raises OSError if it cannot listen."""
+    """The registry API and a control loop (the standalone loop over `source`, or
+    `loop_factory`, e.g. the operator's), until SIGINT/SIGTERM or `stop`. Raises OSError if
+    it cannot listen."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -53,9 +69,11 @@ async def serve(
         log.info("registry listening on http://%s:%d", host, bound)
         if started is not None:
             started(bound)
-        async with RuntimeDriver(timeout=policy.call_timeout) as driver:
-            await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
-                              hints=hints, on_pass=on_pass or log_pass)
+        if loop_factory is None:
+            if source is None:
+                raise ValueError("serve() needs a source of desired state or a loop")
+            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass)
+        await loop_factory(hints, stop)
     finally:
         await runner.cleanup()
         log.info("stopped")

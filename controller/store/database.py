@@ -17,13 +17,15 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from controller.models import Unavailable
+
 DEFAULT_URL = "sqlite:///pluginctl.db"
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any constant will do: it only has to be the same for every replica of pluginctl.
 _ADVISORY_LOCK_ID = 0x706C7567  # "plug"
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(Unavailable):
     """The database cannot be used; the message is meant for the operator."""
 
 

@@ -45,10 +45,30 @@ def _ensure_workspace(session: Session, workspace_id: str) -> WorkspaceRow:
     return row
 
 
-def add_token(session: Session, workspace_id: str, token_hash: str, now: datetime) -> None:
+def add_token(session: Session, workspace_id: str, token_hash: str, now: datetime,
+              issuer: str = "cli") -> None:
     _ensure_workspace(session, workspace_id)
     session.flush()
-    session.add(TokenRow(token_hash=token_hash, workspace_id=workspace_id, created_at=now))
+    session.add(TokenRow(token_hash=token_hash, workspace_id=workspace_id, created_at=now,
+                         issuer=issuer))
+
+
+def active_tokens(session: Session, issuer: str) -> dict[str, str]:
+    """Token hash -> workspace id, for every unrevoked token of one issuer."""
+    rows = session.execute(select(TokenRow.token_hash, TokenRow.workspace_id).where(
+        TokenRow.issuer == issuer, TokenRow.revoked_at.is_(None)))
+    return {row.token_hash: row.workspace_id for row in rows}
+
+
+def revoke_tokens(session: Session, token_hashes: Collection[str], now: datetime) -> int:
+    if not token_hashes:
+        return 0
+    result = session.execute(
+        update(TokenRow)
+        .where(TokenRow.token_hash.in_(list(token_hashes)), TokenRow.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False))
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def record_register(

@@ -83,6 +83,7 @@ class TokenRow(Base):
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    issuer: Mapped[str] = mapped_column(String(32), default="cli", server_default="cli")
 
 
 class OwnedPluginRow(Base):

@@ -1,0 +1,455 @@
+"""The Kubernetes face. kopf watches Workspaces, WorkspaceTemplates and pluginctl's token
+Secrets into in-memory indexes (watching writes nothing); the replica holding the Lease runs
+the same pass as standalone mode on that desired state, then mirrors the result into
+Workspace/WorkspaceTemplate status (only where it changed), Events and token Secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from controller import desired as desired_mod
+from controller import mirror, status, tokens
+from controller.desired import Desired
+from controller.driver import RuntimeDriver
+from controller.kubeapi import TEMPLATES, WORKSPACES, KubeClient, KubeError
+from controller.leader import LeaderElector, LeaseConfig
+from controller.models import API_GROUP, API_VERSION, DesiredWorkspace, Policy, utcnow
+from controller.reconciler import Hints, PassReport, reconcile_once, run_forever
+from controller.registry import issue_token
+from controller.store import DatabaseError, Sessions, queries, transaction
+
+log = logging.getLogger("pluginctl.operator")
+
+SECRET_SELECTOR = f"{mirror.MANAGED_BY_LABEL}={mirror.MANAGED_BY}"
+ISSUER = "operator"
+Key = tuple[str, str]  # (namespace, name)
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy made of dicts and lists, from kopf's read-only body views."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _key(obj: Mapping[str, Any]) -> Key:
+    metadata = obj.get("metadata", {})
+    return metadata.get("namespace") or "default", metadata.get("name", "")
+
+
+@dataclass
+class ClusterView:
+    """The pluginctl objects and token Secrets of the cluster, as plain dicts."""
+
+    workspaces: list[dict[str, Any]]
+    templates: list[dict[str, Any]]
+    secrets: list[dict[str, Any]]
+
+    @classmethod
+    def listed(cls, kube: KubeClient) -> ClusterView:
+        return cls(kube.list_objects(WORKSPACES), kube.list_objects(TEMPLATES),
+                   kube.list_secrets(SECRET_SELECTOR))
+
+    def desired(self) -> Desired:
+        return desired_mod.build(("cluster", obj) for obj in [*self.templates, *self.workspaces])
+
+
+def _desired_by_object(view: ClusterView, desired: Desired) -> dict[Key, DesiredWorkspace]:
+    """Each Workspace object's desired state; objects the schema let through but the core
+    refused (so they are in neither list) get an Invalid entry with the reason."""
+    by_ref = {w.object_ref: w for w in [*desired.workspaces.values(), *desired.rejected]}
+    errors = {e.ref: e.message for e in desired.errors}
+    result: dict[Key, DesiredWorkspace] = {}
+    for obj in view.workspaces:
+        namespace, name = _key(obj)
+        found = by_ref.get(f"{namespace}/{name}")
+        if found is None:
+            message = errors.get(f"Workspace {namespace}/{name}", "invalid spec")
+            spec = obj.get("spec") or {}
+            found = DesiredWorkspace(
+                workspace_id=str(spec.get("workspaceId") or name), object_ref=f"{namespace}/{name}",
+                template=None, plugins={}, error=message)
+        result[(namespace, name)] = found
+    return result
+
+
+@dataclass
+class Mirror:
+    """Writes status, Events and token Secrets; remembers what it wrote so that a watch
+    cache that lags behind never causes a second write."""
+
+    kube: KubeClient
+    sessions: Sessions
+    policy: Policy
+    identity: str
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status
+    secrets: dict[Key, str] = field(default_factory=dict)  # secret key -> token we wrote
+    writes: int = 0  # API writes made, for tests and metrics
+
+    async def apply(self, view: ClusterView, desired: Desired,
+                    report: PassReport | None) -> None:
+        now = utcnow()
+        by_object = _desired_by_object(view, desired)
+        claimants = {w.workspace_id: w.object_ref for w in desired.workspaces.values()
+                     if w.error is None or not w.error.startswith("DuplicateWorkspaceId")}
+        secret_names = await self._tokens(view, by_object, claimants, now)
+        with transaction(self.sessions) as session:
+            observed = queries.load_observed(session, restart_window=self.policy.restart_window)
+
+        ready: dict[Key, bool] = {}
+        previous_status: dict[str, Mapping[str, Any]] = {}
+        for obj in view.workspaces:
+            key = _key(obj)
+            wanted = by_object[key]
+            is_claimant = claimants.get(wanted.workspace_id) == wanted.object_ref
+            state = status.build(wanted, observed.get(wanted.workspace_id) if is_claimant
+                                 else None, now, self.policy)
+            uid = obj["metadata"].get("uid", "")
+            current = obj.get("status") or {}
+            previous_status[wanted.workspace_id if is_claimant else uid] = current
+            base = dict(obj, status=self.written.get(uid, current))
+            new = mirror.workspace_status(state, base, now, secret_names.get(key))
+            ready[key] = mirror.is_ready(new)
+            await self._patch(WORKSPACES, obj, current, new)
+
+        if report is not None:
+            await self._events(view, by_object, claimants, report, previous_status, now)
+
+        for template in view.templates:
+            namespace, name = _key(template)
+            users = [k for k in ready if k[0] == namespace
+                     and by_object[k].template == name]
+            plugins = len((template.get("spec") or {}).get("plugins") or [])
+            new = mirror.template_status(template, plugins, sum(ready[k] for k in users),
+                                         len(users))
+            await self._patch(TEMPLATES, template, template.get("status") or {}, new)
+
+    async def _patch(self, plural: str, obj: Mapping[str, Any], current: Mapping[str, Any],
+                     new: dict[str, Any]) -> None:
+        uid = obj["metadata"].get("uid", "")
+        if self.written.get(uid) == new and current == new:
+            return
+        patch = mirror.status_patch(current, new)
+        if patch is None:
+            self.written[uid] = new
+            return
+        namespace, name = _key(obj)
+        try:
+            await asyncio.to_thread(self.kube.patch_status, plural, namespace, name, patch)
+        except KubeError as error:
+            if error.status != 404:  # deleted meanwhile: nothing to report on
+                log.warning("%s", error)
+            return
+        self.writes += 1
+        self.written[uid] = new
+
+    async def _events(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
+                      claimants: Mapping[str, str], report: PassReport,
+                      previous_status: Mapping[str, Mapping[str, Any]], now: datetime) -> None:
+        objects = {f"{k[0]}/{k[1]}": obj for obj in view.workspaces for k in [_key(obj)]}
+        for result in report.results:
+            ref = claimants.get(result.workspace_id)
+            obj = objects.get(ref or "")
+            if obj is None:
+                continue
+            before = previous_status.get(result.workspace_id) or {}
+            held_before = any(c.get("reason") == "RestartHeld"
+                              for c in before.get("conditions") or [])
+            held_now = result.restart_pending and not (result.plans and
+                                                       result.plans[-1].may_restart)
+            for event in mirror.events_for(result.outcomes, result.prior_failures, held_now,
+                                           held_before):
+                try:
+                    await asyncio.to_thread(self.kube.create_event, obj, event.type,
+                                            event.reason, event.message, now, self.identity)
+                    self.writes += 1
+                except KubeError as error:
+                    log.warning("%s", error)
+
+    async def _tokens(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
+                      claimants: Mapping[str, str], now: datetime) -> dict[Key, str]:
+        """Every claimed Workspace has a Secret with a live registry token; tokens and
+        Secrets of Workspaces that are gone are revoked and deleted."""
+        with transaction(self.sessions) as session:
+            active = queries.active_tokens(session, ISSUER)
+        existing: dict[Key, str | None] = {}
+        for secret in view.secrets:
+            data = (secret.get("data") or {}).get(mirror.TOKEN_KEY)
+            existing[_key(secret)] = base64.b64decode(data).decode() if data else None
+        names: dict[Key, str] = {}
+        objects = {_key(obj): obj for obj in view.workspaces}
+        for key, wanted in by_object.items():
+            if claimants.get(wanted.workspace_id) != wanted.object_ref:
+                continue
+            namespace, name = key
+            secret_key = (namespace, mirror.token_secret_name(name))
+            names[key] = secret_key[1]
+            token = self.secrets.get(secret_key) or existing.get(secret_key)
+            if token is not None and active.get(tokens.digest(token)) == wanted.workspace_id:
+                continue
+            try:
+                token = issue_token(self.sessions, wanted.workspace_id, issuer=ISSUER)
+                await asyncio.to_thread(self.kube.apply_secret, namespace,
+                                        _secret_body(objects[key], secret_key[1],
+                                                     wanted.workspace_id, token))
+            except (KubeError, DatabaseError) as error:
+                log.warning("token secret for %s/%s: %s", namespace, name, error)
+                continue
+            self.writes += 1
+            self.secrets[secret_key] = token
+        stale = [h for h, workspace_id in active.items() if workspace_id not in claimants]
+        if stale:
+            with transaction(self.sessions) as session:
+                revoked = queries.revoke_tokens(session, stale, now)
+            log.info("revoked %d token(s) of deleted workspaces", revoked)
+        for secret in view.secrets:
+            namespace, name = _key(secret)
+            owner = (secret.get("metadata", {}).get("labels") or {}).get(mirror.WORKSPACE_LABEL)
+            if owner and (namespace, owner) not in objects:
+                try:
+                    await asyncio.to_thread(self.kube.delete_secret, namespace, name)
+                    self.writes += 1
+                except KubeError as error:
+                    log.warning("%s", error)
+                self.secrets.pop((namespace, name), None)
+        return names
+
+
+def _secret_body(obj: Mapping[str, Any], name: str, workspace_id: str,
+                 token: str) -> dict[str, Any]:
+    metadata = obj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": metadata.get("namespace"),
+            "labels": {mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY,
+                       mirror.WORKSPACE_LABEL: metadata.get("name"),
+                       mirror.WORKSPACE_ID_LABEL: workspace_id[:63]},
+            "ownerReferences": [{"apiVersion": f"{API_GROUP}/{API_VERSION}",
+                                 "kind": "Workspace", "name": metadata.get("name"),
+                                 "uid": metadata.get("uid"), "controller": True}],
+        },
+        "stringData": {mirror.TOKEN_KEY: token},
+    }
+
+
+# --- kopf: watching into memory ------------------------------------------------------------
+
+
+class Watch:
+    """kopf's live indexes of the three kinds, and the signals they raise."""
+
+    def __init__(self, hints: Hints) -> None:
+        self.hints = hints
+        self.ready = asyncio.Event()
+        self.indexes: dict[str, Mapping[Any, Any]] = {}
+
+    def _values(self, name: str) -> list[dict[str, Any]]:
+        index = self.indexes.get(name) or {}
+        return [value for store in index.values() for value in store]
+
+    def view(self) -> ClusterView:
+        return ClusterView(self._values("workspace_index"), self._values("template_index"),
+                           self._values("secret_index"))
+
+    def registry(self, kube: KubeClient) -> kopf.OperatorRegistry:
+        registry = kopf.OperatorRegistry()
+        connection = kube.connection()
+
+        @kopf.on.login(id="login", registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(
+                server=connection.server, token=connection.token, scheme="Bearer"
+                if connection.token else None, ca_path=connection.ca_path,
+                insecure=connection.insecure, certificate_path=connection.certificate_path,
+                private_key_path=connection.private_key_path,
+                default_namespace=connection.namespace)
+
+        @kopf.on.startup(id="startup", registry=registry)
+        def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+            settings.posting.enabled = False  # our Events are written by the mirror
+            settings.watching.server_timeout = 300
+            for name in ("workspace_index", "template_index", "secret_index"):
+                self.indexes[name] = kwargs[name]
+
+        @kopf.index(API_GROUP, API_VERSION, WORKSPACES, id="workspace_index",
+                    registry=registry)
+        def workspace_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+            obj = _plain(body)
+            return {_key(obj): obj}
+
+        @kopf.index(API_GROUP, API_VERSION, TEMPLATES, id="template_index",
+                    registry=registry)
+        def template_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+            obj = _plain(body)
+            return {_key(obj): obj}
+
+        @kopf.index("v1", "secrets", labels={mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY},
+                    id="secret_index", registry=registry)
+        def secret_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+            obj = _plain(body)
+            return {_key(obj): {"metadata": obj.get("metadata", {}), "data": obj.get("data")}}
+
+        @kopf.on.event(API_GROUP, API_VERSION, WORKSPACES, id="workspace_event",
+                       registry=registry)
+        def workspace_event(body: kopf.Body, **_: Any) -> None:
+            # kopf runs this only once every index is filled: desired state is complete.
+            self.ready.set()
+            spec, meta, current = body.get("spec") or {}, body.get("metadata") or {}, \
+                body.get("status") or {}
+            requested = (meta.get("annotations") or {}).get(mirror.REQUESTED_AT)
+            stale = current.get("observedGeneration") != meta.get("generation")
+            if stale or (requested is not None
+                         and requested != current.get("lastHandledReconcileAt")):
+                self.hints(str(spec.get("workspaceId") or meta.get("name")))
+
+        @kopf.on.event(API_GROUP, API_VERSION, TEMPLATES, id="template_event",
+                       registry=registry)
+        def template_event(body: kopf.Body, **_: Any) -> None:
+            self.ready.set()
+            meta, current = body.get("metadata") or {}, body.get("status") or {}
+            if current.get("observedGeneration") != meta.get("generation"):
+                namespace, name = meta.get("namespace"), meta.get("name")
+                for obj in self._values("workspace_index"):
+                    spec = obj.get("spec") or {}
+                    if obj["metadata"].get("namespace") == namespace and \
+                            (spec.get("templateRef") or {}).get("name") == name:
+                        self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]))
+
+        return registry
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def run_operator(
+    kube: KubeClient,
+    sessions: Sessions,
+    policy: Policy,
+    *,
+    interval: float,
+    hints: Hints,
+    stop: asyncio.Event,
+    lease: LeaseConfig | None,
+    identity: str,
+    on_pass: Callable[[PassReport, str], None] | None = None,
+) -> None:
+    """Watch, elect, and while leading run passes and mirror them. The registry API runs
+    beside this on every replica (it is stateless)."""
+    watch = Watch(hints)
+    kopf_stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    kopf_task = asyncio.create_task(kopf.operator(
+        registry=watch.registry(kube), clusterwide=True, standalone=True, stop_flag=kopf_stop))
+    # kopf takes over SIGINT/SIGTERM in the main thread: when it stops, so does everything.
+    # kopf also cancels, when it stops, every task started after it: nothing here may rely
+    # on a helper task to carry a stop signal, hence callbacks and plain events.
+    kopf_task.add_done_callback(lambda _task: stop.set())
+    elector = LeaderElector(kube, lease, identity) if lease is not None else None
+    elector_task = asyncio.create_task(elector.run(stop)) if elector else None
+    sink = Mirror(kube, sessions, policy, identity)
+
+    def after_pass(report: PassReport, trigger: str) -> None:
+        if on_pass is not None:
+            on_pass(report, trigger)
+
+    try:
+        await _until_indexed(kube, watch, stop)
+        while not stop.is_set():
+            if elector is not None:
+                await _wait_first(elector.is_leader, stop)
+                if stop.is_set():
+                    break
+            stops = (stop, elector.lost) if elector is not None else (stop,)
+            await _lead(watch, sink, sessions, policy, interval, stops, after_pass)
+    finally:
+        if elector_task is not None:
+            await elector_task
+        if not kopf_stop.done():
+            kopf_stop.set_result(None)
+        await asyncio.gather(kopf_task, return_exceptions=True)
+
+
+async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
+                interval: float, stop: tuple[asyncio.Event, ...],
+                on_pass: Callable[[PassReport, str], None]) -> None:
+    log.info("leading: running passes every %gs", interval)
+    latest: list[ClusterView] = []
+
+    def source() -> Desired:
+        view = watch.view()
+        latest[:] = [view]
+        return view.desired()
+
+    def mirrored(report: PassReport, trigger: str) -> None:
+        on_pass(report, trigger)
+        if latest:
+            task = asyncio.get_running_loop().create_task(
+                _mirror_safely(sink, latest[0], report))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    pending: set[asyncio.Task[None]] = set()
+    async with RuntimeDriver(timeout=policy.call_timeout,
+                             user_agent=f"pluginctl/{sink.identity}") as driver:
+        await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
+                          hints=watch.hints, on_pass=mirrored)
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _mirror_safely(sink: Mirror, view: ClusterView, report: PassReport) -> None:
+    try:
+        await sink.apply(view, view.desired(), report)
+    except (KubeError, DatabaseError) as error:
+        log.warning("status mirror failed, retried next pass: %s", error)
+
+
+async def _until_indexed(kube: KubeClient, watch: Watch, stop: asyncio.Event) -> None:
+    """Desired state is complete once kopf has filled every index (it then delivers the
+    first event), or at once when the cluster holds no pluginctl object at all."""
+    try:
+        view = await asyncio.to_thread(ClusterView.listed, kube)
+        if not view.workspaces and not view.templates:
+            watch.ready.set()
+    except KubeError as error:
+        log.warning("initial listing failed, waiting for the watch: %s", error)
+    await _wait_first(watch.ready, stop)
+
+
+async def _wait_first(event: asyncio.Event, stop: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def reconcile_cluster_once(kube: KubeClient, sessions: Sessions, policy: Policy,
+                                 driver: RuntimeDriver, *, dry_run: bool,
+                                 progress: Callable[[int, int], None] | None = None
+                                 ) -> PassReport:
+    """`pluginctl reconcile --once` against the cluster: list, pass, mirror (unless dry)."""
+    view = await asyncio.to_thread(ClusterView.listed, kube)
+    desired = view.desired()
+    report = await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
+                                  progress=progress)
+    if not dry_run:
+        await Mirror(kube, sessions, policy, default_identity()).apply(view, desired, report)
+    return report

@@ -1,0 +1,537 @@
+"""End to end on a real kube-apiserver and etcd (built by .ci/kube-binaries), with the
+operator as a local process and kubectl driving and inspecting it, as a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.agent import Faults, ReferenceRuntime
+
+from . import kube
+from .pg import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.kubernetes
+
+
+@pytest.fixture(scope="session")
+def plane() -> Iterator[kube.ControlPlane]:
+    try:
+        control_plane = kube.start()
+    except kube.KubeUnavailable as error:
+        pytest.fail(f"no Kubernetes control plane for the end-to-end suite: {error}",
+                    pytrace=False)
+    try:
+        control_plane.kubectl("apply", "-f", str(ROOT / "crds"))
+        control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                              "crd/workspaces.pluginctl.dev",
+                              "crd/workspacetemplates.pluginctl.dev")
+        yield control_plane
+    finally:
+        control_plane.stop()
+
+
+@pytest.fixture
+def namespace(plane: kube.ControlPlane) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    plane.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        # Operators of later tests watch cluster-wide: leave nothing of ours behind.
+        plane.kubectl("delete", "workspaces,workspacetemplates", "--all", "-n", name,
+                      "--wait=false", check=False)
+
+
+def apply(plane: kube.ControlPlane, namespace: str, *documents: dict[str, object]) -> None:
+    for document in documents:
+        document.setdefault("apiVersion", "pluginctl.dev/v1alpha1")
+        metadata = document.setdefault("metadata", {})
+        assert isinstance(metadata, dict)
+        metadata["namespace"] = namespace
+    plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
+
+
+def template(name: str, *plugins: tuple[str, str]) -> dict[str, object]:
+    return {"kind": "WorkspaceTemplate", "metadata": {"name": name},
+            "spec": {"plugins": [{"name": n, "source": s} for n, s in plugins]}}
+
+
+def workspace(name: str, template_name: str | None = "base", **spec: object
+              ) -> dict[str, object]:
+    body: dict[str, object] = dict(spec)
+    if template_name is not None:
+        body["templateRef"] = {"name": template_name}
+    return {"kind": "Workspace", "metadata": {"name": name}, "spec": body}
+
+
+SEO = ("seo-all", "gitea://org/repo/agent-skills/seo-all#v1")
+NOTES = ("notes", "local://plugins/notes")
+
+
+class Operator:
+    """`pluginctl run --kubernetes` as a local process."""
+
+    def __init__(self, plane: kube.ControlPlane, lease_namespace: str, db: str, identity: str,
+                 log_dir: Path, kubeconfig: Path | None = None) -> None:
+        self.port = free_port()
+        self.identity = identity
+        self.log = log_dir / f"operator-{identity}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controller", "--log-level", "debug", "run", "--kubernetes",
+             "--db", db, "--listen", f"127.0.0.1:{self.port}", "--interval", "1",
+             "--lease-namespace", lease_namespace, "--identity", identity],
+            env=plane.env(kubeconfig), stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"))
+
+    @property
+    def registry(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def passes(self) -> int:
+        return self.log.read_text(errors="replace").count("pass (periodic)")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture
+def operators(plane: kube.ControlPlane, namespace: str, tmp_path: Path
+              ) -> Iterator[Callable[..., Operator]]:
+    started: list[Operator] = []
+    db = f"sqlite:///{tmp_path / 'operator.db'}"
+    subprocess.run([sys.executable, "-m", "controller", "db", "upgrade", "--db", db],
+                   check=True, capture_output=True)
+
+    def start(identity: str = "op-a", kubeconfig: Path | None = None,
+              lease_namespace: str | None = None) -> Operator:
+        operator = Operator(plane, lease_namespace or namespace, db, identity, tmp_path,
+                            kubeconfig)
+        started.append(operator)
+        return operator
+
+    yield start
+    for operator in started:
+        operator.stop()
+
+
+async def eventually(condition: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await asyncio.to_thread(condition)
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.25)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def get(plane: kube.ControlPlane, namespace: str, *args: str) -> str:
+    return plane.kubectl("get", "-n", namespace, *args).stdout
+
+
+def token_of(plane: kube.ControlPlane, namespace: str, workspace_name: str) -> str | None:
+    result = plane.kubectl("get", "secret", f"{workspace_name}-pluginctl-token", "-n",
+                           namespace, "-o", "jsonpath={.data.token}", check=False)
+    return base64.b64decode(result.stdout).decode() if result.returncode == 0 and \
+        result.stdout else None
+
+
+@pytest.fixture
+async def runtimes() -> AsyncIterator[list[ReferenceRuntime]]:
+    started: list[ReferenceRuntime] = []
+    yield started
+    for runtime in started:
+        await runtime.stop()
+
+
+async def runtime_for(plane: kube.ControlPlane, namespace: str, name: str, registry: str,
+                      started: list[ReferenceRuntime], *, workspace_id: str | None = None,
+                      report: bool = True, faults: Faults | None = None) -> ReferenceRuntime:
+    """A reference runtime using the token the operator put in the workspace's Secret."""
+    token = await eventually(lambda: token_of(plane, namespace, name), 60,
+                             f"the token Secret of {name}")
+    runtime = ReferenceRuntime(workspace_id or name, registry_url=registry, token=str(token),
+                               report=report, faults=faults, heartbeat_interval=0.3)
+    await runtime.start()
+    started.append(runtime)
+    await runtime.register()
+    return runtime
+
+
+async def wait_ready(plane: kube.ControlPlane, namespace: str, *names: str,
+                     timeout: int = 90) -> None:
+    result = await asyncio.to_thread(
+        plane.kubectl, "wait", "-n", namespace, "--for=condition=Ready",
+        f"--timeout={timeout}s", *(f"ws/{n}" for n in names), check=False,
+        timeout=timeout + 30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- 1. CRDs ---------------------------------------------------------------------------------
+
+def test_crds_apply_explain_and_server_side_validation(plane: kube.ControlPlane,
+                                                       namespace: str) -> None:
+    again = plane.kubectl("apply", "-f", str(ROOT / "crds"))
+    assert "workspaces.pluginctl.dev" in again.stdout
+
+    explain = plane.kubectl("explain", "workspace.spec.plugins").stdout
+    assert "Where the plugin comes from" in explain and "-required-" in explain
+    assert "opts out" in plane.kubectl("explain", "workspace.spec.excludePlugins").stdout
+    assert "Ready (every desired plugin" in plane.kubectl(
+        "explain", "workspace.status.conditions").stdout
+    assert "pluginCount" in plane.kubectl("explain", "wst.status").stdout
+
+    def rejected(document: dict[str, object]) -> str:
+        document["apiVersion"] = "pluginctl.dev/v1alpha1"
+        result = plane.kubectl("apply", "-n", namespace, "-f", "-",
+                               input=yaml.safe_dump(document), check=False)
+        assert result.returncode != 0, result.stdout
+        return result.stderr
+
+    assert "source must look like scheme://path[#ref]" in rejected(
+        workspace("bad-source", None, plugins=[{"name": "a", "source": "not a source"}]))
+    assert "Duplicate value" in rejected(workspace("dup", None, plugins=[
+        {"name": "a", "source": "local://x/a"}, {"name": "a", "source": "local://y/a"}]))
+    assert "spec.workspaceId" in rejected(workspace("bad-id", None, workspaceId="no spaces!"))
+    assert "spec.plugins[0].name" in rejected(workspace("no-name", None, plugins=[
+        {"source": "local://x/a"}]))
+    assert "Too many" in rejected(template("huge", *[(f"p{i}", f"local://p/{i}")
+                                                       for i in range(65)]))
+
+    apply(plane, namespace, workspace("fixed", None, workspaceId="id-1"))
+    assert "workspaceId is immutable" in rejected(
+        {**workspace("fixed", None, workspaceId="id-2"),
+         "metadata": {"name": "fixed", "namespace": namespace}})
+
+    header = get(plane, namespace, "ws").splitlines()[0].split()
+    assert header == ["NAME", "TEMPLATE", "PHASE", "PLUGINS", "READY", "AGE"]
+    apply(plane, namespace, template("base", SEO))
+    assert get(plane, namespace, "wst").splitlines()[0].split() == [
+        "NAME", "PLUGINS", "WORKSPACES", "AGE"]
+    categories = plane.kubectl("get", "pluginctl", "-n", namespace).stdout
+    assert "workspace.pluginctl.dev/fixed" in categories
+
+
+def test_manifests_pass_server_side_dry_run(plane: kube.ControlPlane) -> None:
+    # A dry run creates nothing, so the namespace the manifests create must exist already
+    # for the server to admit the objects inside it.
+    plane.kubectl("apply", "-f", str(ROOT / "manifests" / "namespace.yaml"))
+    result = plane.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests"))
+    for created in ("deployment.apps/pluginctl", "service/pluginctl-registry",
+                    "serviceaccount/pluginctl", "clusterrole.rbac.authorization.k8s.io/pluginctl",
+                    "role.rbac.authorization.k8s.io/pluginctl-leader-election",
+                    "secret/pluginctl-database"):
+        assert f"{created} created (server dry run)" in result.stdout, result.stdout
+
+
+# --- 2. a register-only runtime reaches Ready ------------------------------------------------
+
+async def test_register_only_workspace_becomes_ready(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime],
+) -> None:
+    apply(plane, namespace, template("base", SEO, NOTES), workspace("alpha"))
+    operator = operators()
+    runtime = await runtime_for(plane, namespace, "alpha", operator.registry, runtimes,
+                                report=False)  # registers, never heartbeats
+
+    await wait_ready(plane, namespace, "alpha")
+
+    assert set(runtime.plugins) == {"seo-all", "notes"}
+    row = get(plane, namespace, "ws", "alpha").splitlines()[1].split()
+    assert row[:5] == ["alpha", "base", "Online", "2/2", "True"]
+    row = get(plane, namespace, "wst", "base").splitlines()[1].split()
+    assert row[:3] == ["base", "2", "1/1"]
+    described = plane.kubectl("describe", "ws", "alpha", "-n", namespace).stdout
+    assert "Installed" in described and "installed seo-all from" in described
+    assert "Restarted" in described
+    status = json.loads(get(plane, namespace, "ws", "alpha", "-o", "json"))["status"]
+    assert status["observedGeneration"] == 1
+    assert status["tokenSecretName"] == "alpha-pluginctl-token"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InSync" and ready["observedGeneration"] == 1
+
+
+# --- 3. a steady state makes no writes -------------------------------------------------------
+
+async def test_steady_state_makes_no_writes(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime],
+) -> None:
+    apply(plane, namespace, template("base", SEO, NOTES), workspace("one"), workspace("two"))
+    operator = operators()
+    one = await runtime_for(plane, namespace, "one", operator.registry, runtimes)
+    two = await runtime_for(plane, namespace, "two", operator.registry, runtimes)
+    one.start_heartbeats()
+    two.start_heartbeats()
+    await wait_ready(plane, namespace, "one", "two")
+
+    def versions() -> str:
+        return get(plane, namespace, "ws,wst,secrets,events", "-o",
+                   "jsonpath={range .items[*]}{.kind}/{.metadata.name}="
+                   "{.metadata.resourceVersion} {end}")
+
+    settled = operator.passes() + 3
+    await eventually(lambda: operator.passes() >= settled, 30, "the fleet to settle")
+    before = versions()
+    calls_before = len(one.calls) + len(two.calls)
+    heartbeats_before = one.heartbeats + two.heartbeats
+    passes_before = operator.passes()
+    await eventually(lambda: operator.passes() >= passes_before + 5, 30, "five more passes")
+
+    assert versions() == before  # no status patch, Event, Secret or anything else written
+    assert one.heartbeats + two.heartbeats >= heartbeats_before + 10  # heartbeats flowed
+    assert len(one.calls) + len(two.calls) == calls_before  # and nothing was called
+
+
+# --- 4. suspend, requestedAt, template edits, Stalled ----------------------------------------
+
+async def test_suspend_requested_at_template_edit_and_stalled(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime],
+) -> None:
+    apply(plane, namespace, template("base", SEO, NOTES), workspace("w1"))
+    operator = operators()
+    runtime = await runtime_for(plane, namespace, "w1", operator.registry, runtimes)
+    runtime.start_heartbeats()
+    await wait_ready(plane, namespace, "w1")
+
+    # Suspend: no calls at all, even when the template changes under it.
+    plane.kubectl("patch", "ws", "w1", "-n", namespace, "--type=merge",
+                  "-p", '{"spec":{"suspend":true}}')
+    await eventually(lambda: "Suspended" in get(plane, namespace, "ws", "w1"), 30, "Suspended")
+    calls = len(runtime.calls)
+    apply(plane, namespace, template("base", SEO))  # `notes` no longer declared
+    passes = operator.passes()
+    await eventually(lambda: operator.passes() >= passes + 3, 30, "three passes")
+    assert len(runtime.calls) == calls and "notes" in runtime.plugins
+
+    # Resume: the controller-installed `notes` is removed.
+    plane.kubectl("patch", "ws", "w1", "-n", namespace, "--type=merge",
+                  "-p", '{"spec":{"suspend":false}}')
+    await eventually(lambda: "notes" not in runtime.plugins, 30, "notes removed")
+    await wait_ready(plane, namespace, "w1")
+
+    # Upgrade by editing the template.
+    apply(plane, namespace, template("base", ("seo-all", SEO[1].replace("#v1", "#v2"))))
+    await eventually(lambda: runtime.plugins["seo-all"].source.endswith("#v2"), 30, "upgrade")
+    described = plane.kubectl("describe", "ws", "w1", "-n", namespace).stdout
+    assert "Removed" in described and "seo-all -> " not in described
+
+    # requestedAt is echoed once handled.
+    plane.kubectl("annotate", "ws", "w1", "-n", namespace, "--overwrite",
+                  "reconcile.pluginctl.dev/requestedAt=2026-11-28T10:00:00Z")
+    wait = await asyncio.to_thread(
+        plane.kubectl, "wait", "-n", namespace, "ws/w1", "--timeout=30s",
+        "--for=jsonpath={.status.lastHandledReconcileAt}=2026-11-28T10:00:00Z", check=False)
+    assert wait.returncode == 0, wait.stderr
+
+    # A second claim on the same workspace id, and a missing template: Stalled, no calls.
+    apply(plane, namespace, workspace("w1-copy", workspaceId="w1"),
+          workspace("orphan", template_name="nope"))
+    for name, reason in (("w1-copy", "DuplicateWorkspaceId"), ("orphan", "TemplateNotFound")):
+        wait = await asyncio.to_thread(
+            plane.kubectl, "wait", "-n", namespace, f"ws/{name}", "--timeout=30s",
+            "--for=condition=Stalled", check=False)
+        assert wait.returncode == 0, wait.stderr
+        stalled = get(plane, namespace, "ws", name, "-o",
+                      'jsonpath={.status.conditions[?(@.type=="Stalled")].reason}')
+        assert stalled == reason
+    assert "Invalid" in get(plane, namespace, "ws", "orphan")
+    assert "True" in get(plane, namespace, "ws", "w1")  # the claimant is untouched
+
+
+async def test_a_failure_makes_one_event_not_one_per_retry(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime],
+) -> None:
+    apply(plane, namespace, template("base", SEO, NOTES), workspace("w"))
+    operator = operators()
+    runtime = await runtime_for(plane, namespace, "w", operator.registry, runtimes,
+                                faults=Faults(failing_plugins={"notes"}))
+    runtime.start_heartbeats()
+    await eventually(lambda: runtime.count("PUT", "/plugins/notes") >= 2, 60,
+                     "a retry of the failing install")
+    events = get(plane, namespace, "events", "--field-selector",
+                 "involvedObject.name=w,reason=InstallFailed", "-o", "name")
+    assert len(events.split()) == 1
+    status = json.loads(get(plane, namespace, "ws", "w", "-o", "json"))["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Failed"
+    notes = next(p for p in status["plugins"] if p["name"] == "notes")
+    assert notes["state"] == "Failed" and "broken plugin" in notes["message"]
+
+
+# --- 5. two operators: one acts, the other takes over ----------------------------------------
+
+async def test_two_operators_one_acts_and_the_other_takes_over(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime],
+) -> None:
+    def holder() -> str:
+        return plane.kubectl("get", "lease", "pluginctl-leader", "-n", namespace, "-o",
+                             "jsonpath={.spec.holderIdentity}", check=False).stdout
+
+    apply(plane, namespace, template("base", SEO), workspace("w"))
+    first = operators("op-a")
+    await eventually(lambda: holder() == "op-a", 60, "op-a to lead")
+    second = operators("op-b")
+    await eventually(lambda: "registry listening" in second.text(), 60, "op-b to serve")
+    # The registry is stateless: the runtime talks to the standby's.
+    runtime = await runtime_for(plane, namespace, "w", second.registry, runtimes)
+    runtime.start_heartbeats()
+    await wait_ready(plane, namespace, "w")
+    agents = {call.user_agent for call in runtime.calls}
+    assert agents == {"pluginctl/op-a"}, agents
+
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(10)
+    killed_at = time.monotonic()
+    await eventually(lambda: holder() == "op-b", 60, "op-b to take over")
+    took_over = time.monotonic() - killed_at
+    assert took_over < 15 + 2 * 2 + 5, took_over  # lease duration + two retries + slack
+
+    plane.kubectl("patch", "ws", "w", "-n", namespace, "--type=merge", "-p",
+                  json.dumps({"spec": {"plugins": [{"name": NOTES[0], "source": NOTES[1]}]}}))
+    await eventually(lambda: "notes" in runtime.plugins, 60, "op-b to converge a change")
+    assert {c.user_agent for c in runtime.calls if c.path == "/plugins/notes"} == \
+        {"pluginctl/op-b"}
+
+
+# --- 6. RBAC: enough and no more -------------------------------------------------------------
+
+def _can_i(plane: kube.ControlPlane, user: str, namespace: str) -> set[tuple[str, str]]:
+    """(resource, verb) pairs from `kubectl auth can-i --list`; non-resource URLs left out."""
+    out = plane.kubectl("auth", "can-i", "--list", f"--as={user}", "-n", namespace).stdout
+    rules = set()
+    for line in out.splitlines()[1:]:
+        resource = line.split()[0] if line.split() else "/"
+        if resource.startswith("/") or "[" not in line:
+            continue
+        verbs = line[line.rindex("["):].strip().strip("[]")
+        rules.update((resource, verb) for verb in verbs.split())
+    return rules
+
+
+async def test_rbac_in_manifests_is_enough_and_no_more(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime], tmp_path: Path,
+) -> None:
+    plane.kubectl("apply", "-k", str(ROOT / "manifests"))
+    token = plane.kubectl("create", "token", "pluginctl", "-n", "pluginctl-system",
+                          "--duration=1h").stdout.strip()
+    kubeconfig = plane.kubeconfig_for_token(token, "pluginctl-sa")
+    assert plane.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}",
+                         kubeconfig=kubeconfig).stdout == \
+        "system:serviceaccount:pluginctl-system:pluginctl"
+
+    apply(plane, namespace, template("base", SEO, NOTES), workspace("w"))
+    # The Lease lives where the manifests' Role allows it: the controller's own namespace.
+    operator = operators("op-sa", kubeconfig=kubeconfig, lease_namespace="pluginctl-system")
+    runtime = await runtime_for(plane, namespace, "w", operator.registry, runtimes)
+    runtime.start_heartbeats()
+    await wait_ready(plane, namespace, "w")
+    await eventually(lambda: "became the leader" in operator.text(), 30, "the lease")
+    assert " 403" not in operator.text() and "Forbidden" not in operator.text(), \
+        operator.text()[-3000:]
+
+    sa = "system:serviceaccount:pluginctl-system:pluginctl"
+    baseline = "system:serviceaccount:default:default"  # what any account may do
+    granted = _can_i(plane, sa, namespace) - _can_i(plane, baseline, namespace)
+    assert granted == {
+        ("workspaces.pluginctl.dev", "list"), ("workspaces.pluginctl.dev", "watch"),
+        ("workspacetemplates.pluginctl.dev", "list"),
+        ("workspacetemplates.pluginctl.dev", "watch"),
+        ("workspaces.pluginctl.dev/status", "patch"),
+        ("workspacetemplates.pluginctl.dev/status", "patch"),
+        ("events", "create"),
+        ("secrets", "list"), ("secrets", "watch"), ("secrets", "create"),
+        ("secrets", "patch"), ("secrets", "delete"),
+        ("customresourcedefinitions.apiextensions.k8s.io", "list"),
+        ("customresourcedefinitions.apiextensions.k8s.io", "watch"),
+    }, granted
+    in_own_namespace = _can_i(plane, sa, "pluginctl-system") - _can_i(plane, baseline,
+                                                                      "pluginctl-system")
+    assert in_own_namespace - granted == {
+        ("leases.coordination.k8s.io", "create"), ("leases.coordination.k8s.io", "get"),
+        ("leases.coordination.k8s.io", "update")}
+
+
+# --- reconcile --once against the cluster ----------------------------------------------------
+
+async def test_reconcile_once_against_the_cluster(
+    plane: kube.ControlPlane, namespace: str, runtimes: list[ReferenceRuntime],
+    tmp_path: Path, operators: Callable[..., Operator],
+) -> None:
+    db = f"sqlite:///{tmp_path / 'once.db'}"
+    apply(plane, namespace, template("base", SEO, NOTES), workspace("w"))
+    env = plane.env()
+
+    async def once(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", "reconcile", "--once", "--kubernetes",
+            "--db", db, *args, env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        return process.returncode or 0, out.decode() + err.decode()
+
+    code, output = await once()  # nothing online yet; writes the token Secret and status
+    assert code == 0, output
+    assert "Unregistered" in get(plane, namespace, "ws", "w")
+
+    # A registry to register with: the standalone process on the same database.
+    registry_port = free_port()
+    registry = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "run", "--manifests", str(tmp_path), "--db", db,
+        "--listen", f"127.0.0.1:{registry_port}", "--interval", "3600", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await eventually(lambda: _healthy(f"http://127.0.0.1:{registry_port}"), 30,
+                         "the registry to serve")
+        runtime = await runtime_for(plane, namespace, "w", f"http://127.0.0.1:{registry_port}",
+                                    runtimes)
+        runtime.faults.restart_required = False
+        code, output = await once("--dry-run")
+        assert code == 2 and "would install notes" in output, output
+        assert runtime.plugins == {}
+        code, output = await once()
+        assert code == 0, output
+        assert set(runtime.plugins) == {"seo-all", "notes"}
+        await wait_ready(plane, namespace, "w", timeout=30)
+    finally:
+        registry.terminate()
+        await registry.wait()
+
+    code, output = await once("--context", "no-such-context")
+    assert code == 1 and "error: cannot load Kubernetes configuration" in output, output
