@@ -246,7 +246,7 @@ def test_crds_apply_explain_and_server_side_validation(plane: kube.ControlPlane,
 def test_manifests_pass_server_side_dry_run(plane: kube.ControlPlane) -> None:
     # A dry run creates nothing, so the namespace the manifests create must exist already
     # for the server to admit the objects inside it.
-    plane.kubectl("apply", "-f", str(ROOT / "manifests" / "namespace.yaml"))
+    plane.kubectl("apply", "-f", str(ROOT / "manifests" / "base" / "namespace.yaml"))
     result = plane.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests"))
     for created in ("deployment.apps/pluginctl", "service/pluginctl-registry",
                     "serviceaccount/pluginctl", "clusterrole.rbac.authorization.k8s.io/pluginctl",
