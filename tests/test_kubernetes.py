@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
@@ -39,6 +40,14 @@ def plane() -> Iterator[kube.ControlPlane]:
         control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                               "crd/workspaces.pluginctl.dev",
                               "crd/workspacetemplates.pluginctl.dev")
+        # Established is not yet published in the OpenAPI document that `kubectl explain`
+        # reads; that follows a moment later.
+        deadline = time.monotonic() + 60
+        while any(control_plane.kubectl("explain", kind, check=False).returncode != 0
+                  for kind in ("workspace", "workspacetemplate")):
+            if time.monotonic() > deadline:
+                pytest.fail("the CRDs never appeared in the OpenAPI document", pytrace=False)
+            time.sleep(0.5)
         yield control_plane
     finally:
         control_plane.stop()
@@ -281,6 +290,23 @@ async def test_register_only_workspace_becomes_ready(
     assert status["tokenSecretName"] == "alpha-pluginctl-token"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InSync" and ready["observedGeneration"] == 1
+
+    # Deleting the Workspace revokes its token and deletes its Secret.
+    plane.kubectl("delete", "ws", "alpha", "-n", namespace)
+    await eventually(lambda: token_of(plane, namespace, "alpha") is None, 30,
+                     "the token Secret to go")
+
+    async def refused() -> bool:
+        try:
+            await runtime.heartbeat()
+        except aiohttp.ClientResponseError as error:
+            return error.status == 401
+        return False
+
+    deadline = time.monotonic() + 30
+    while not await refused():
+        assert time.monotonic() < deadline, "the deleted workspace's token still works"
+        await asyncio.sleep(0.25)
 
 
 # --- 3. a steady state makes no writes -------------------------------------------------------
