@@ -101,19 +101,29 @@ class Mirror:
 
     async def apply(self, view: ClusterView, desired: Desired,
                     report: PassReport | None) -> None:
+        """Mirror a pass. After a full pass: every Workspace, token Secret and template.
+        After a pass about a few workspaces (a hint): just those."""
         now = utcnow()
+        scope = report.scope if report is not None else None
         by_object = _desired_by_object(view, desired)
         claimants = {w.workspace_id: w.object_ref for w in desired.workspaces.values()
                      if w.error is None or not w.error.startswith("DuplicateWorkspaceId")}
-        secret_names = await self._tokens(view, by_object, claimants, now)
+        secret_names = await self._tokens(view, by_object, claimants, now) if scope is None \
+            else {key: mirror.token_secret_name(key[1]) for key, w in by_object.items()
+                  if claimants.get(w.workspace_id) == w.object_ref}
         with transaction(self.sessions) as session:
-            observed = queries.load_observed(session, restart_window=self.policy.restart_window)
+            observed = queries.load_observed(session, restart_window=self.policy.restart_window,
+                                             only=scope)
 
         ready: dict[Key, bool] = {}
         previous_status: dict[str, Mapping[str, Any]] = {}
         for obj in view.workspaces:
             key = _key(obj)
             wanted = by_object[key]
+            if scope is not None and wanted.workspace_id not in scope:
+                uid = obj["metadata"].get("uid", "")
+                ready[key] = mirror.is_ready(self.written.get(uid, obj.get("status") or {}))
+                continue
             is_claimant = claimants.get(wanted.workspace_id) == wanted.object_ref
             state = status.build(wanted, observed.get(wanted.workspace_id) if is_claimant
                                  else None, now, self.policy)

@@ -68,6 +68,7 @@ class PassReport:
     invalid: tuple[DesiredWorkspace, ...]  # online workspaces whose desired state is unusable
     skipped: dict[Phase, int] = field(default_factory=dict)  # online but suspended/unmanaged
     busy: int = 0  # still being handled by an earlier pass (a slow runtime): left to it
+    scope: frozenset[str] | None = None  # the workspaces this pass was about; None: all
     manifest_errors: tuple[ObjectError, ...] = ()
 
     def count(self, kind: ActionKind, ok: bool = True) -> int:
@@ -188,6 +189,7 @@ async def reconcile_once(
         skipped=skipped,
         busy=busy_count,
         manifest_errors=desired.errors,
+        scope=None if only is None else frozenset(only),
     )
 
 

@@ -14,7 +14,7 @@ import pydantic
 from aiohttp import web
 
 from controller import api, tokens
-from controller.models import utcnow
+from controller.models import Plugin, utcnow
 from controller.store import DatabaseError, Sessions, queries, transaction
 
 log = logging.getLogger("pluginctl.registry")
@@ -24,6 +24,13 @@ Hint = Callable[[str], None]
 
 SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 HINT: web.AppKey[Hint] = web.AppKey("hint", Callable)  # type: ignore[arg-type]
+# Per replica: a fingerprint of the last report each workspace sent here, so that only a
+# changed report hints the loop (heartbeats repeat the same report over and over).
+LAST_REPORTS: web.AppKey[dict[str, int]] = web.AppKey("last_reports", dict)
+
+
+def _fingerprint(report: list[Plugin]) -> int:
+    return hash(tuple(sorted((p.name, p.source, p.digest or "") for p in report)))
 
 
 class RequestError(Exception):
@@ -99,6 +106,11 @@ async def register(request: web.Request) -> web.Response:
     with transaction(request.app[SESSIONS]) as session:
         queries.record_register(session, parsed.workspace_id, parsed.url, parsed.report(),
                                 utcnow())
+    report = parsed.report()
+    if report is None:
+        request.app[LAST_REPORTS].pop(parsed.workspace_id, None)
+    else:
+        request.app[LAST_REPORTS][parsed.workspace_id] = _fingerprint(report)
     request.app[HINT](parsed.workspace_id)
     log.info("registered %s at %s", parsed.workspace_id, parsed.url)
     return web.json_response({"status": "online"})
@@ -113,7 +125,10 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise RequestError(409, f"workspace {parsed.workspace_id!r} has not registered: "
                                 "POST /registry/register first")
     if report is not None:
-        request.app[HINT](parsed.workspace_id)
+        fingerprint = _fingerprint(report)
+        if request.app[LAST_REPORTS].get(parsed.workspace_id) != fingerprint:
+            request.app[LAST_REPORTS][parsed.workspace_id] = fingerprint
+            request.app[HINT](parsed.workspace_id)
     return web.json_response({"status": "ok"})
 
 
@@ -138,6 +153,7 @@ def make_app(sessions: Sessions, hint: Hint | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[SESSIONS] = sessions
     app[HINT] = hint or _no_hint
+    app[LAST_REPORTS] = {}
     app.router.add_post("/registry/register", register)
     app.router.add_post("/registry/heartbeat", heartbeat)
     app.router.add_get("/healthz", healthz)

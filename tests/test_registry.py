@@ -165,3 +165,19 @@ async def test_tokens_are_stored_as_hashes(registry: Registry) -> None:
     stored = snapshot(registry.sessions)["tokens"]
     assert len(stored) == 1
     assert token not in repr(stored)
+
+
+async def test_only_a_changed_report_hints_the_loop(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    await post(http, registry, "/registry/register", {**REGISTER, "plugins": PLUGINS}, token)
+    assert registry.hints.take() == {"ws-1"}  # a register always hints
+    for _ in range(3):
+        status, _ = await post(http, registry, "/registry/heartbeat",
+                               {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
+        assert status == 200
+    assert registry.hints.take() == set()  # the same report again and again: no hint
+    await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": []},
+               token)
+    assert registry.hints.take() == {"ws-1"}  # the box lost its plugins: look now
