@@ -288,7 +288,7 @@ def progress_bar() -> Iterator[Callable[[int, int], None] | None]:
                                     show_pos=True, show_eta=True)
             bar.__enter__()
             bars.append(bar)
-        bars[0].update(1)
+        bars[0].update(done - bars[0].pos)  # calls may come in batches
 
     try:
         yield update

@@ -165,12 +165,13 @@ async def reconcile_once(
     claimed = {wanted.workspace_id for wanted, _ in work}
     busy |= claimed
 
-    async def one(wanted: DesiredWorkspace, seen: Observed) -> WorkspaceResult:
+    async def one(wanted: DesiredWorkspace, seen: Observed,
+                  plan: WorkspacePlan) -> WorkspaceResult:
         nonlocal done
         try:
             async with limit:
-                result = await _reconcile_workspace(
-                    wanted, seen, sessions, driver, policy, now, dry_run, rand
+                result = await _execute_workspace(
+                    wanted, seen, plan, sessions, driver, policy, now, rand
                 )
         finally:
             busy.discard(wanted.workspace_id)
@@ -179,7 +180,23 @@ async def reconcile_once(
             progress(done, len(work))
         return result
 
-    results = await asyncio.gather(*(one(w, o) for w, o in work))
+    # Plan every workspace first; only those with something to do cost a task. In a steady
+    # fleet that is none of them.
+    quiet: list[WorkspaceResult] = []
+    active = []
+    for wanted, seen in work:
+        plan = planner.plan(wanted, seen, now, policy)
+        if dry_run or not plan.actions:
+            busy.discard(wanted.workspace_id)
+            quiet.append(WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
+                                         prior_failures=frozenset(seen.attempts)))
+            done += 1
+        else:
+            active.append(one(wanted, seen, plan))
+    if progress is not None and quiet:
+        progress(done, len(work))
+    results = [*quiet, *await asyncio.gather(*active)]
+    results.sort(key=lambda result: result.workspace_id)
     return PassReport(
         started_at=now,
         finished_at=utcnow(),
@@ -193,22 +210,17 @@ async def reconcile_once(
     )
 
 
-async def _reconcile_workspace(
+async def _execute_workspace(
     wanted: DesiredWorkspace,
     seen: Observed,
+    plan: WorkspacePlan,
     sessions: Sessions,
     driver: RuntimeDriver,
     policy: Policy,
     now: datetime,
-    dry_run: bool,
     rand: Callable[[], float],
 ) -> WorkspaceResult:
-    plan = planner.plan(wanted, seen, now, policy)
     prior = frozenset(seen.attempts)
-    if dry_run or not plan.actions:
-        return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
-                               prior_failures=prior)
-
     url = seen.url or ""
     plans = [plan]
     done: list[Outcome] = []

@@ -22,7 +22,8 @@ def _report_json(plugins: Iterable[Plugin]) -> list[dict[str, str]]:
 def _report(data: list[dict[str, str]] | None) -> dict[str, Plugin] | None:
     if data is None:
         return None
-    return plugins_by_name([Plugin.from_json(item) for item in data])
+    return {item["name"]: Plugin(item["name"], item["source"], item.get("digest"))
+            for item in data}
 
 
 # --- registry: facts reported by runtimes --------------------------------------------------
@@ -134,7 +135,12 @@ def load_observed(
     """Observed state of every workspace, or of the online ones when `now` and `offline_after`
     are given, or of `only` these ids. Four queries, however many workspaces there are."""
     selected = _selection(now, offline_after, only)
-    rows = session.execute(select(WorkspaceRow).where(selected)).scalars().all()
+    # Plain column rows, not ORM objects: this is the hot path of every pass.
+    rows = session.execute(select(
+        WorkspaceRow.workspace_id, WorkspaceRow.url, WorkspaceRow.registered_at,
+        WorkspaceRow.last_seen_at, WorkspaceRow.dormant, WorkspaceRow.report,
+        WorkspaceRow.report_at, WorkspaceRow.restart_pending,
+    ).where(selected)).all()
 
     owned: dict[str, dict[str, Plugin]] = defaultdict(dict)
     for owned_row in session.execute(
@@ -171,7 +177,6 @@ def load_observed(
     for restart_row in session.execute(restart_query):
         restarts[restart_row.workspace_id].append(restart_row.at)
 
-    session.expunge_all()
     return {
         row.workspace_id: Observed(
             workspace_id=row.workspace_id,
