@@ -138,6 +138,11 @@ class Mirror:
         if report is not None:
             await self._events(view, by_object, claimants, report, previous_status, now)
 
+        if scope is None:  # forget what was written for objects that are gone
+            live = {obj["metadata"].get("uid", "") for obj in [*view.workspaces,
+                                                               *view.templates]}
+            for uid in set(self.written) - live:
+                del self.written[uid]
         for template in view.templates:
             namespace, name = _key(template)
             users = [k for k in ready if k[0] == namespace

@@ -284,6 +284,7 @@ class Hints:
 
 
 DesiredSource = Callable[[], Desired]
+MAX_HINTED = 1000  # more hinted workspaces than this at once: run a full pass instead
 PassCallback = Callable[[PassReport, str], None]
 
 
@@ -346,6 +347,8 @@ async def run_forever(
             else:
                 only = hints.take()
                 trigger = "hint"
+                if len(only) > MAX_HINTED:  # a reconnect storm: one full pass is cheaper
+                    only, trigger = None, "hint-storm"
             task = asyncio.create_task(one_pass(only, trigger))
             running.add(task)
             task.add_done_callback(running.discard)

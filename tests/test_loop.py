@@ -402,3 +402,25 @@ async def test_a_slow_runtime_never_delays_the_others_in_the_loop(
             await loop_task
     # Never two passes on one workspace at a time: each plugin was installed exactly once.
     assert slow.count("PUT") == 2
+
+
+async def test_a_storm_of_hints_becomes_one_full_pass(sessions: Sessions, policy: Policy) -> None:
+    from controller.reconciler import MAX_HINTED, Hints
+
+    hints = Hints()
+    seen: list[tuple[str, PassReport]] = []
+    stop = asyncio.Event()
+    async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+        task = asyncio.create_task(run_forever(
+            lambda: fleet(), sessions, driver, policy, interval=3600, stop=stop, hints=hints,
+            on_pass=lambda report, trigger: seen.append((trigger, report))))
+        await wait_until(lambda: len(seen) == 1, 10, "the first full pass")
+        hints("one")
+        await wait_until(lambda: len(seen) == 2, 10, "a hint pass")
+        for i in range(MAX_HINTED + 1):
+            hints(f"ws-{i}")
+        await wait_until(lambda: len(seen) == 3, 10, "the storm pass")
+        stop.set()
+        await task
+    assert [(trigger, report.scope) for trigger, report in seen] == [
+        ("periodic", None), ("hint", frozenset({"one"})), ("hint-storm", None)]
