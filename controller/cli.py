@@ -569,6 +569,77 @@ def agent(workspace_id: str, token: str, registry: str, listen: str, heartbeat_i
     asyncio.run(main())
 
 
+# --- bench -------------------------------------------------------------------------------------
+
+def _sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from error
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("sizes must be positive")
+    return sizes
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of a table.")
+@click.option("--noop-sizes", default="1000,10000", show_default=True,
+              help="Fleet sizes for the no-op pass (e.g. 1000,10000,100000).")
+@click.option("--naive-max", type=click.IntRange(min=0), default=10000, show_default=True,
+              help="Largest size the naive per-workspace baseline runs at.")
+@click.option("--heartbeat-workspaces", type=click.IntRange(min=1), default=10000,
+              show_default=True)
+@click.option("--heartbeat-seconds", type=click.FloatRange(min=1), default=5.0,
+              show_default=True)
+@click.option("--connections", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Concurrent connections of the heartbeat load generator.")
+@click.option("--converge-workspaces", type=click.IntRange(min=1), default=200,
+              show_default=True)
+@click.option("--memory-workspaces", type=click.IntRange(min=1), default=10000,
+              show_default=True)
+@click.option("--postgres", "postgres_url", default=None, metavar="URL",
+              help="A PostgreSQL server to measure on too (fresh databases are created on "
+                   "it; use a throwaway server).")
+def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: int,
+          heartbeat_seconds: float, connections: int, converge_workspaces: int,
+          memory_workspaces: int, postgres_url: str | None) -> None:
+    """Measure pluginctl against naive baselines run in the same command."""
+    import tempfile
+
+    from controller import bench as bench_mod
+
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger().setLevel(logging.WARNING)
+    sizes = bench_mod.Sizes(_sizes(noop_sizes), naive_max, heartbeat_workspaces,
+                            heartbeat_seconds, connections, converge_workspaces,
+                            memory_workspaces)
+    with tempfile.TemporaryDirectory(prefix="pluginctl-bench-") as scratch:
+        result = asyncio.run(bench_mod.run(sizes, postgres_url, Path(scratch),
+                                           lambda line: click.echo(line, err=True)))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rows = []
+    for entry in result["noop_pass"]:
+        rows.append([f"noop_pass/{entry['database']}", f"{entry['workspaces']} ws",
+                     f"{entry['pass_seconds']} s, {entry['queries_per_pass']} queries",
+                     f"{entry.get('speedup_vs_naive', '-')}x vs naive"])
+    for entry in result["heartbeat"]:
+        rows.append([f"heartbeat/{entry['database']}", f"{entry['workspaces']} ws",
+                     f"{entry['requests_per_second']}/s p50 {entry['p50_ms']} ms "
+                     f"p99 {entry['p99_ms']} ms", f"{entry['ratio_to_bare']} of bare"])
+    for entry in result["converge"]:
+        rows.append([f"converge/{entry['database']}", f"{entry['workspaces']} ws",
+                     f"{entry['seconds_to_all_converged']} s, p50 "
+                     f"{entry['per_workspace_p50_s']} s, p99 {entry['per_workspace_p99_s']} s",
+                     f"{entry['ratio_to_direct']}x direct"])
+    for entry in result["memory"]:
+        rows.append([f"memory/{entry['database']}", f"{entry['workspaces']} ws",
+                     f"peak {entry['peak_rss_mb']} MB",
+                     f"{entry['ratio_to_baseline']}x empty"])
+    click.echo(table(["MEASURE", "SIZE", "RESULT", "RATIO"], rows))
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 @cli.command()

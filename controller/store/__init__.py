@@ -4,6 +4,7 @@ call the functions of `queries` inside it."""
 from controller.store.database import (
     DatabaseError,
     Sessions,
+    count_statements,
     database_url,
     ensure_schema,
     make_engine,
@@ -15,6 +16,7 @@ from controller.store.database import (
 __all__ = [
     "DatabaseError",
     "Sessions",
+    "count_statements",
     "database_url",
     "ensure_schema",
     "make_engine",

@@ -153,3 +153,36 @@ def transaction(sessions: Sessions) -> Iterator[Session]:
             yield session
     except SQLAlchemyError as error:
         raise DatabaseError(f"database error: {_first_line(error)}") from error
+
+
+@contextmanager
+def count_statements(sessions: Sessions) -> Iterator[list[str]]:
+    """Collect every SQL statement sent through these sessions' engine while inside."""
+    engine = sessions.kw["bind"]
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database `name` on a PostgreSQL server and return its URL (benchmarks)."""
+    from sqlalchemy.engine import make_url
+
+    if not name.replace("_", "").isalnum():
+        raise DatabaseError(f"refusing an odd database name {name!r}")
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as error:
+        raise DatabaseError(f"cannot create database {name}: {_first_line(error)}") from error
+    finally:
+        admin.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)

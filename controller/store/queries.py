@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, select, true, update
+from sqlalchemy import ColumnElement, and_, delete, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from controller.models import Attempt, Observed, Plugin, plugins_by_name
@@ -262,3 +262,37 @@ def prune_restarts(session: Session, before: datetime) -> int:
     """Forget restarts older than the budget window."""
     result = session.execute(delete(RestartRow).where(RestartRow.at < before))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- benchmarks: bulk seeding and the naive per-workspace read they compare against -----------
+
+
+def seed_fleet(session: Session, fleet: list[tuple[str, str, list[Plugin], str]],
+               now: datetime) -> None:
+    """Insert converged workspaces in bulk: (workspace id, url, installed plugins, token hash).
+    The plugins count as installed by the controller."""
+    session.execute(insert(WorkspaceRow), [
+        {"workspace_id": workspace_id, "url": url, "registered_at": now, "last_seen_at": now,
+         "dormant": False, "report": _report_json(plugins), "report_at": now,
+         "restart_pending": False}
+        for workspace_id, url, plugins, _ in fleet])
+    owned = [{"workspace_id": workspace_id, "name": p.name, "source": p.source,
+              "digest": p.digest, "installed_at": now}
+             for workspace_id, _, plugins, _ in fleet for p in plugins]
+    if owned:
+        session.execute(insert(OwnedPluginRow), owned)
+    session.execute(insert(TokenRow), [
+        {"token_hash": token_hash, "workspace_id": workspace_id, "created_at": now,
+         "issuer": "bench"} for workspace_id, _, _, token_hash in fleet])
+
+
+def naive_read(session: Session, workspace_id: str
+               ) -> tuple[dict[str, Plugin] | None, dict[str, Plugin]]:
+    """What an edge-triggered platform does per workspace: read what is installed, read what
+    it thinks it installed. Two queries per workspace; used only as the benchmark baseline."""
+    report = session.scalar(select(WorkspaceRow.report).where(
+        WorkspaceRow.workspace_id == workspace_id))
+    owned = {row.name: Plugin(row.name, row.source, row.digest) for row in session.execute(
+        select(OwnedPluginRow.name, OwnedPluginRow.source, OwnedPluginRow.digest).where(
+            OwnedPluginRow.workspace_id == workspace_id))}
+    return _report(report), owned
