@@ -350,7 +350,8 @@ def report_json(report: PassReport) -> dict[str, Any]:
         "started_at": _iso(report.started_at),
         "finished_at": _iso(report.finished_at),
         "summary": {
-            "online": len(report.results),
+            "online": report.online,
+            "recognised_in_sync": report.synced,
             "installed": report.count(ActionKind.INSTALL),
             "removed": report.count(ActionKind.REMOVE),
             "restarted": report.count(ActionKind.RESTART),

@@ -4,8 +4,10 @@ actions the planner decides on, and the outcomes the executor brings back."""
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -116,6 +118,17 @@ def plugins_by_name(plugins: tuple[Plugin, ...] | list[Plugin]) -> dict[str, Plu
     return {plugin.name: plugin for plugin in plugins}
 
 
+def plugins_digest(plugins: Iterable[Plugin]) -> str:
+    """A stable digest of a set of plugins (order does not matter)."""
+    canonical = "\n".join(sorted(f"{p.name}\0{p.source}\0{p.digest or ''}" for p in plugins))
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def sync_digest(desired_digest: str, report_digest: str) -> str:
+    return hashlib.blake2b(f"{desired_digest}:{report_digest}".encode(),
+                           digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """Where a desired plugin comes from, for explanations: a template entry or the workspace."""
@@ -137,6 +150,10 @@ class DesiredWorkspace:
     error: str | None = None  # desired state is unusable; the workspace gets no calls
     declared_by: Mapping[str, Declaration] = field(default_factory=dict)
     generation: int | None = None
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return plugins_digest(self.plugins.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from controller.models import (
     Policy,
     Wait,
     WorkspacePlan,
+    sync_digest,
     utcnow,
 )
 from controller.store import DatabaseError, Sessions, queries, transaction
@@ -69,6 +70,11 @@ class PassReport:
     skipped: dict[Phase, int] = field(default_factory=dict)  # online but suspended/unmanaged
     busy: int = 0  # still being handled by an earlier pass (a slow runtime): left to it
     scope: frozenset[str] | None = None  # the workspaces this pass was about; None: all
+    synced: int = 0  # recognised in sync from their digests alone: not even planned
+
+    @property
+    def online(self) -> int:
+        return len(self.results) + self.synced
     manifest_errors: tuple[ObjectError, ...] = ()
 
     def count(self, kind: ActionKind, ok: bool = True) -> int:
@@ -93,7 +99,7 @@ class PassReport:
     def summary(self) -> str:
         verb = "would " if self.dry_run else ""
         parts = [
-            f"{len(self.results)} online",
+            f"{self.online} online",
             f"{verb}install {self.count(ActionKind.INSTALL)}",
             f"{verb}remove {self.count(ActionKind.REMOVE)}",
             f"{verb}restart {self.count(ActionKind.RESTART)}",
@@ -138,10 +144,23 @@ async def reconcile_once(
     busy = set() if busy is None else busy
     now = utcnow()
     with transaction(sessions) as session:
-        observed = queries.load_observed(
-            session, now=now, offline_after=policy.offline_after,
-            restart_window=policy.restart_window, only=only,
-        )
+        # One light query recognises the workspaces found in sync before whose desired state
+        # and report have not changed since; only the others are loaded and planned.
+        digests = queries.online_digests(session, now=now, offline_after=policy.offline_after,
+                                         only=only)
+        synced = {workspace_id for workspace_id, (report_digest, marker) in digests.items()
+                  if workspace_id not in busy and _recognised(
+                      desired.workspaces.get(workspace_id), report_digest, marker)}
+        rest = [workspace_id for workspace_id in digests if workspace_id not in synced]
+        observed: dict[str, Observed] = {}
+        if rest:
+            listed = len(rest) <= MAX_LISTED
+            observed = queries.load_observed(
+                session, now=now, offline_after=policy.offline_after,
+                restart_window=policy.restart_window, only=rest if listed else only,
+            )
+            if not listed:
+                observed = {k: v for k, v in observed.items() if k not in synced}
 
     work: list[tuple[DesiredWorkspace, Observed]] = []
     invalid: list[DesiredWorkspace] = []
@@ -177,13 +196,14 @@ async def reconcile_once(
             busy.discard(wanted.workspace_id)
         done += 1
         if progress is not None:
-            progress(done, len(work))
+            progress(done + len(synced), len(work) + len(synced))
         return result
 
     # Plan every workspace first; only those with something to do cost a task. In a steady
     # fleet that is none of them.
     quiet: list[WorkspaceResult] = []
     active = []
+    markers: dict[str, str] = {}
     for wanted, seen in work:
         plan = planner.plan(wanted, seen, now, policy)
         if dry_run or not plan.actions:
@@ -191,10 +211,21 @@ async def reconcile_once(
             quiet.append(WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
                                          prior_failures=frozenset(seen.attempts)))
             done += 1
+            report_digest, marker = digests.get(seen.workspace_id, (None, None))
+            if plan.in_sync and not seen.attempts and report_digest is not None:
+                new_marker = sync_digest(wanted.digest, report_digest)
+                if new_marker != marker:
+                    markers[seen.workspace_id] = new_marker
         else:
             active.append(one(wanted, seen, plan))
-    if progress is not None and quiet:
-        progress(done, len(work))
+    if markers and not dry_run:
+        try:
+            with transaction(sessions) as session:
+                queries.mark_synced(session, markers)
+        except DatabaseError as error:  # only an optimisation: the next pass plans again
+            log.warning("could not remember %d in-sync workspaces: %s", len(markers), error)
+    if progress is not None and (quiet or synced):
+        progress(done + len(synced), len(work) + len(synced))
     results = [*quiet, *await asyncio.gather(*active)]
     results.sort(key=lambda result: result.workspace_id)
     return PassReport(
@@ -205,6 +236,7 @@ async def reconcile_once(
         invalid=tuple(invalid),
         skipped=skipped,
         busy=busy_count,
+        synced=len(synced),
         manifest_errors=desired.errors,
         scope=None if only is None else frozenset(only),
     )
@@ -281,6 +313,18 @@ class Hints:
         ids, self._ids = self._ids, set()
         self.event.clear()
         return ids
+
+
+MAX_LISTED = 1000  # more ids than this are not sent as an IN list; the pass filters instead
+
+
+def _recognised(wanted: DesiredWorkspace | None, report_digest: str | None,
+                marker: str | None) -> bool:
+    """Found in sync by an earlier pass, and neither its desired state nor its report has
+    changed since."""
+    return (wanted is not None and wanted.error is None and not wanted.suspended
+            and report_digest is not None and marker is not None
+            and marker == sync_digest(wanted.digest, report_digest))
 
 
 DesiredSource = Callable[[], Desired]

@@ -23,14 +23,14 @@ def test_bench_reports_all_sections_with_baselines(postgres_url: str) -> None:
     assert {(e["database"], e["workspaces"]) for e in noop} == {
         ("sqlite", 50), ("sqlite", 200), ("postgresql", 50), ("postgresql", 200)}
     for entry in noop:
-        assert entry["queries_per_pass"] == 4  # constant in N
+        assert entry["queries_per_pass"] == 1  # steady state: one light query, whatever N
         assert entry["runtime_calls"] == 0
         assert entry["baseline"]["naive_queries"] == 2 * entry["workspaces"]
         assert entry["speedup_vs_naive"] > 0
     for entry in report["heartbeat"]:
         assert entry["requests"] > 0 and entry["errors"] == 0
         assert entry["baseline"]["bare_endpoint"]["requests"] > 0
-        assert 0 < entry["ratio_to_bare"]
+        assert entry["ratio_to_bare"] > 0
     for entry in report["converge"]:
         assert entry["converged"] == entry["workspaces"] == 10
         assert entry["ratio_to_direct"] > 0

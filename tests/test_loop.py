@@ -304,26 +304,48 @@ async def test_unreachable_runtime_reports_error_and_backs_off(
 async def test_pass_reads_state_in_constant_queries(
     sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
 ) -> None:
-    from sqlalchemy import event
+    """However many workspaces: a constant number of statements for the first pass (which
+    plans everyone and remembers who is in sync), and a single light query afterwards."""
+    from controller.store import count_statements
 
-    async def queries_for(count: int, prefix: str) -> int:
-        for i in range(count):
-            runtime = await runtime_factory(f"{prefix}-{i}", plugins=[SEO, NOTES])
+    async def queries_for(count: int, prefix: str) -> tuple[int, int]:
+        ids = [f"{prefix}-{i}" for i in range(count)]
+        for workspace_id in ids:
+            runtime = await runtime_factory(workspace_id, plugins=[SEO, NOTES])
             await runtime.register()
-        desired = fleet(*(f"{prefix}-{i}" for i in range(count)))
-        statements: list[str] = []
-        engine = sessions.kw["bind"]
-        listener = lambda *args: statements.append(args[2])  # noqa: E731
-        event.listen(engine, "before_cursor_execute", listener)
-        try:
-            report = await one_pass(desired, sessions, policy, only=[
-                f"{prefix}-{i}" for i in range(count)])
-        finally:
-            event.remove(engine, "before_cursor_execute", listener)
-        assert report.in_sync and len(report.results) == count
-        return len(statements)
+        desired = fleet(*ids)
+        counts = []
+        for _ in range(2):
+            with count_statements(sessions) as statements:
+                report = await one_pass(desired, sessions, policy, only=ids)
+            assert report.in_sync and report.online == count
+            counts.append(len(statements))
+        return counts[0], counts[1]
 
-    assert await queries_for(3, "small") == await queries_for(30, "large") <= 5
+    small, large = await queries_for(3, "small"), await queries_for(30, "large")
+    assert small == large
+    assert large[1] == 1  # steady state: recognised from digests alone
+
+
+async def test_a_changed_report_or_desired_state_is_planned_again(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    runtime = await runtime_factory("ws-1", faults=Faults(restart_required=False))
+    await runtime.register()
+    await one_pass(fleet("ws-1"), sessions, policy)  # installs
+    await one_pass(fleet("ws-1"), sessions, policy)  # finds it in sync, remembers
+    steady = await one_pass(fleet("ws-1"), sessions, policy)
+    assert steady.synced == 1 and steady.results == () and steady.in_sync
+
+    runtime.plugins.pop("notes")  # the runtime lost one: its next report differs
+    await runtime.heartbeat()
+    await one_pass(fleet("ws-1"), sessions, policy)
+    assert "notes" in runtime.plugins
+
+    await one_pass(fleet("ws-1"), sessions, policy)  # in sync again, remembered again
+    changed = desired_from(TEMPLATE.replace("seo-all#v1", "seo-all#v2"), workspace_yaml("ws-1"))
+    await one_pass(changed, sessions, policy)
+    assert runtime.plugins["seo-all"].source.endswith("#v2")
 
 
 async def test_dry_run_changes_nothing(

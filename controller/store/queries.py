@@ -7,12 +7,19 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, insert, select, true, update
+from sqlalchemy import ColumnElement, and_, bindparam, delete, insert, select, true, update
 from sqlalchemy.orm import Session
 
-from controller.models import Attempt, Observed, Plugin, plugins_by_name
+from controller.models import Attempt, Observed, Plugin, plugins_by_name, plugins_digest
 from controller.outcomes import Changes
-from controller.store.tables import AttemptRow, OwnedPluginRow, RestartRow, TokenRow, WorkspaceRow
+from controller.store.tables import (
+    AttemptRow,
+    Base,
+    OwnedPluginRow,
+    RestartRow,
+    TokenRow,
+    WorkspaceRow,
+)
 
 
 def _report_json(plugins: Iterable[Plugin]) -> list[dict[str, str]]:
@@ -82,6 +89,7 @@ def record_register(
     row.registered_at = now
     row.last_seen_at = now
     row.report = None if report is None else _report_json(report)
+    row.report_digest = None if report is None else plugins_digest(report)
     row.report_at = now if report is not None else None
 
 
@@ -92,6 +100,7 @@ def record_heartbeat(
     values: dict[str, object] = {"last_seen_at": now}
     if report is not None:
         values["report"] = _report_json(report)
+        values["report_digest"] = plugins_digest(report)
         values["report_at"] = now
     result = session.execute(
         update(WorkspaceRow)
@@ -122,6 +131,36 @@ def _selection(
     if only is not None:
         conditions.append(WorkspaceRow.workspace_id.in_(list(only)))
     return and_(true(), *conditions)
+
+
+def online_digests(
+    session: Session,
+    *,
+    now: datetime,
+    offline_after: timedelta,
+    only: Collection[str] | None = None,
+) -> dict[str, tuple[str | None, str | None]]:
+    """(report digest, synced digest) of every online workspace: one light query, enough to
+    recognise the converged ones without loading anything else."""
+    rows = session.execute(
+        select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest,
+               WorkspaceRow.synced_digest, WorkspaceRow.restart_pending)
+        .where(_selection(now, offline_after, only)))
+    # A pending restart is work to do whatever the digests say.
+    return {row.workspace_id: (row.report_digest, None if row.restart_pending
+                               else row.synced_digest) for row in rows}
+
+
+def mark_synced(session: Session, markers: dict[str, str]) -> None:
+    """Remember that these workspaces were found in sync (one statement for all of them)."""
+    if not markers:
+        return
+    table = Base.metadata.tables[WorkspaceRow.__tablename__]
+    session.execute(
+        update(table).where(table.c.workspace_id == bindparam("b_id"))
+        .values(synced_digest=bindparam("b_digest")),
+        [{"b_id": workspace_id, "b_digest": digest} for workspace_id, digest in markers.items()],
+    )
 
 
 def load_observed(
@@ -221,9 +260,11 @@ def apply_changes(session: Session, changes: Changes, now: datetime) -> None:
         if changes.report_forget:
             current = None
         row.report = None if current is None else _report_json(current.values())
+        row.report_digest = None if current is None else plugins_digest(current.values())
         row.report_at = now
     if changes.restart_pending is not None:
         row.restart_pending = changes.restart_pending
+    row.synced_digest = None  # something happened: the next pass looks at it in full
 
     names = {plugin.name for plugin in changes.own} | set(changes.disown)
     if names:
@@ -274,7 +315,7 @@ def seed_fleet(session: Session, fleet: list[tuple[str, str, list[Plugin], str]]
     session.execute(insert(WorkspaceRow), [
         {"workspace_id": workspace_id, "url": url, "registered_at": now, "last_seen_at": now,
          "dormant": False, "report": _report_json(plugins), "report_at": now,
-         "restart_pending": False}
+         "report_digest": plugins_digest(plugins), "restart_pending": False}
         for workspace_id, url, plugins, _ in fleet])
     owned = [{"workspace_id": workspace_id, "name": p.name, "source": p.source,
               "digest": p.digest, "installed_at": now}

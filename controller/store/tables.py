@@ -70,6 +70,10 @@ class WorkspaceRow(Base):
     report: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     restart_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Digest of `report` (NULL with it), and the digest of (desired, report) that the last
+    # pass found in sync: while both still match, the workspace needs no planning at all.
+    report_digest: Mapped[str | None] = mapped_column(String(64))
+    synced_digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class TokenRow(Base):
