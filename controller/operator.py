@@ -405,18 +405,20 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
                 interval: float, stop: tuple[asyncio.Event, ...],
                 on_pass: Callable[[PassReport, str], None]) -> None:
     log.info("leading: running passes every %gs", interval)
-    latest: list[ClusterView] = []
+    latest: list[tuple[ClusterView, Desired]] = []  # what the newest pass planned against
 
     def source() -> Desired:
         view = watch.view()
-        latest[:] = [view]
-        return view.desired()
+        desired = view.desired()
+        latest[:] = [(view, desired)]
+        return desired
 
     def mirrored(report: PassReport, trigger: str) -> None:
         on_pass(report, trigger)
         if latest:
+            view, desired = latest[0]
             task = asyncio.get_running_loop().create_task(
-                _mirror_safely(sink, latest[0], report))
+                _mirror_safely(sink, view, desired, report))
             pending.add(task)
             task.add_done_callback(pending.discard)
 
@@ -428,9 +430,10 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _mirror_safely(sink: Mirror, view: ClusterView, report: PassReport) -> None:
+async def _mirror_safely(sink: Mirror, view: ClusterView, desired: Desired,
+                         report: PassReport) -> None:
     try:
-        await sink.apply(view, view.desired(), report)
+        await sink.apply(view, desired, report)
     except (KubeError, DatabaseError) as error:
         log.warning("status mirror failed, retried next pass: %s", error)
 
