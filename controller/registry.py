@@ -4,17 +4,21 @@ runtime."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import pydantic
 from aiohttp import web
 
 from controller import api, tokens
-from controller.models import Plugin, utcnow
+from controller.models import utcnow
 from controller.store import DatabaseError, Sessions, queries, transaction
 
 log = logging.getLogger("pluginctl.registry")
@@ -24,13 +28,75 @@ Hint = Callable[[str], None]
 
 SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 HINT: web.AppKey[Hint] = web.AppKey("hint", Callable)  # type: ignore[arg-type]
-# Per replica: a fingerprint of the last report each workspace sent here, so that only a
-# changed report hints the loop (heartbeats repeat the same report over and over).
-LAST_REPORTS: web.AppKey[dict[str, int]] = web.AppKey("last_reports", dict)
 
 
-def _fingerprint(report: list[Plugin]) -> int:
-    return hash(tuple(sorted((p.name, p.source, p.digest or "") for p in report)))
+TOKEN_CACHE_SECONDS = 5.0  # a revoked token stops working within this
+FLUSH_SECONDS = 1.0  # a mere "still alive" reaches the store within this
+
+
+class Ingest:
+    """Per replica: what keeps heartbeats cheap. A heartbeat that only says "still alive"
+    (no report, or the report the store already holds) is batched and written with the
+    others at most FLUSH_SECONDS later; registers, changed reports and a replica's first
+    heartbeat of a workspace are written before the call returns. Tokens are looked up at
+    most every TOKEN_CACHE_SECONDS."""
+
+    def __init__(self) -> None:
+        self.known: set[str] = set()  # registered, as far as this replica has seen
+        self.alive: dict[str, datetime] = {}  # still-alive times waiting for the flush
+        self.tokens: dict[str, tuple[str, float]] = {}  # token hash -> (owner, valid until)
+
+    def owner(self, sessions: Sessions, token_hash: str) -> str | None:
+        cached = self.tokens.get(token_hash)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        with transaction(sessions) as session:
+            owner = queries.token_workspace(session, token_hash)
+        if owner is None:
+            self.tokens.pop(token_hash, None)
+        else:
+            if len(self.tokens) > 1_000_000:
+                self.tokens.clear()
+            self.tokens[token_hash] = (owner, now + TOKEN_CACHE_SECONDS)
+        return owner
+
+    def flush(self, sessions: Sessions) -> int:
+        if not self.alive:
+            return 0
+        batch, self.alive = self.alive, {}
+        try:
+            with transaction(sessions) as session:
+                queries.touch(session, batch)
+        except DatabaseError:
+            for workspace_id, seen in batch.items():  # keep them for the next flush
+                self.alive.setdefault(workspace_id, seen)
+            raise
+        return len(batch)
+
+
+INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+
+
+async def _flusher(app: web.Application) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                app[INGEST].flush(app[SESSIONS])
+            except DatabaseError as error:
+                log.error("could not record heartbeats, retrying: %s", error)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    try:
+        app[INGEST].flush(app[SESSIONS])
+    except DatabaseError as error:
+        log.error("could not record the last heartbeats: %s", error)
+
 
 
 class RequestError(Exception):
@@ -71,8 +137,7 @@ Model = type[api.RegisterRequest] | type[api.HeartbeatRequest]
 async def _authorized(request: web.Request, model: Model) -> Any:
     """The validated request, once its token is known to belong to its workspace."""
     token = _bearer(request)
-    with transaction(request.app[SESSIONS]) as session:
-        owner = queries.token_workspace(session, tokens.digest(token))
+    owner = request.app[INGEST].owner(request.app[SESSIONS], tokens.digest(token))
     if owner is None:
         raise RequestError(401, "unknown or revoked token")
     body = await _body(request)
@@ -106,11 +171,9 @@ async def register(request: web.Request) -> web.Response:
     with transaction(request.app[SESSIONS]) as session:
         queries.record_register(session, parsed.workspace_id, parsed.url, parsed.report(),
                                 utcnow())
-    report = parsed.report()
-    if report is None:
-        request.app[LAST_REPORTS].pop(parsed.workspace_id, None)
-    else:
-        request.app[LAST_REPORTS][parsed.workspace_id] = _fingerprint(report)
+    ingest = request.app[INGEST]
+    ingest.known.add(parsed.workspace_id)
+    ingest.alive.pop(parsed.workspace_id, None)
     request.app[HINT](parsed.workspace_id)
     log.info("registered %s at %s", parsed.workspace_id, parsed.url)
     return web.json_response({"status": "online"})
@@ -118,17 +181,28 @@ async def register(request: web.Request) -> web.Response:
 
 async def heartbeat(request: web.Request) -> web.Response:
     parsed: api.HeartbeatRequest = await _authorized(request, api.HeartbeatRequest)
+    workspace_id = parsed.workspace_id
+    ingest = request.app[INGEST]
     report = parsed.report()
-    with transaction(request.app[SESSIONS]) as session:
-        known = queries.record_heartbeat(session, parsed.workspace_id, report, utcnow())
-    if not known:
-        raise RequestError(409, f"workspace {parsed.workspace_id!r} has not registered: "
-                                "POST /registry/register first")
     if report is not None:
-        fingerprint = _fingerprint(report)
-        if request.app[LAST_REPORTS].get(parsed.workspace_id) != fingerprint:
-            request.app[LAST_REPORTS][parsed.workspace_id] = fingerprint
-            request.app[HINT](parsed.workspace_id)
+        # Written (and the loop hinted) only when it differs from what the store holds,
+        # whoever changed that last: the runtime, or the loop after an install.
+        with transaction(request.app[SESSIONS]) as session:
+            changed = queries.record_changed_report(session, workspace_id, report, utcnow())
+        if changed:
+            ingest.known.add(workspace_id)
+            ingest.alive.pop(workspace_id, None)
+            request.app[HINT](workspace_id)
+            return web.json_response({"status": "ok"})
+    if workspace_id in ingest.known:
+        ingest.alive[workspace_id] = utcnow()  # a mere "still alive": batched
+        return web.json_response({"status": "ok"})
+    with transaction(request.app[SESSIONS]) as session:
+        registered = queries.record_heartbeat(session, workspace_id, None, utcnow())
+    if not registered:
+        raise RequestError(409, f"workspace {workspace_id!r} has not registered: "
+                                "POST /registry/register first")
+    ingest.known.add(workspace_id)
     return web.json_response({"status": "ok"})
 
 
@@ -153,7 +227,8 @@ def make_app(sessions: Sessions, hint: Hint | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[SESSIONS] = sessions
     app[HINT] = hint or _no_hint
-    app[LAST_REPORTS] = {}
+    app[INGEST] = Ingest()
+    app.cleanup_ctx.append(_flusher)
     app.router.add_post("/registry/register", register)
     app.router.add_post("/registry/heartbeat", heartbeat)
     app.router.add_get("/healthz", healthz)

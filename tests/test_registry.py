@@ -3,6 +3,7 @@ the right code while writing nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -181,3 +182,38 @@ async def test_only_a_changed_report_hints_the_loop(
     await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": []},
                token)
     assert registry.hints.take() == {"ws-1"}  # the box lost its plugins: look now
+
+
+async def test_still_alive_is_batched_and_flushed_within_a_second(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    await post(http, registry, "/registry/register", {**REGISTER, "plugins": PLUGINS}, token)
+    with transaction(registry.sessions) as session:
+        registered_seen = queries.load_observed(session)["ws-1"].last_seen_at
+    assert registered_seen is not None
+    status, _ = await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1"}, token)
+    assert status == 200
+
+    async def flushed() -> bool:
+        with transaction(registry.sessions) as session:
+            seen = queries.load_observed(session)["ws-1"].last_seen_at
+        return seen is not None and seen > registered_seen
+
+    deadline = asyncio.get_running_loop().time() + 3
+    while not await flushed():
+        assert asyncio.get_running_loop().time() < deadline, "still-alive never recorded"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_changed_report_is_durable_when_the_call_returns(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    await post(http, registry, "/registry/register", {**REGISTER, "plugins": []}, token)
+    await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": []},
+               token)
+    await post(http, registry, "/registry/heartbeat",
+               {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
+    with transaction(registry.sessions) as session:  # no waiting: it is already there
+        assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]

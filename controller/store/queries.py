@@ -111,6 +111,36 @@ def record_heartbeat(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def record_changed_report(
+    session: Session, workspace_id: str, report: list[Plugin], now: datetime
+) -> bool:
+    """Store a reported plugin set if it differs from the stored one (and mark the workspace
+    seen). False when it is the same, or the workspace never registered: nothing written."""
+    digest = plugins_digest(report)
+    result = session.execute(
+        update(WorkspaceRow)
+        .where(WorkspaceRow.workspace_id == workspace_id, WorkspaceRow.url.is_not(None),
+               WorkspaceRow.report_digest.is_(None) | (WorkspaceRow.report_digest != digest))
+        .values(report=_report_json(report), report_digest=digest, report_at=now,
+                last_seen_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def touch(session: Session, seen: dict[str, datetime]) -> None:
+    """Record batched "still alive" times (one statement); never moves last_seen back and
+    never makes an unregistered workspace look registered."""
+    table = Base.metadata.tables[WorkspaceRow.__tablename__]
+    session.execute(
+        update(table)
+        .where(table.c.workspace_id == bindparam("b_id"), table.c.url.is_not(None),
+               (table.c.last_seen_at.is_(None)) | (table.c.last_seen_at < bindparam("b_seen")))
+        .values(last_seen_at=bindparam("b_seen")),
+        [{"b_id": workspace_id, "b_seen": at} for workspace_id, at in seen.items()],
+    )
+
+
 def set_dormant(session: Session, workspace_id: str, dormant: bool) -> None:
     _ensure_workspace(session, workspace_id).dormant = dormant
 
