@@ -29,7 +29,7 @@ from controller.models import (
     derive_plugin_name,
     utcnow,
 )
-from controller.reconciler import PassReport, WorkspaceResult, reconcile_once
+from controller.reconciler import DEFAULT_REPLICA, PassReport, WorkspaceResult, reconcile_once
 from controller.registry import issue_token
 from controller.render import table
 from controller.store import (
@@ -170,8 +170,9 @@ def _kube(kubeconfig: str | None, context: str | None) -> Any:
                    "kubeconfig's namespace, else 'default').")
 @click.option("--leader-election/--no-leader-election", default=True, show_default=True,
               help="With --kubernetes: only the replica holding the Lease runs passes.")
-@click.option("--identity", default=None, help="This replica's name in the Lease "
-                                                "(default: host-pid-random).")
+@click.option("--identity", default=None, envvar="PLUGINCTL_IDENTITY",
+              help="This replica's name: the holder of the Lease, and of the claims on the "
+                   "workspaces it acts on. Unique per replica (default: host-pid).")
 @policy_options
 def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
@@ -188,7 +189,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         load_manifests(directory)  # fail fast on a missing directory
         sessions = open_store(db)
         serving = service.serve(lambda: load_manifests(directory), sessions, policy,
-                                host, port, interval)
+                                host, port, interval, replica=identity or DEFAULT_REPLICA)
     else:
         from controller import operator
         from controller.leader import LeaseConfig

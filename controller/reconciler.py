@@ -5,11 +5,15 @@ operator all run this same pass; only where desired state comes from differs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
-from collections.abc import Callable, Collection
+import socket
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import partial
 
 from controller import executor, outcomes, planner
 from controller.desired import Desired, DesiredStateError, ObjectError
@@ -26,7 +30,7 @@ from controller.models import (
     sync_digest,
     utcnow,
 )
-from controller.store import DatabaseError, Sessions, queries, transaction
+from controller.store import DatabaseError, Session, Sessions, in_thread, queries, transaction
 
 log = logging.getLogger("pluginctl.reconciler")
 
@@ -122,6 +126,22 @@ class PassReport:
         return all(r.in_sync for r in self.results)
 
 
+CHUNK = 2000  # workspaces loaded and planned at a time: bounds memory, lets the loop breathe
+CLAIM_MARGIN = 5.0  # seconds before its claim runs out that a replica stops acting
+DEFAULT_REPLICA = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def claim_seconds(policy: Policy) -> float:
+    """How long a claim holds: a claimed workspace waits at most one round of the others
+    (workspace_timeout), then gets workspace_timeout itself."""
+    return 2 * policy.workspace_timeout + 2 * CLAIM_MARGIN
+
+
 async def reconcile_once(
     desired: Desired,
     sessions: Sessions,
@@ -134,99 +154,94 @@ async def reconcile_once(
     rand: Callable[[], float] = random.random,
     busy: set[str] | None = None,
     limit: asyncio.Semaphore | None = None,
+    replica: str = DEFAULT_REPLICA,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
 
+    1. One light query lists the online workspaces with two digests; those found in sync
+       before, whose desired state and report have not changed since, are done.
+    2. The rest are loaded and planned CHUNK at a time; those with nothing to do are done.
+    3. Those with actions are claimed for this `replica` a batch at a time (so that several
+       replicas sharing the database never act on one workspace at once), re-read, planned
+       again and acted on, at most `limit` at once.
+
     Passes may overlap (the loop never waits for a slow runtime before starting the next
-    pass): `busy` holds the workspaces some pass is handling, which others then skip, and
-    `limit` bounds the concurrent work of all passes together."""
+    pass): `busy` holds the workspaces some pass of this process is handling, which others
+    then skip."""
     busy = set() if busy is None else busy
     now = utcnow()
-    with transaction(sessions) as session:
-        # One light query recognises the workspaces found in sync before whose desired state
-        # and report have not changed since; only the others are loaded and planned.
-        digests = queries.online_digests(session, now=now, offline_after=policy.offline_after,
-                                         only=only)
-        synced = {workspace_id for workspace_id, (report_digest, marker) in digests.items()
-                  if workspace_id not in busy and _recognised(
-                      desired.workspaces.get(workspace_id), report_digest, marker)}
-        rest = [workspace_id for workspace_id in digests if workspace_id not in synced]
-        observed: dict[str, Observed] = {}
-        if rest:
-            listed = len(rest) <= MAX_LISTED
-            observed = queries.load_observed(
-                session, now=now, offline_after=policy.offline_after,
-                restart_window=policy.restart_window, only=rest if listed else only,
-            )
-            if not listed:
-                observed = {k: v for k, v in observed.items() if k not in synced}
+    limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
+    digests = await in_thread(sessions, partial(
+        queries.online_digests, now=now, offline_after=policy.offline_after, only=only))
 
-    work: list[tuple[DesiredWorkspace, Observed]] = []
+    todo: list[str] = []
     invalid: list[DesiredWorkspace] = []
     skipped: dict[Phase, int] = {}
-    busy_count = 0
-    for workspace_id in sorted(observed):
-        if workspace_id in busy:
-            busy_count += 1
-            continue
+    busy_count = synced = 0
+    for workspace_id, (report_digest, marker) in digests.items():
         wanted = desired.workspaces.get(workspace_id)
-        phase = planner.phase_of(wanted, observed[workspace_id], now, policy)
-        if wanted is not None and phase is Phase.ONLINE:
-            work.append((wanted, observed[workspace_id]))
-        elif wanted is not None and phase is Phase.INVALID:
+        if wanted is None:
+            skipped[Phase.UNMANAGED] = skipped.get(Phase.UNMANAGED, 0) + 1
+        elif wanted.error is not None:
             invalid.append(wanted)
+        elif wanted.suspended:
+            skipped[Phase.SUSPENDED] = skipped.get(Phase.SUSPENDED, 0) + 1
+        elif workspace_id in busy:
+            busy_count += 1
+        elif _recognised(wanted, report_digest, marker):
+            synced += 1
         else:
-            skipped[phase] = skipped.get(phase, 0) + 1
+            todo.append(workspace_id)
+    todo.sort()
+    invalid.sort(key=lambda w: w.workspace_id)
+    done = synced
 
-    done = 0
-    limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
-    claimed = {wanted.workspace_id for wanted, _ in work}
-    busy |= claimed
-
-    async def one(wanted: DesiredWorkspace, seen: Observed,
-                  plan: WorkspacePlan) -> WorkspaceResult:
+    def advance(count: int = 1) -> None:
         nonlocal done
-        try:
-            async with limit:
-                result = await _execute_workspace(
-                    wanted, seen, plan, sessions, driver, policy, now, rand
-                )
-        finally:
-            busy.discard(wanted.workspace_id)
-        done += 1
+        done += count
         if progress is not None:
-            progress(done + len(synced), len(work) + len(synced))
-        return result
+            progress(done, len(todo) + synced)
 
-    # Plan every workspace first; only those with something to do cost a task. In a steady
-    # fleet that is none of them.
-    quiet: list[WorkspaceResult] = []
-    active = []
-    markers: dict[str, str] = {}
-    for wanted, seen in work:
-        plan = planner.plan(wanted, seen, now, policy)
-        if dry_run or not plan.actions:
-            busy.discard(wanted.workspace_id)
-            quiet.append(WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
-                                         prior_failures=frozenset(seen.attempts)))
-            done += 1
-            report_digest, marker = digests.get(seen.workspace_id, (None, None))
+    if synced:
+        advance(0)
+    results: list[WorkspaceResult] = []
+    active: list[str] = []
+    for chunk in _chunks(todo, CHUNK):
+        observed = await in_thread(sessions, partial(
+            queries.load_observed, now=now, offline_after=policy.offline_after,
+            restart_window=policy.restart_window, only=chunk))
+        markers: dict[str, str] = {}
+        planned_quiet = 0
+        for workspace_id in chunk:
+            seen = observed.get(workspace_id)
+            if seen is None:  # went offline in between
+                planned_quiet += 1
+                continue
+            wanted = desired.workspaces[workspace_id]
+            plan = planner.plan(wanted, seen, now, policy)
+            if plan.actions and not dry_run:
+                active.append(workspace_id)
+                continue
+            planned_quiet += 1
+            results.append(_quiet(seen, plan))
+            report_digest, marker = digests[workspace_id]
             if plan.in_sync and not seen.attempts and report_digest is not None:
                 new_marker = sync_digest(wanted.digest, report_digest)
                 if new_marker != marker:
-                    markers[seen.workspace_id] = new_marker
-        else:
-            active.append(one(wanted, seen, plan))
-    if markers and not dry_run:
-        try:
-            with transaction(sessions) as session:
-                queries.mark_synced(session, markers)
-        except DatabaseError as error:  # only an optimisation: the next pass plans again
-            log.warning("could not remember %d in-sync workspaces: %s", len(markers), error)
-    if progress is not None and (quiet or synced):
-        progress(done + len(synced), len(work) + len(synced))
-    results = [*quiet, *await asyncio.gather(*active)]
+                    markers[workspace_id] = new_marker
+        if markers and not dry_run:
+            try:
+                await in_thread(sessions, partial(queries.mark_synced, markers=markers))
+            except DatabaseError as error:  # only an optimisation: the next pass plans again
+                log.warning("could not remember %d in-sync workspaces: %s", len(markers), error)
+        advance(planned_quiet)
+
+    if active:
+        acted, elsewhere = await _act(active, desired, sessions, driver, policy, now, rand,
+                                      busy, limit, replica, advance)
+        results += acted
+        busy_count += elsewhere
     results.sort(key=lambda result: result.workspace_id)
     return PassReport(
         started_at=now,
@@ -236,10 +251,111 @@ async def reconcile_once(
         invalid=tuple(invalid),
         skipped=skipped,
         busy=busy_count,
-        synced=len(synced),
+        synced=synced,
         manifest_errors=desired.errors,
         scope=None if only is None else frozenset(only),
     )
+
+
+def _quiet(seen: Observed, plan: WorkspacePlan) -> WorkspaceResult:
+    return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
+                           prior_failures=frozenset(seen.attempts))
+
+
+async def _act(
+    ids: list[str],
+    desired: Desired,
+    sessions: Sessions,
+    driver: RuntimeDriver,
+    policy: Policy,
+    now: datetime,
+    rand: Callable[[], float],
+    busy: set[str],
+    limit: asyncio.Semaphore,
+    replica: str,
+    advance: Callable[[int], None],
+) -> tuple[list[WorkspaceResult], int]:
+    """Claim, re-read, re-plan and act on workspaces a batch at a time, never claiming more
+    than one batch ahead of the work. Returns the results, and how many workspaces another
+    replica held."""
+    batch_size = max(1, policy.concurrency)
+    hold = timedelta(seconds=claim_seconds(policy))
+    results: list[WorkspaceResult] = []
+    elsewhere = 0
+    running: set[asyncio.Task[WorkspaceResult]] = set()
+    pending = set(ids)  # claimed by this pass and not finished: released if cut off
+    busy |= pending
+
+    def finished(tasks: Collection[asyncio.Task[WorkspaceResult]]) -> None:
+        for task in tasks:
+            result = task.result()
+            results.append(result)
+            pending.discard(result.workspace_id)
+            busy.discard(result.workspace_id)
+            advance(1)
+
+    async def one(wanted: DesiredWorkspace, seen: Observed, plan: WorkspacePlan,
+                  until: datetime) -> WorkspaceResult:
+        async with limit:
+            left = (until - utcnow()).total_seconds() - CLAIM_MARGIN
+            if left < policy.call_timeout:  # its turn came too late: the next pass has it
+                await in_thread(sessions, partial(
+                    queries.release, workspace_ids=[seen.workspace_id], replica=replica))
+                return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
+                                       "not acted on: its claim ran out while it waited",
+                                       frozenset(seen.attempts))
+            return await _execute_workspace(wanted, seen, plan, sessions, driver, policy,
+                                            now, rand, replica,
+                                            min(policy.workspace_timeout, left))
+
+    try:
+        for batch in _chunks(ids, batch_size):
+            while len(running) >= batch_size:
+                complete, running = await asyncio.wait(
+                    running, return_when=asyncio.FIRST_COMPLETED)
+                finished(complete)
+            until = utcnow() + hold
+
+            def claim_and_load(session: Session, batch: list[str] = batch, until: datetime = until
+                               ) -> tuple[set[str], dict[str, Observed]]:
+                claimed = queries.claim(session, batch, replica, utcnow(), until)
+                return claimed, queries.load_observed(
+                    session, now=now, offline_after=policy.offline_after,
+                    restart_window=policy.restart_window, only=sorted(claimed))
+
+            claimed, observed = await in_thread(sessions, claim_and_load)
+            nothing_to_do = []
+            for workspace_id in batch:
+                seen = observed.get(workspace_id)
+                plan = None if seen is None else planner.plan(
+                    desired.workspaces[workspace_id], seen, now, policy)
+                if seen is None or plan is None or not plan.actions:
+                    if workspace_id not in claimed:
+                        elsewhere += 1
+                    elif seen is not None and plan is not None:
+                        results.append(_quiet(seen, plan))  # another replica was quicker
+                    nothing_to_do.append(workspace_id)
+                    pending.discard(workspace_id)
+                    busy.discard(workspace_id)
+                    advance(1)
+                    continue
+                running.add(asyncio.create_task(
+                    one(desired.workspaces[workspace_id], seen, plan, until)))
+            claimed_idle = [w for w in nothing_to_do if w in claimed]
+            if claimed_idle:
+                await in_thread(sessions, partial(
+                    queries.release, workspace_ids=claimed_idle, replica=replica))
+        while running:
+            complete, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            finished(complete)
+    finally:
+        busy.difference_update(pending)
+        for task in running:
+            task.cancel()
+        if pending:  # cut off (shutdown, or the store failed): give back what is left
+            with contextlib.suppress(DatabaseError), transaction(sessions) as session:
+                queries.release(session, pending, replica)
+    return results, elsewhere
 
 
 async def _execute_workspace(
@@ -251,6 +367,8 @@ async def _execute_workspace(
     policy: Policy,
     now: datetime,
     rand: Callable[[], float],
+    replica: str,
+    deadline: float,
 ) -> WorkspaceResult:
     prior = frozenset(seen.attempts)
     url = seen.url or ""
@@ -258,7 +376,7 @@ async def _execute_workspace(
     done: list[Outcome] = []
     error: str | None = None
     try:
-        async with asyncio.timeout(policy.workspace_timeout):
+        async with asyncio.timeout(deadline):
             await executor.execute(driver, url, plan, done)
             observed_now = [o for o in done if o.action.kind is ActionKind.OBSERVE and o.ok]
             if observed_now:
@@ -268,12 +386,16 @@ async def _execute_workspace(
                 plans.append(plan)
                 await executor.execute(driver, url, plan, done)
     except TimeoutError:
-        error = f"workspace pass exceeded {policy.workspace_timeout:g}s; the rest waits"
+        error = f"workspace pass exceeded {deadline:g}s; the rest waits"
 
     changes = outcomes.changes_from(seen, done, now, policy, rand)
+
+    def record(session: Session) -> None:
+        queries.apply_changes(session, changes, now)
+        queries.release(session, [seen.workspace_id], replica)
+
     try:
-        with transaction(sessions) as session:
-            queries.apply_changes(session, changes, now)
+        await in_thread(sessions, record)
     except DatabaseError as exc:
         # The calls happened but are not recorded: the next pass sees the runtime's report
         # and repeats at most an idempotent install.
@@ -315,9 +437,6 @@ class Hints:
         return ids
 
 
-MAX_LISTED = 1000  # more ids than this are not sent as an IN list; the pass filters instead
-
-
 def _recognised(wanted: DesiredWorkspace | None, report_digest: str | None,
                 marker: str | None) -> bool:
     """Found in sync by an earlier pass, and neither its desired state nor its report has
@@ -344,6 +463,7 @@ async def run_forever(
     jitter: float = 0.1,
     on_pass: PassCallback | None = None,
     rand: Callable[[], float] = random.random,
+    replica: str = DEFAULT_REPLICA,
 ) -> None:
     """Full passes every `interval` seconds (plus or minus `jitter` of it, so that replicas
     and restarts never line up), and small passes for hinted workspaces in between. A pass
@@ -370,7 +490,7 @@ async def run_forever(
             last_errors[0] = desired.errors
         try:
             report = await reconcile_once(desired, sessions, driver, policy, only=only,
-                                          rand=rand, busy=busy, limit=limit)
+                                          rand=rand, busy=busy, limit=limit, replica=replica)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
             return

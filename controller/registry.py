@@ -7,19 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import pydantic
 from aiohttp import web
 
 from controller import api, tokens
-from controller.models import utcnow
-from controller.store import DatabaseError, Sessions, queries, transaction
+from controller.models import Plugin, plugins_digest, utcnow
+from controller.store import DatabaseError, PinnedReader, Sessions, queries, transaction
 
 log = logging.getLogger("pluginctl.registry")
 
@@ -30,60 +29,153 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 HINT: web.AppKey[Hint] = web.AppKey("hint", Callable)  # type: ignore[arg-type]
 
 
-TOKEN_CACHE_SECONDS = 5.0  # a revoked token stops working within this
-FLUSH_SECONDS = 1.0  # a mere "still alive" reaches the store within this
+FLUSH_SECONDS = 1.0  # a mere "still alive" reaches the store within this; so do revocations
+REVOCATION_LOOKBACK = timedelta(minutes=5)  # tolerated clock skew between replicas
+
+
+@dataclass
+class _Waiting:
+    workspace_id: str
+    report: list[Plugin] | None
+    answer: asyncio.Future[bool]  # registered?
 
 
 class Ingest:
-    """Per replica: what keeps heartbeats cheap. A heartbeat that only says "still alive"
-    (no report, or the report the store already holds) is batched and written with the
-    others at most FLUSH_SECONDS later; registers, changed reports and a replica's first
-    heartbeat of a workspace are written before the call returns. Tokens are looked up at
-    most every TOKEN_CACHE_SECONDS."""
+    """Per replica: what keeps heartbeats cheap without losing anything that matters.
 
-    def __init__(self) -> None:
-        self.known: set[str] = set()  # registered, as far as this replica has seen
+    - Tokens: every unrevoked token is held in memory (loaded at start, looked up in the
+      store on a miss); revocations are read back every FLUSH_SECONDS.
+    - Each heartbeat is compared with the store before it is answered, but heartbeats that
+      arrive together share one query (a group check, one at a time): unregistered
+      workspaces get their 409, and a report that differs from the stored one (whoever wrote
+      that last: the runtime, another replica, or the loop after an install) is written in
+      the same transaction, so it is durable when the call returns.
+    - What is left is a mere "still alive": batched and written at most FLUSH_SECONDS later."""
+
+    def __init__(self, sessions: Sessions, hint: Hint) -> None:
+        self.sessions = sessions
+        self.hint = hint
+        self.reader = PinnedReader(sessions)
+        self.tokens: dict[str, str] = {}  # token hash -> workspace
         self.alive: dict[str, datetime] = {}  # still-alive times waiting for the flush
-        self.tokens: dict[str, tuple[str, float]] = {}  # token hash -> (owner, valid until)
+        self.revocations_read: datetime | None = None
+        self._waiting: list[_Waiting] = []
+        self._checking: asyncio.Task[None] | None = None
 
-    def owner(self, sessions: Sessions, token_hash: str) -> str | None:
-        cached = self.tokens.get(token_hash)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        with transaction(sessions) as session:
-            owner = queries.token_workspace(session, token_hash)
+    def warm_up(self) -> None:
+        """Load every unrevoked token (merged under what requests already put here)."""
+        started = utcnow()
+        with transaction(self.sessions) as session:
+            active = queries.all_active_tokens(session)
+        for token_hash, owner in active.items():
+            self.tokens.setdefault(token_hash, owner)
+        if self.revocations_read is None:
+            self.revocations_read = started
+
+    def owner(self, token_hash: str) -> str | None:
+        owner = self.tokens.get(token_hash)
         if owner is None:
-            self.tokens.pop(token_hash, None)
-        else:
-            if len(self.tokens) > 1_000_000:
-                self.tokens.clear()
-            self.tokens[token_hash] = (owner, now + TOKEN_CACHE_SECONDS)
+            with transaction(self.sessions) as session:
+                owner = queries.token_workspace(session, token_hash)
+            if owner is not None:
+                self.tokens[token_hash] = owner
         return owner
 
-    def flush(self, sessions: Sessions) -> int:
-        if not self.alive:
-            return 0
-        batch, self.alive = self.alive, {}
+    async def heartbeat(self, workspace_id: str, report: list[Plugin] | None) -> bool:
+        """Record a heartbeat; False when the workspace never registered."""
+        waiting = _Waiting(workspace_id, report, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        if self._checking is None:
+            self._checking = asyncio.create_task(self._check_all())
+        return await waiting.answer
+
+    async def _check_all(self) -> None:
         try:
-            with transaction(sessions) as session:
-                queries.touch(session, batch)
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    answers, changed = self._check(batch)
+                except DatabaseError as error:
+                    for waiting in batch:
+                        if not waiting.answer.done():
+                            waiting.answer.set_exception(error)
+                    continue
+                now = utcnow()
+                for waiting, registered in zip(batch, answers, strict=True):
+                    if registered and waiting.workspace_id not in changed:
+                        self.alive[waiting.workspace_id] = now
+                    if not waiting.answer.done():
+                        waiting.answer.set_result(registered)
+                for workspace_id in changed:
+                    self.alive.pop(workspace_id, None)
+                    self.hint(workspace_id)
+        finally:
+            self._checking = None
+
+    def _check(self, batch: list[_Waiting]) -> tuple[list[bool], set[str]]:
+        now = utcnow()
+        changed: set[str] = set()
+        ids = {waiting.workspace_id for waiting in batch}
+        stored = self.reader.run(lambda connection: queries.stored_report_digests(connection, ids))
+        answers = []
+        differ: dict[str, list[Plugin]] = {}
+        for waiting in batch:
+            workspace_id = waiting.workspace_id
+            answers.append(workspace_id in stored)
+            if workspace_id in stored and waiting.report is not None:
+                if stored[workspace_id] != plugins_digest(waiting.report):
+                    differ[workspace_id] = waiting.report  # the last one of the group wins
+                else:
+                    differ.pop(workspace_id, None)
+        if differ:
+            with transaction(self.sessions) as session:
+                for workspace_id, report in differ.items():
+                    # Conditional: whatever another writer stored meanwhile is compared again.
+                    if queries.record_changed_report(session, workspace_id, report, now):
+                        changed.add(workspace_id)
+        return answers, changed
+
+    def take_alive(self) -> dict[str, datetime]:
+        """The batched heartbeats, for flush() (taken on the event loop's thread)."""
+        alive, self.alive = self.alive, {}
+        return alive
+
+    def flush(self, alive: dict[str, datetime]) -> None:
+        """Write batched heartbeats and forget revoked tokens (may run in a worker thread;
+        on failure the batch is put back)."""
+        now = utcnow()
+        since = (self.revocations_read or now) - REVOCATION_LOOKBACK
+        try:
+            with transaction(self.sessions) as session:
+                if alive:
+                    queries.touch(session, alive)
+                revoked = queries.revoked_since(session, since)
         except DatabaseError:
-            for workspace_id, seen in batch.items():  # keep them for the next flush
+            for workspace_id, seen in alive.items():  # keep them for the next flush
                 self.alive.setdefault(workspace_id, seen)
             raise
-        return len(batch)
+        for token_hash in revoked:
+            self.tokens.pop(token_hash, None)
+        self.revocations_read = now
 
 
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
 
 
-async def _flusher(app: web.Application) -> AsyncIterator[None]:
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    """Warm the token cache (in a thread: serving starts at once, cold) and flush batched
+    heartbeats every FLUSH_SECONDS (in a thread too)."""
+    ingest = app[INGEST]
+
     async def loop() -> None:
+        try:
+            await asyncio.to_thread(ingest.warm_up)
+        except DatabaseError as error:
+            log.warning("could not preload tokens, serving cold: %s", error)
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             try:
-                app[INGEST].flush(app[SESSIONS])
+                await asyncio.to_thread(ingest.flush, ingest.take_alive())
             except DatabaseError as error:
                 log.error("could not record heartbeats, retrying: %s", error)
 
@@ -93,10 +185,10 @@ async def _flusher(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     try:
-        app[INGEST].flush(app[SESSIONS])
+        ingest.flush(ingest.take_alive())
     except DatabaseError as error:
         log.error("could not record the last heartbeats: %s", error)
-
+    ingest.reader.close()
 
 
 class RequestError(Exception):
@@ -118,17 +210,13 @@ def _bearer(request: web.Request) -> str:
     return token.strip()
 
 
-async def _body(request: web.Request) -> Any:
+async def _body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as error:
         raise RequestError(413, f"body larger than {MAX_BODY_BYTES} bytes") from error
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise RequestError(400, f"malformed JSON: {error}") from error
 
 
 Model = type[api.RegisterRequest] | type[api.HeartbeatRequest]
@@ -137,15 +225,18 @@ Model = type[api.RegisterRequest] | type[api.HeartbeatRequest]
 async def _authorized(request: web.Request, model: Model) -> Any:
     """The validated request, once its token is known to belong to its workspace."""
     token = _bearer(request)
-    owner = request.app[INGEST].owner(request.app[SESSIONS], tokens.digest(token))
+    owner = request.app[INGEST].owner(tokens.digest(token))
     if owner is None:
         raise RequestError(401, "unknown or revoked token")
-    body = await _body(request)
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object")
+    raw = await _body(request)
     try:
-        parsed = model.model_validate(body)
+        parsed = model.model_validate_json(raw)
     except pydantic.ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise RequestError(400, f"malformed JSON: {first['msg']}") from error
+        if first["type"] == "model_type" and not first["loc"]:
+            raise RequestError(400, "the body must be a JSON object") from error
         raise RequestError(422, api.describe_errors(error)) from error
     if not hmac.compare_digest(owner.encode(), parsed.workspace_id.encode()):
         raise RequestError(403, f"this token does not belong to workspace {parsed.workspace_id!r}")
@@ -166,44 +257,27 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(503, "store unavailable, retry later")
 
 
+def _ok(status: bytes) -> web.Response:
+    return web.Response(body=b'{"status": "' + status + b'"}', content_type="application/json")
+
+
 async def register(request: web.Request) -> web.Response:
     parsed: api.RegisterRequest = await _authorized(request, api.RegisterRequest)
+    workspace_id = parsed.workspace_id
     with transaction(request.app[SESSIONS]) as session:
-        queries.record_register(session, parsed.workspace_id, parsed.url, parsed.report(),
-                                utcnow())
-    ingest = request.app[INGEST]
-    ingest.known.add(parsed.workspace_id)
-    ingest.alive.pop(parsed.workspace_id, None)
-    request.app[HINT](parsed.workspace_id)
-    log.info("registered %s at %s", parsed.workspace_id, parsed.url)
-    return web.json_response({"status": "online"})
+        queries.record_register(session, workspace_id, parsed.url, parsed.report(), utcnow())
+    request.app[INGEST].alive.pop(workspace_id, None)
+    request.app[HINT](workspace_id)
+    log.info("registered %s at %s", workspace_id, parsed.url)
+    return _ok(b"online")
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     parsed: api.HeartbeatRequest = await _authorized(request, api.HeartbeatRequest)
-    workspace_id = parsed.workspace_id
-    ingest = request.app[INGEST]
-    report = parsed.report()
-    if report is not None:
-        # Written (and the loop hinted) only when it differs from what the store holds,
-        # whoever changed that last: the runtime, or the loop after an install.
-        with transaction(request.app[SESSIONS]) as session:
-            changed = queries.record_changed_report(session, workspace_id, report, utcnow())
-        if changed:
-            ingest.known.add(workspace_id)
-            ingest.alive.pop(workspace_id, None)
-            request.app[HINT](workspace_id)
-            return web.json_response({"status": "ok"})
-    if workspace_id in ingest.known:
-        ingest.alive[workspace_id] = utcnow()  # a mere "still alive": batched
-        return web.json_response({"status": "ok"})
-    with transaction(request.app[SESSIONS]) as session:
-        registered = queries.record_heartbeat(session, workspace_id, None, utcnow())
-    if not registered:
-        raise RequestError(409, f"workspace {workspace_id!r} has not registered: "
+    if not await request.app[INGEST].heartbeat(parsed.workspace_id, parsed.report()):
+        raise RequestError(409, f"workspace {parsed.workspace_id!r} has not registered: "
                                 "POST /registry/register first")
-    ingest.known.add(workspace_id)
-    return web.json_response({"status": "ok"})
+    return _ok(b"ok")
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -227,8 +301,8 @@ def make_app(sessions: Sessions, hint: Hint | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[SESSIONS] = sessions
     app[HINT] = hint or _no_hint
-    app[INGEST] = Ingest()
-    app.cleanup_ctx.append(_flusher)
+    app[INGEST] = Ingest(sessions, app[HINT])
+    app.cleanup_ctx.append(_ingest)
     app.router.add_post("/registry/register", register)
     app.router.add_post("/registry/heartbeat", heartbeat)
     app.router.add_get("/healthz", healthz)

@@ -15,7 +15,7 @@ from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.http import start_site
 from controller.models import Policy
-from controller.reconciler import Hints, PassCallback, PassReport, run_forever
+from controller.reconciler import DEFAULT_REPLICA, Hints, PassCallback, PassReport, run_forever
 from controller.registry import make_app
 from controller.store import Sessions
 
@@ -31,12 +31,13 @@ Loop = Callable[[Hints, asyncio.Event], Awaitable[None]]
 
 
 def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy,
-                    interval: float, on_pass: PassCallback | None = None) -> Loop:
+                    interval: float, on_pass: PassCallback | None = None,
+                    replica: str = DEFAULT_REPLICA) -> Loop:
     """The periodic loop over desired state from `source` (a manifest directory)."""
     async def loop(hints: Hints, stop: asyncio.Event) -> None:
         async with RuntimeDriver(timeout=policy.call_timeout) as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
-                              hints=hints, on_pass=on_pass or log_pass)
+                              hints=hints, on_pass=on_pass or log_pass, replica=replica)
     return loop
 
 
@@ -52,6 +53,7 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_pass: PassCallback | None = None,
     loop_factory: Loop | None = None,
+    replica: str = DEFAULT_REPLICA,
 ) -> None:
     """The registry API and a control loop (the standalone loop over `source`, or
     `loop_factory`, e.g. the operator's), until SIGINT/SIGTERM or `stop`. Raises OSError if
@@ -72,7 +74,7 @@ async def serve(
         if loop_factory is None:
             if source is None:
                 raise ValueError("serve() needs a source of desired state or a loop")
-            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass)
+            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass, replica)
         await loop_factory(hints, stop)
     finally:
         await runner.cleanup()

@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from sqlalchemy import select
 
-from controller.store import Sessions, queries, transaction
+from controller.models import Plugin, utcnow
+from controller.store import Sessions, count_statements, queries, transaction
 from controller.store.tables import Base
 
 from .conftest import Registry
@@ -217,3 +218,74 @@ async def test_a_changed_report_is_durable_when_the_call_returns(
                {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
     with transaction(registry.sessions) as session:  # no waiting: it is already there
         assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]
+
+
+async def _eventually(check: Any, what: str, seconds: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_revoked_token_stops_working_within_a_flush(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    status, _ = await post(http, registry, "/registry/register", REGISTER, token)
+    assert status == 200  # the token is now in the registry's memory
+    with transaction(registry.sessions) as session:
+        hashes = [h for h, owner in queries.all_active_tokens(session).items() if owner == "ws-1"]
+        assert queries.revoke_tokens(session, hashes, utcnow()) == 1
+
+    async def refused() -> bool:
+        status, _ = await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1"},
+                               token)
+        return status == 401
+
+    await _eventually(refused, "a revoked token was still accepted")
+
+
+async def test_a_repeated_report_is_compared_with_the_store_not_with_the_last_call(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    """The runtime says what it said before, but the store holds something else by now (the
+    loop recorded an install the runtime does not show, or another replica wrote): the
+    runtime's word is stored before the call returns, and the loop is hinted."""
+    token = registry.token("ws-1")
+    await post(http, registry, "/registry/register", {**REGISTER, "plugins": PLUGINS}, token)
+    await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": PLUGINS},
+               token)
+    registry.hints.take()
+    with transaction(registry.sessions) as session:
+        queries.record_changed_report(session, "ws-1", [Plugin("other", "local://other")],
+                                      utcnow())
+    status, _ = await post(http, registry, "/registry/heartbeat",
+                           {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
+    assert status == 200
+    with transaction(registry.sessions) as session:  # no waiting: it is already there
+        assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]
+    assert registry.hints.take() == {"ws-1"}
+
+
+async def test_concurrent_heartbeats_share_a_check_and_each_gets_its_answer(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    tokens = {f"ws-{i}": registry.token(f"ws-{i}") for i in range(40)}
+    for workspace_id in list(tokens)[:30]:  # the last ten never register
+        status, _ = await post(http, registry, "/registry/register",
+                               {**REGISTER, "workspace_id": workspace_id}, tokens[workspace_id])
+        assert status == 200
+    registry.hints.take()
+    with count_statements(registry.sessions) as statements:
+        answers = await asyncio.gather(*(
+            post(http, registry, "/registry/heartbeat",
+                 {"workspace_id": workspace_id, "plugins": PLUGINS}, token)
+            for workspace_id, token in tokens.items()))
+    assert [status for status, _ in answers] == [200] * 30 + [409] * 10
+    assert registry.hints.take() == set(list(tokens)[:30])  # each report is new to the store
+    with transaction(registry.sessions) as session:
+        observed = queries.load_observed(session)
+    assert all(list(observed[w].report or {}) == ["seo-all"] for w in list(tokens)[:30])
+    checks = [s for s in statements if s.lstrip().upper().startswith("SELECT")
+              and "report_digest" in s]
+    assert len(checks) < 40, f"{len(checks)} checks for 40 concurrent heartbeats"

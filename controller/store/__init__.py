@@ -1,12 +1,16 @@
 """The store: the only package that speaks SQL. Use-cases open a `transaction(sessions)` and
 call the functions of `queries` inside it."""
 
+from sqlalchemy.orm import Session
+
 from controller.store.database import (
     DatabaseError,
+    PinnedReader,
     Sessions,
     count_statements,
     database_url,
     ensure_schema,
+    in_thread,
     make_engine,
     make_sessions,
     transaction,
@@ -15,10 +19,13 @@ from controller.store.database import (
 
 __all__ = [
     "DatabaseError",
+    "PinnedReader",
+    "Session",
     "Sessions",
     "count_statements",
     "database_url",
     "ensure_schema",
+    "in_thread",
     "make_engine",
     "make_sessions",
     "transaction",

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -153,6 +155,45 @@ def transaction(sessions: Sessions) -> Iterator[Session]:
             yield session
     except SQLAlchemyError as error:
         raise DatabaseError(f"database error: {_first_line(error)}") from error
+
+
+T = TypeVar("T")
+
+
+async def in_thread(sessions: Sessions, work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction on a worker thread, so that a long read or write never
+    stalls the event loop (the registry shares it with the loop)."""
+    def run() -> T:
+        with transaction(sessions) as session:
+            return work(session)
+
+    return await asyncio.to_thread(run)
+
+
+class PinnedReader:
+    """One connection held open for a hot read path (autocommit: each statement sees the
+    latest commits), so that a read costs one round trip instead of a pool checkout, a
+    liveness ping, BEGIN and COMMIT. Reopened on the next use after an error."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._engine: Engine = sessions.kw["bind"]
+        self._connection: Connection | None = None
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        try:
+            if self._connection is None:
+                self._connection = self._engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT")
+            return work(self._connection)
+        except SQLAlchemyError as error:
+            self.close()
+            raise DatabaseError(f"database error: {_first_line(error)}") from error
+
+    def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._connection.close()
+            self._connection = None
 
 
 @contextmanager

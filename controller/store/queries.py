@@ -7,7 +7,17 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, bindparam, delete, insert, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from controller.models import Attempt, Observed, Plugin, plugins_by_name, plugins_digest
@@ -66,6 +76,19 @@ def active_tokens(session: Session, issuer: str) -> dict[str, str]:
     rows = session.execute(select(TokenRow.token_hash, TokenRow.workspace_id).where(
         TokenRow.issuer == issuer, TokenRow.revoked_at.is_(None)))
     return {row.token_hash: row.workspace_id for row in rows}
+
+
+def all_active_tokens(session: Session) -> dict[str, str]:
+    """Token hash -> workspace id, for every unrevoked token (a registry's warm cache)."""
+    rows = session.execute(select(TokenRow.token_hash, TokenRow.workspace_id).where(
+        TokenRow.revoked_at.is_(None)))
+    return {row.token_hash: row.workspace_id for row in rows}
+
+
+def revoked_since(session: Session, since: datetime) -> list[str]:
+    """Hashes of the tokens revoked at or after `since`."""
+    return list(session.scalars(select(TokenRow.token_hash).where(
+        TokenRow.revoked_at.is_not(None), TokenRow.revoked_at >= since)))
 
 
 def revoke_tokens(session: Session, token_hashes: Collection[str], now: datetime) -> int:
@@ -128,9 +151,31 @@ def record_changed_report(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def registered_reports(session: Session) -> dict[str, str | None]:
+    """Report digest (None: no report) of every registered workspace."""
+    rows = session.execute(select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest)
+                           .where(WorkspaceRow.url.is_not(None)))
+    return {row.workspace_id: row.report_digest for row in rows}
+
+
+# Built once: the registry runs this for every group of heartbeats, and building a statement
+# costs more than running it.
+_STORED_REPORT_DIGESTS = (
+    select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest)
+    .where(WorkspaceRow.workspace_id.in_(bindparam("ids", expanding=True)),
+           WorkspaceRow.url.is_not(None)))
+
+
+def stored_report_digests(connection: Connection, workspace_ids: Collection[str]
+                          ) -> dict[str, str | None]:
+    """Report digest of each of these workspaces that is registered (one query)."""
+    rows = connection.execute(_STORED_REPORT_DIGESTS, {"ids": list(workspace_ids)})
+    return {workspace_id: digest for workspace_id, digest in rows}
+
+
 def touch(session: Session, seen: dict[str, datetime]) -> None:
-    """Record batched "still alive" times (one statement); never moves last_seen back and
-    never makes an unregistered workspace look registered."""
+    """Record batched "still alive" times; never moves last_seen back and never makes an
+    unregistered workspace look registered. One executemany (pipelined by psycopg)."""
     table = Base.metadata.tables[WorkspaceRow.__tablename__]
     session.execute(
         update(table)
@@ -191,6 +236,45 @@ def mark_synced(session: Session, markers: dict[str, str]) -> None:
         .values(synced_digest=bindparam("b_digest")),
         [{"b_id": workspace_id, "b_digest": digest} for workspace_id, digest in markers.items()],
     )
+
+
+def claim(session: Session, workspace_ids: Collection[str], replica: str, now: datetime,
+          until: datetime) -> set[str]:
+    """Claim these workspaces for `replica` until `until`: those that no other replica holds
+    (or whose claim ran out). One conditional UPDATE: on PostgreSQL a concurrent claim of
+    the same row waits for this one to commit and then finds it taken; SQLite has a single
+    writer. Returns the ids claimed."""
+    if not workspace_ids:
+        return set()
+    result = session.execute(
+        update(WorkspaceRow)
+        .where(WorkspaceRow.workspace_id.in_(list(workspace_ids)),
+               WorkspaceRow.claimed_by.is_(None) | (WorkspaceRow.claimed_by == replica)
+               | (WorkspaceRow.claimed_until < now))
+        .values(claimed_by=replica, claimed_until=until)
+        .returning(WorkspaceRow.workspace_id)
+        .execution_options(synchronize_session=False))
+    return set(result.scalars())
+
+
+def release(session: Session, workspace_ids: Collection[str], replica: str) -> None:
+    """Give back this replica's claims on these workspaces."""
+    if not workspace_ids:
+        return
+    session.execute(
+        update(WorkspaceRow)
+        .where(WorkspaceRow.workspace_id.in_(list(workspace_ids)),
+               WorkspaceRow.claimed_by == replica)
+        .values(claimed_by=None, claimed_until=None)
+        .execution_options(synchronize_session=False))
+
+
+def claims(session: Session) -> dict[str, tuple[str, datetime | None]]:
+    """Workspace -> (replica, until) for every claimed workspace."""
+    rows = session.execute(select(WorkspaceRow.workspace_id, WorkspaceRow.claimed_by,
+                                  WorkspaceRow.claimed_until)
+                           .where(WorkspaceRow.claimed_by.is_not(None)))
+    return {row.workspace_id: (row.claimed_by, row.claimed_until) for row in rows}
 
 
 def load_observed(

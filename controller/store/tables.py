@@ -74,6 +74,9 @@ class WorkspaceRow(Base):
     # pass found in sync: while both still match, the workspace needs no planning at all.
     report_digest: Mapped[str | None] = mapped_column(String(64))
     synced_digest: Mapped[str | None] = mapped_column(String(64))
+    # The replica acting on this workspace, and until when its claim holds (see claim()).
+    claimed_by: Mapped[str | None] = mapped_column(String(253))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class TokenRow(Base):
@@ -86,7 +89,7 @@ class TokenRow(Base):
         ForeignKey("workspaces.workspace_id", ondelete="CASCADE"), index=True
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     issuer: Mapped[str] = mapped_column(String(32), default="cli", server_default="cli")
 
 
