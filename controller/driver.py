@@ -35,7 +35,9 @@ class RuntimeDriver:
         self._session = aiohttp.ClientSession(
             timeout=self._timeout,
             headers=self._headers,
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=8),
+            # No per-host cap: many runtimes may sit behind one gateway host, and a workspace
+            # never gets more than one call at a time anyway (its actions run in order).
+            connector=aiohttp.TCPConnector(limit=256),
         )
         return self
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
 from controller import executor, outcomes, planner
 from controller.desired import Desired, DesiredStateError, ObjectError
@@ -30,6 +31,7 @@ from controller.models import (
     sync_digest,
     utcnow,
 )
+from controller.outcomes import Changes
 from controller.store import DatabaseError, Session, Sessions, in_thread, queries, transaction
 
 log = logging.getLogger("pluginctl.reconciler")
@@ -257,6 +259,57 @@ async def reconcile_once(
     )
 
 
+class Recorder:
+    """Records what workspaces' passes did (and gives back their claims), grouping the
+    records that are ready together into one transaction: a burst of finishing workspaces
+    costs one commit, not one each. If a group fails, its records are retried one by one,
+    so that one bad record never fails the others."""
+
+    def __init__(self, sessions: Sessions, replica: str) -> None:
+        self.sessions = sessions
+        self.replica = replica
+        self._queue: list[tuple[Changes, datetime, asyncio.Future[None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def record(self, changes: Changes, now: datetime) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((changes, now, done))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        await done
+
+    def _write(self, session: Session, group: list[tuple[Changes, datetime, Any]]) -> None:
+        queries.apply_many(session, [(changes, now) for changes, now, _ in group])
+        queries.release(session, [changes.workspace_id for changes, _, _ in group],
+                        self.replica)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                try:
+                    await in_thread(self.sessions, partial(self._write, group=group))
+                    failures: list[DatabaseError | None] = [None] * len(group)
+                except DatabaseError as error:
+                    failures = [error] * len(group)
+                    if len(group) > 1:
+                        for index, item in enumerate(group):
+                            try:
+                                await in_thread(self.sessions, partial(self._write, group=[item]))
+                                failures[index] = None
+                            except DatabaseError as single:
+                                failures[index] = single
+                for (_, _, done), failure in zip(group, failures, strict=True):
+                    if done.done():
+                        continue
+                    if failure is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(failure)
+        finally:
+            self._draining = None
+
+
 def _quiet(seen: Observed, plan: WorkspacePlan) -> WorkspaceResult:
     return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
                            prior_failures=frozenset(seen.attempts))
@@ -285,6 +338,7 @@ async def _act(
     running: set[asyncio.Task[WorkspaceResult]] = set()
     pending = set(ids)  # claimed by this pass and not finished: released if cut off
     busy |= pending
+    recorder = Recorder(sessions, replica)
 
     def finished(tasks: Collection[asyncio.Task[WorkspaceResult]]) -> None:
         for task in tasks:
@@ -304,9 +358,8 @@ async def _act(
                 return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
                                        "not acted on: its claim ran out while it waited",
                                        frozenset(seen.attempts))
-            return await _execute_workspace(wanted, seen, plan, sessions, driver, policy,
-                                            now, rand, replica,
-                                            min(policy.workspace_timeout, left))
+            return await _execute_workspace(wanted, seen, plan, driver, policy, now, rand,
+                                            recorder, min(policy.workspace_timeout, left))
 
     try:
         for batch in _chunks(ids, batch_size):
@@ -362,12 +415,11 @@ async def _execute_workspace(
     wanted: DesiredWorkspace,
     seen: Observed,
     plan: WorkspacePlan,
-    sessions: Sessions,
     driver: RuntimeDriver,
     policy: Policy,
     now: datetime,
     rand: Callable[[], float],
-    replica: str,
+    recorder: Recorder,
     deadline: float,
 ) -> WorkspaceResult:
     prior = frozenset(seen.attempts)
@@ -389,13 +441,8 @@ async def _execute_workspace(
         error = f"workspace pass exceeded {deadline:g}s; the rest waits"
 
     changes = outcomes.changes_from(seen, done, now, policy, rand)
-
-    def record(session: Session) -> None:
-        queries.apply_changes(session, changes, now)
-        queries.release(session, [seen.workspace_id], replica)
-
     try:
-        await in_thread(sessions, record)
+        await recorder.record(changes, now)
     except DatabaseError as exc:
         # The calls happened but are not recorded: the next pass sees the runtime's report
         # and repeats at most an idempotent install.
@@ -448,6 +495,7 @@ def _recognised(wanted: DesiredWorkspace | None, report_digest: str | None,
 
 DesiredSource = Callable[[], Desired]
 MAX_HINTED = 1000  # more hinted workspaces than this at once: run a full pass instead
+HINT_GATHER = 0.05  # seconds a hint waits for others before its pass starts
 PassCallback = Callable[[PassReport, str], None]
 
 
@@ -509,6 +557,9 @@ async def run_forever(
                 trigger = "periodic"
                 next_full = loop.time() + interval * (1 + jitter * (2 * rand() - 1))
             else:
+                # Hints come in bursts (a fleet reconnecting, a deploy): gather them briefly,
+                # so that one pass serves the burst instead of one pass per hint.
+                await _wait_any(stops, HINT_GATHER)
                 only = hints.take()
                 trigger = "hint"
                 if len(only) > MAX_HINTED:  # a reconnect storm: one full pass is cheaper

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,11 +152,28 @@ Sessions = sessionmaker[Session]
 def transaction(sessions: Sessions) -> Iterator[Session]:
     """One unit of work: commits on success, rolls back on error, and turns driver errors into
     DatabaseError so that callers need not know SQLAlchemy."""
+    lock = _writer_lock(sessions)
     try:
-        with sessions.begin() as session:
+        with lock, sessions.begin() as session:
             yield session
     except SQLAlchemyError as error:
         raise DatabaseError(f"database error: {_first_line(error)}") from error
+
+
+_SQLITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def _writer_lock(sessions: Sessions) -> contextlib.AbstractContextManager[Any]:
+    """SQLite has one writer at a time, and a writer that finds the file locked sleeps in
+    steps of up to 100 ms: within one process, transactions take turns on a lock instead
+    (they are short). Other databases need no such thing."""
+    engine: Engine = sessions.kw["bind"]
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    lock = _SQLITE_LOCKS.get(engine)
+    if lock is None:
+        lock = _SQLITE_LOCKS.setdefault(engine, threading.Lock())
+    return lock
 
 
 T = TypeVar("T")
