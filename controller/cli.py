@@ -77,16 +77,23 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Seconds allowed for one call to a runtime."),
         click.option("--restart-budget", type=click.IntRange(min=0), default=3,
                      show_default=True, help="Restarts allowed per workspace per hour."),
+        click.option("--workspace-timeout", type=click.FloatRange(min=1), default=None,
+                     help="Seconds one workspace may take within a pass (default: 60, or 6 "
+                          "call timeouts if longer). A replica's claim on a workspace lasts "
+                          "twice this plus 10 s: that long a dead replica's workspaces wait."),
     ]):
         function = option(function)
     return function
 
 
 def make_policy(offline_after: float, concurrency: int, call_timeout: float,
-                restart_budget: int) -> Policy:
+                restart_budget: int, workspace_timeout: float | None = None) -> Policy:
+    if workspace_timeout is not None and workspace_timeout < call_timeout:
+        raise click.BadParameter("must be at least --call-timeout",
+                                 param_hint="--workspace-timeout")
     return Policy(offline_after=timedelta(seconds=offline_after), concurrency=concurrency,
                   call_timeout=call_timeout, restart_budget=restart_budget,
-                  workspace_timeout=max(60.0, call_timeout * 6))
+                  workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6))
 
 
 def open_store(db: str | None) -> Sessions:
@@ -178,12 +185,13 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
         offline_after: float, concurrency: int, call_timeout: float,
-        restart_budget: int) -> None:
+        restart_budget: int, workspace_timeout: float | None) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
-    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget)
+    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
+                         workspace_timeout)
     if manifests is not None:
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
@@ -226,7 +234,8 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
 def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
               kubeconfig: str | None, kube_context: str | None, db: str | None,
               dry_run: bool, output: str, offline_after: float, concurrency: int,
-              call_timeout: float, restart_budget: int) -> None:
+              call_timeout: float, restart_budget: int,
+              workspace_timeout: float | None) -> None:
     """One pass over every online workspace, then exit.
 
     Exit 0: every online workspace is in sync afterwards. Exit 2: out of sync (dry run: drift
@@ -237,7 +246,8 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
         raise click.UsageError("reconcile runs exactly one pass: add --once "
                                "(use `pluginctl run` for the periodic loop)")
     _source_of_desired_state(manifests, use_kubernetes)
-    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget)
+    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
+                         workspace_timeout)
     errors: list[str] = []
     if manifests is not None:
         desired = load_manifests(manifests)
