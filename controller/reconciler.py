@@ -39,7 +39,7 @@ log = logging.getLogger("pluginctl.reconciler")
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkspaceResult:
     workspace_id: str
     plans: tuple[WorkspacePlan, ...]
@@ -80,7 +80,7 @@ class PassReport:
 
     @property
     def online(self) -> int:
-        return len(self.results) + self.synced
+        return len(self.results) + self.synced + self.busy
     manifest_errors: tuple[ObjectError, ...] = ()
 
     def count(self, kind: ActionKind, ok: bool = True) -> int:
@@ -157,6 +157,7 @@ async def reconcile_once(
     busy: set[str] | None = None,
     limit: asyncio.Semaphore | None = None,
     replica: str = DEFAULT_REPLICA,
+    planned: asyncio.Event | None = None,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
@@ -170,7 +171,7 @@ async def reconcile_once(
 
     Passes may overlap (the loop never waits for a slow runtime before starting the next
     pass): `busy` holds the workspaces some pass of this process is handling, which others
-    then skip."""
+    then skip. `planned` is set once reading and planning are over."""
     busy = set() if busy is None else busy
     now = utcnow()
     limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
@@ -209,6 +210,54 @@ async def reconcile_once(
         advance(0)
     results: list[WorkspaceResult] = []
     active: list[str] = []
+    # Reserved for this pass until planned (and, with actions, until acted on): a pass that
+    # starts meanwhile leaves them alone instead of planning them a second time.
+    reserved = set(todo)
+    busy |= reserved
+    try:
+        results, active = await _plan_all(todo, desired, sessions, policy, now, digests,
+                                          dry_run, busy, reserved, advance)
+        if planned is not None:
+            planned.set()  # what is left is acting: waiting on runtimes
+        if active:
+            acted, elsewhere = await _act(active, desired, sessions, driver, policy, now, rand,
+                                          busy, reserved, limit, replica, advance)
+            results += acted
+            busy_count += elsewhere
+    finally:
+        busy.difference_update(reserved)
+    results.sort(key=lambda result: result.workspace_id)
+    return PassReport(
+        started_at=now,
+        finished_at=utcnow(),
+        dry_run=dry_run,
+        results=tuple(results),
+        invalid=tuple(invalid),
+        skipped=skipped,
+        busy=busy_count,
+        synced=synced,
+        manifest_errors=desired.errors,
+        scope=None if only is None else frozenset(only),
+    )
+
+
+async def _plan_all(
+    todo: list[str],
+    desired: Desired,
+    sessions: Sessions,
+    policy: Policy,
+    now: datetime,
+    digests: dict[str, tuple[str | None, str | None]],
+    dry_run: bool,
+    busy: set[str],
+    reserved: set[str],
+    advance: Callable[[int], None],
+) -> tuple[list[WorkspaceResult], list[str]]:
+    """Load and plan CHUNK workspaces at a time; returns the results of those with nothing
+    to do (all of them in a dry run) and the ids of those with actions."""
+    results: list[WorkspaceResult] = []
+    active: list[str] = []
+    active_set: set[str] = set()
     for chunk in _chunks(todo, CHUNK):
         observed = await in_thread(sessions, partial(
             queries.load_observed, now=now, offline_after=policy.offline_after,
@@ -224,6 +273,7 @@ async def reconcile_once(
             plan = planner.plan(wanted, seen, now, policy)
             if plan.actions and not dry_run:
                 active.append(workspace_id)
+                active_set.add(workspace_id)
                 continue
             planned_quiet += 1
             results.append(_quiet(seen, plan))
@@ -237,26 +287,11 @@ async def reconcile_once(
                 await in_thread(sessions, partial(queries.mark_synced, markers=markers))
             except DatabaseError as error:  # only an optimisation: the next pass plans again
                 log.warning("could not remember %d in-sync workspaces: %s", len(markers), error)
+        quiet = [w for w in chunk if w not in active_set]
+        busy.difference_update(quiet)
+        reserved.difference_update(quiet)
         advance(planned_quiet)
-
-    if active:
-        acted, elsewhere = await _act(active, desired, sessions, driver, policy, now, rand,
-                                      busy, limit, replica, advance)
-        results += acted
-        busy_count += elsewhere
-    results.sort(key=lambda result: result.workspace_id)
-    return PassReport(
-        started_at=now,
-        finished_at=utcnow(),
-        dry_run=dry_run,
-        results=tuple(results),
-        invalid=tuple(invalid),
-        skipped=skipped,
-        busy=busy_count,
-        synced=synced,
-        manifest_errors=desired.errors,
-        scope=None if only is None else frozenset(only),
-    )
+    return results, active
 
 
 class Recorder:
@@ -324,6 +359,7 @@ async def _act(
     now: datetime,
     rand: Callable[[], float],
     busy: set[str],
+    reserved: set[str],
     limit: asyncio.Semaphore,
     replica: str,
     advance: Callable[[int], None],
@@ -346,6 +382,7 @@ async def _act(
             results.append(result)
             pending.discard(result.workspace_id)
             busy.discard(result.workspace_id)
+            reserved.discard(result.workspace_id)
             advance(1)
 
     async def one(wanted: DesiredWorkspace, seen: Observed, plan: WorkspacePlan,
@@ -390,6 +427,7 @@ async def _act(
                     nothing_to_do.append(workspace_id)
                     pending.discard(workspace_id)
                     busy.discard(workspace_id)
+                    reserved.discard(workspace_id)
                     advance(1)
                     continue
                 running.add(asyncio.create_task(
@@ -403,6 +441,7 @@ async def _act(
             finished(complete)
     finally:
         busy.difference_update(pending)
+        reserved.difference_update(pending)
         for task in running:
             task.cancel()
         if pending:  # cut off (shutdown, or the store failed): give back what is left
@@ -526,7 +565,19 @@ async def run_forever(
     running: set[asyncio.Task[None]] = set()
     last_errors: list[tuple[ObjectError, ...]] = [()]
 
-    async def one_pass(only: set[str] | None, trigger: str) -> None:
+    full_planned = asyncio.Event()  # the last full pass is done planning (acting is fine)
+    full_planned.set()
+
+    async def one_pass(only: set[str] | None, trigger: str,
+                       planned: asyncio.Event | None = None) -> None:
+        try:
+            await _one_pass(only, trigger, planned)
+        finally:
+            if planned is not None:
+                planned.set()
+
+    async def _one_pass(only: set[str] | None, trigger: str,
+                        planned: asyncio.Event | None) -> None:
         try:
             desired = source()
         except (DesiredStateError, OSError) as error:
@@ -538,7 +589,8 @@ async def run_forever(
             last_errors[0] = desired.errors
         try:
             report = await reconcile_once(desired, sessions, driver, policy, only=only,
-                                          rand=rand, busy=busy, limit=limit, replica=replica)
+                                          rand=rand, busy=busy, limit=limit, replica=replica,
+                                          planned=planned)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
             return
@@ -551,11 +603,18 @@ async def run_forever(
             await _wait_any((hints.event, *stops), max(0.0, next_full - loop.time()))
             if any(s.is_set() for s in stops):
                 break
+            planned: asyncio.Event | None = None
             if loop.time() >= next_full:
+                next_full = loop.time() + interval * (1 + jitter * (2 * rand() - 1))
+                if not full_planned.is_set():
+                    # The last full pass is still reading and planning (a cold start over a
+                    # big fleet): another would only compete with it. Its acting may overlap.
+                    log.debug("full pass skipped: the last one is still planning")
+                    continue
                 hints.take()
                 only: set[str] | None = None
                 trigger = "periodic"
-                next_full = loop.time() + interval * (1 + jitter * (2 * rand() - 1))
+                planned = full_planned = asyncio.Event()
             else:
                 # Hints come in bursts (a fleet reconnecting, a deploy): gather them briefly,
                 # so that one pass serves the burst instead of one pass per hint.
@@ -564,7 +623,7 @@ async def run_forever(
                 trigger = "hint"
                 if len(only) > MAX_HINTED:  # a reconnect storm: one full pass is cheaper
                     only, trigger = None, "hint-storm"
-            task = asyncio.create_task(one_pass(only, trigger))
+            task = asyncio.create_task(one_pass(only, trigger, planned))
             running.add(task)
             task.add_done_callback(running.discard)
             await asyncio.sleep(0)  # let the pass claim its workspaces before the next one
