@@ -182,9 +182,16 @@ async def reconcile_once(
     invalid: list[DesiredWorkspace] = []
     skipped: dict[Phase, int] = {}
     busy_count = synced = 0
+    wanted_of = desired.workspaces.get
     for workspace_id, (report_digest, marker) in digests.items():
-        wanted = desired.workspaces.get(workspace_id)
-        if wanted is None:
+        wanted = wanted_of(workspace_id)
+        # The common case first, and cheaply: found in sync before, nothing changed since.
+        if (marker is not None and wanted is not None and report_digest is not None
+                and wanted.error is None and not wanted.suspended
+                and marker == sync_digest(wanted.digest, report_digest)
+                and workspace_id not in busy):
+            synced += 1
+        elif wanted is None:
             skipped[Phase.UNMANAGED] = skipped.get(Phase.UNMANAGED, 0) + 1
         elif wanted.error is not None:
             invalid.append(wanted)
@@ -192,8 +199,6 @@ async def reconcile_once(
             skipped[Phase.SUSPENDED] = skipped.get(Phase.SUSPENDED, 0) + 1
         elif workspace_id in busy:
             busy_count += 1
-        elif _recognised(wanted, report_digest, marker):
-            synced += 1
         else:
             todo.append(workspace_id)
     todo.sort()
@@ -521,15 +526,6 @@ class Hints:
         ids, self._ids = self._ids, set()
         self.event.clear()
         return ids
-
-
-def _recognised(wanted: DesiredWorkspace | None, report_digest: str | None,
-                marker: str | None) -> bool:
-    """Found in sync by an earlier pass, and neither its desired state nor its report has
-    changed since."""
-    return (wanted is not None and wanted.error is None and not wanted.suspended
-            and report_digest is not None and marker is not None
-            and marker == sync_digest(wanted.digest, report_digest))
 
 
 DesiredSource = Callable[[], Desired]

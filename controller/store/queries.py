@@ -226,13 +226,14 @@ def online_digests(
 ) -> dict[str, tuple[str | None, str | None]]:
     """(report digest, synced digest) of every online workspace: one light query, enough to
     recognise the converged ones without loading anything else."""
-    rows = session.execute(
+    # Core, not the ORM: this reads one row per online workspace on every pass.
+    rows = session.connection().execute(
         select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest,
-               WorkspaceRow.synced_digest, WorkspaceRow.restart_pending)
+               # A pending restart is work to do whatever the digests say.
+               case((WorkspaceRow.restart_pending, None), else_=WorkspaceRow.synced_digest))
         .where(_selection(now, offline_after, only)))
-    # A pending restart is work to do whatever the digests say.
-    return {row.workspace_id: (row.report_digest, None if row.restart_pending
-                               else row.synced_digest) for row in rows}
+    return {workspace_id: (report_digest, marker)
+            for workspace_id, report_digest, marker in rows}
 
 
 def mark_synced(session: Session, markers: dict[str, str]) -> None:
