@@ -246,15 +246,15 @@ SINGLE_REGISTERS = 20  # registered one at a time after the storm
 
 
 class SimulatedRuntimes:
-    """Many runtimes behind one port, one URL prefix each (/w/{id}/...), with slow installs."""
+    """Many runtimes behind one port, one URL prefix each (/w/{id}/...), with slow installs.
+    Run in a process of its own (as runtimes are), it tells when each workspace had all
+    the plugins it expects (wall-clock time, comparable across processes)."""
 
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, expected: int) -> None:
         self.latency = latency
+        self.expected = expected
         self.installed: dict[str, dict[str, str]] = {}
         self.done_at: dict[str, float] = {}
-        self.expected = 0
-        self.runner: web.AppRunner | None = None
-        self.url = ""
 
     async def _list(self, request: web.Request) -> web.Response:
         plugins = self.installed.get(request.match_info["id"], {})
@@ -268,20 +268,75 @@ class SimulatedRuntimes:
         plugins = self.installed.setdefault(workspace, {})
         plugins[request.match_info["name"]] = body["source"]
         if len(plugins) >= self.expected and workspace not in self.done_at:
-            self.done_at[workspace] = time.monotonic()
+            self.done_at[workspace] = time.time()
         return web.json_response({"restart_required": False})
 
-    async def start(self) -> None:
+    async def _done(self, request: web.Request) -> web.Response:
+        """How many are done; with ?id=X, when X was done (null: not yet); with ?all=1,
+        every done time."""
+        if "id" in request.query:
+            return web.json_response({"at": self.done_at.get(request.query["id"])})
+        if "all" in request.query:
+            return web.json_response({"done": self.done_at})
+        return web.json_response({"count": len(self.done_at)})
+
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/w/{id}/plugins", self._list)
         app.router.add_put("/w/{id}/plugins/{name}", self._install)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        self.url = f"http://127.0.0.1:{await start_site(self.runner, '127.0.0.1', 0)}"
+        app.router.add_get("/done", self._done)
+        return app
+
+
+RUNTIMES_SERVER = """
+import sys
+from aiohttp import web
+from controller.bench import SimulatedRuntimes
+runtimes = SimulatedRuntimes(float(sys.argv[2]), int(sys.argv[3]))
+web.run_app(runtimes.app(), host="127.0.0.1", port=int(sys.argv[1]), print=None,
+            access_log=None)
+"""
+
+
+class RuntimesProcess:
+    """SimulatedRuntimes in a child process, and how to ask it what is done."""
+
+    def __init__(self, latency: float, expected: int) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", RUNTIMES_SERVER, str(port), str(latency), str(expected)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = aiohttp.ClientSession()
+
+    async def _get(self, query: str) -> Any:
+        async with self.client.get(f"{self.url}/done{query}") as response:
+            return await response.json()
+
+    async def started(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                await self._get("")
+                return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+        raise RuntimeError("the simulated runtimes did not come up")
+
+    async def count(self) -> int:
+        return int((await self._get(""))["count"])
+
+    async def done_at(self, workspace_id: str) -> float | None:
+        at = (await self._get(f"?id={workspace_id}"))["at"]
+        return None if at is None else float(at)
+
+    async def all_done(self) -> dict[str, float]:
+        return {k: float(v) for k, v in (await self._get("?all=1"))["done"].items()}
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        await self.client.close()
+        self.process.terminate()
+        self.process.wait(30)
 
 
 async def converge(target: Target, workspaces: int, latency: float, say: Say
@@ -292,9 +347,8 @@ async def converge(target: Target, workspaces: int, latency: float, say: Say
     sessions = make_sessions(engine)
     ids = [f"ws-{i:07d}" for i in range(workspaces)]
     singles = [f"ws-single-{i:03d}" for i in range(SINGLE_REGISTERS)]
-    runtimes = SimulatedRuntimes(latency)
-    runtimes.expected = len(plugins)
-    await runtimes.start()
+    runtimes = RuntimesProcess(latency, len(plugins))
+    await runtimes.started()
     with transaction(sessions) as session:
         for workspace_id in ids + singles:
             queries.add_token(session, workspace_id, tokens.digest(f"plc_bench_{workspace_id}"),
@@ -306,17 +360,17 @@ async def converge(target: Target, workspaces: int, latency: float, say: Say
     port = await start_site(runner, "127.0.0.1", 0)
     stop = asyncio.Event()
     desired = _desired(ids + singles, plugins)
-    registered_at: dict[str, float] = {}
+    registered_at: dict[str, float] = {}  # wall clock: compared with the runtimes' process
     try:
         async with RuntimeDriver(timeout=10) as driver:
             loop_task = asyncio.create_task(run_forever(
                 lambda: desired, sessions, driver, policy, interval=30, stop=stop, hints=hints))
             await asyncio.sleep(0.2)  # the loop's first (empty) pass
             say(f"converge/{target.name}: {workspaces} workspaces register at once")
-            started = time.monotonic()
+            started = time.time()
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as c:
                 async def register(workspace_id: str) -> None:
-                    registered_at[workspace_id] = time.monotonic()
+                    registered_at[workspace_id] = time.time()
                     async with c.post(f"http://127.0.0.1:{port}/registry/register", json={
                             "workspace_id": workspace_id, "plugins": [],
                             "url": f"{runtimes.url}/w/{workspace_id}"}, headers={
@@ -324,37 +378,35 @@ async def converge(target: Target, workspaces: int, latency: float, say: Say
                         response.raise_for_status()
                 await asyncio.gather(*(register(i) for i in ids))
                 say(f"converge/{target.name}: all registered after "
-                    f"{time.monotonic() - started:.2f}s")
+                    f"{time.time() - started:.2f}s")
                 deadline = started + 600
-                while len(runtimes.done_at) < workspaces and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
-                total = time.monotonic() - started
+                while await runtimes.count() < workspaces and time.time() < deadline:
+                    await asyncio.sleep(0.02)
+                total = time.time() - started
                 # Then one at a time into the quiet, converged fleet: the latency a single
                 # workspace sees from its register to its last plugin.
                 say(f"converge/{target.name}: {len(singles)} more register one at a time")
                 for workspace_id in singles:
                     await register(workspace_id)
-                    while (workspace_id not in runtimes.done_at
-                           and time.monotonic() < deadline):
+                    while (await runtimes.done_at(workspace_id) is None
+                           and time.time() < deadline):
                         await asyncio.sleep(0.005)
             stop.set()
             await loop_task
+        done_at = await runtimes.all_done()
     finally:
         await runner.cleanup()
         await runtimes.stop()
         engine.dispose()
-    per_workspace = sorted(runtimes.done_at[i] - registered_at[i] for i in ids
-                           if i in runtimes.done_at)
-    single = sorted(runtimes.done_at[i] - registered_at[i] for i in singles
-                    if i in runtimes.done_at)
+    per_workspace = sorted(done_at[i] - registered_at[i] for i in ids if i in done_at)
+    single = sorted(done_at[i] - registered_at[i] for i in singles if i in done_at)
 
     # Baseline: the same installs issued directly, with the same concurrency, no controller.
-    direct = SimulatedRuntimes(latency)
-    direct.expected = len(plugins)
-    await direct.start()
+    direct = RuntimesProcess(latency, len(plugins))
+    await direct.started()
     limit = asyncio.Semaphore(policy.concurrency)
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as client:
+    started = time.time()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as client:
         async def install_all(workspace_id: str) -> None:
             async with limit:
                 for plugin in plugins:
@@ -362,7 +414,7 @@ async def converge(target: Target, workspaces: int, latency: float, say: Say
                                           json={"source": plugin.source}) as response:
                         await response.read()
         await asyncio.gather(*(install_all(i) for i in ids))
-    direct_total = time.monotonic() - started
+    direct_total = time.time() - started
     await direct.stop()
 
     installs = workspaces * len(plugins)

@@ -38,6 +38,7 @@ class _Waiting:
     workspace_id: str
     report: list[Plugin] | None
     answer: asyncio.Future[bool]  # registered?
+    url: str | None = None  # set for a register
 
 
 class Ingest:
@@ -50,6 +51,8 @@ class Ingest:
       workspaces get their 409, and a report that differs from the stored one (whoever wrote
       that last: the runtime, another replica, or the loop after an install) is written in
       the same transaction, so it is durable when the call returns.
+    - Registers that arrive together are written in one transaction (before any of them
+      is answered).
     - What is left is a mere "still alive": batched and written at most FLUSH_SECONDS later."""
 
     def __init__(self, sessions: Sessions, hint: Hint) -> None:
@@ -83,7 +86,16 @@ class Ingest:
 
     async def heartbeat(self, workspace_id: str, report: list[Plugin] | None) -> bool:
         """Record a heartbeat; False when the workspace never registered."""
-        waiting = _Waiting(workspace_id, report, asyncio.get_running_loop().create_future())
+        return await self._queue(_Waiting(workspace_id, report,
+                                          asyncio.get_running_loop().create_future()))
+
+    async def register(self, workspace_id: str, url: str, report: list[Plugin] | None
+                       ) -> None:
+        """Record a register (durable when this returns)."""
+        await self._queue(_Waiting(workspace_id, report,
+                                   asyncio.get_running_loop().create_future(), url))
+
+    async def _queue(self, waiting: _Waiting) -> bool:
         self._waiting.append(waiting)
         if self._checking is None:
             self._checking = asyncio.create_task(self._check_all())
@@ -102,7 +114,7 @@ class Ingest:
                     continue
                 now = utcnow()
                 for waiting, registered in zip(batch, answers, strict=True):
-                    if registered and waiting.workspace_id not in changed:
+                    if waiting.url is None and registered and waiting.workspace_id not in changed:
                         self.alive[waiting.workspace_id] = now
                     if not waiting.answer.done():
                         waiting.answer.set_result(registered)
@@ -114,13 +126,23 @@ class Ingest:
 
     def _check(self, batch: list[_Waiting]) -> tuple[list[bool], set[str]]:
         now = utcnow()
-        changed: set[str] = set()
-        ids = {waiting.workspace_id for waiting in batch}
-        stored = self.reader.run(lambda connection: queries.stored_report_digests(connection, ids))
+        registers = [waiting for waiting in batch if waiting.url is not None]
+        if registers:
+            with transaction(self.sessions) as session:
+                for waiting in registers:
+                    queries.record_register(session, waiting.workspace_id, waiting.url or "",
+                                            waiting.report, now)
+        changed = {waiting.workspace_id for waiting in registers}  # a register always hints
+        ids = {waiting.workspace_id for waiting in batch if waiting.url is None}
+        stored = self.reader.run(
+            lambda connection: queries.stored_report_digests(connection, ids)) if ids else {}
         answers = []
         differ: dict[str, list[Plugin]] = {}
         for waiting in batch:
             workspace_id = waiting.workspace_id
+            if waiting.url is not None:
+                answers.append(True)
+                continue
             answers.append(workspace_id in stored)
             if workspace_id in stored and waiting.report is not None:
                 if stored[workspace_id] != plugins_digest(waiting.report):
@@ -264,10 +286,7 @@ def _ok(status: bytes) -> web.Response:
 async def register(request: web.Request) -> web.Response:
     parsed: api.RegisterRequest = await _authorized(request, api.RegisterRequest)
     workspace_id = parsed.workspace_id
-    with transaction(request.app[SESSIONS]) as session:
-        queries.record_register(session, workspace_id, parsed.url, parsed.report(), utcnow())
-    request.app[INGEST].alive.pop(workspace_id, None)
-    request.app[HINT](workspace_id)
+    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report())
     log.info("registered %s at %s", workspace_id, parsed.url)
     return _ok(b"online")
 
