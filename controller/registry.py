@@ -129,9 +129,8 @@ class Ingest:
         registers = [waiting for waiting in batch if waiting.url is not None]
         if registers:
             with transaction(self.sessions) as session:
-                for waiting in registers:
-                    queries.record_register(session, waiting.workspace_id, waiting.url or "",
-                                            waiting.report, now)
+                queries.record_registers(session, [(w.workspace_id, w.url or "", w.report)
+                                                   for w in registers], now)
         changed = {waiting.workspace_id for waiting in registers}  # a register always hints
         ids = {waiting.workspace_id for waiting in batch if waiting.url is None}
         stored = self.reader.run(

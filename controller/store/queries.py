@@ -111,18 +111,33 @@ def record_register(
 ) -> None:
     """A runtime (re)started: where it is, and what it has if it said so. Without a report the
     old one is dropped, because a restarted box may have lost what it had."""
-    values: dict[str, object] = {
-        "url": url, "registered_at": now, "last_seen_at": now,
-        "report": None if report is None else _report_json(report),
-        "report_digest": None if report is None else plugins_digest(report),
-        "report_at": now if report is not None else None,
-    }
+    record_registers(session, [(workspace_id, url, report)], now)
+
+
+def record_registers(session: Session, registers: list[tuple[str, str, list[Plugin] | None]],
+                     now: datetime) -> None:
+    """record_register for many at once: one query, one batched INSERT for workspaces not
+    known yet, one batched UPDATE (a later register of the same workspace wins)."""
+    if not registers:
+        return
     table = Base.metadata.tables[WorkspaceRow.__tablename__]
-    updated = session.execute(update(table).where(table.c.workspace_id == workspace_id)
-                              .values(**values))
-    if not updated.rowcount:  # type: ignore[attr-defined]
-        session.execute(insert(table).values(workspace_id=workspace_id, dormant=False,
-                                             restart_pending=False, **values))
+    latest = {workspace_id: (url, report) for workspace_id, url, report in registers}
+    known = set(session.connection().execute(
+        select(table.c.workspace_id).where(table.c.workspace_id.in_(list(latest)))).scalars())
+    missing = [{"workspace_id": w, "dormant": False, "restart_pending": False}
+               for w in latest if w not in known]
+    if missing:
+        session.execute(insert(table), missing)
+    session.execute(
+        update(table).where(table.c.workspace_id == bindparam("b_id")).values(
+            url=bindparam("b_url"), registered_at=bindparam("b_now"),
+            last_seen_at=bindparam("b_now"), report=bindparam("b_report"),
+            report_digest=bindparam("b_digest"), report_at=bindparam("b_report_at")),
+        [{"b_id": workspace_id, "b_url": url, "b_now": now,
+          "b_report": None if report is None else _report_json(report),
+          "b_digest": None if report is None else plugins_digest(report),
+          "b_report_at": None if report is None else now}
+         for workspace_id, (url, report) in latest.items()])
 
 
 def record_heartbeat(
