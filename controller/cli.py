@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from controller import manifests, service, status
+from controller import manifests, service, status, tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.models import (
@@ -471,6 +471,68 @@ def token_create(workspace_id: str, db: str | None) -> None:
     click.echo(secret)
     if sys.stderr.isatty():
         click.echo("Store this token now: it is not shown again.", err=True)
+
+
+@token.command("list")
+@click.argument("workspace_id")
+@db_option
+@output_option
+def token_list(workspace_id: str, db: str | None, output: str) -> None:
+    """List WORKSPACE_ID's tokens by fingerprint (the start of the stored hash)."""
+    with transaction(open_store(db)) as session:
+        found = queries.tokens_of(session, _workspace_id(workspace_id))
+    if output == "json":
+        click.echo(json.dumps({"workspace_id": workspace_id, "tokens": [
+            {"fingerprint": tokens.fingerprint(token_hash), "created": created.isoformat(),
+             "revoked": None if revoked is None else revoked.isoformat(), "issuer": issuer}
+            for token_hash, created, revoked, issuer in found]}, indent=2))
+        return
+    click.echo(table(["FINGERPRINT", "CREATED", "REVOKED", "ISSUER"], [
+        [tokens.fingerprint(token_hash), created.isoformat(timespec="seconds"),
+         "-" if revoked is None else revoked.isoformat(timespec="seconds"), issuer]
+        for token_hash, created, revoked, issuer in found]))
+
+
+@token.command("revoke")
+@click.argument("workspace_id")
+@click.option("--fingerprint", "fingerprints", multiple=True, metavar="FP",
+              help="A fingerprint from `pluginctl token list` (repeatable).")
+@click.option("--token-stdin", is_flag=True,
+              help="Read the token itself from standard input (never from the command line, "
+                   "where it would land in shell history and process lists).")
+@click.option("--all", "revoke_all", is_flag=True, help="Every token of the workspace.")
+@db_option
+def token_revoke(workspace_id: str, fingerprints: tuple[str, ...], token_stdin: bool,
+                 revoke_all: bool, db: str | None) -> None:
+    """Revoke tokens of WORKSPACE_ID. Every registry replica refuses them within a second.
+
+    To rotate without downtime: `token create` a second token, give it to the runtime, then
+    revoke the old one by its fingerprint."""
+    workspace_id = _workspace_id(workspace_id)
+    if sum((bool(fingerprints), token_stdin, revoke_all)) != 1:
+        raise click.UsageError("say which tokens: --fingerprint FP, --token-stdin or --all")
+    sessions = open_store(db)
+    with transaction(sessions) as session:
+        live = {h for h, _, revoked, _ in queries.tokens_of(session, workspace_id)
+                if revoked is None}
+        if revoke_all:
+            chosen = live
+        elif token_stdin:
+            digest = tokens.digest(sys.stdin.read().strip())
+            if digest not in live:
+                raise Failure(f"that token is not a live token of workspace {workspace_id}")
+            chosen = {digest}
+        else:
+            chosen = set()
+            for wanted in fingerprints:
+                matches = {h for h in live if h.startswith(wanted.lower())}
+                if len(wanted) < 8 or len(matches) != 1:
+                    raise Failure(f"fingerprint {wanted!r} names {len(matches)} live tokens of "
+                                  f"workspace {workspace_id} (give at least 8 characters of "
+                                  "one shown by `pluginctl token list`)")
+                chosen |= matches
+        revoked = queries.revoke_tokens(session, chosen, utcnow())
+    click.echo(f"revoked {revoked} token(s) of workspace {workspace_id}")
 
 
 @cli.group()

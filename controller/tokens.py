@@ -15,3 +15,12 @@ def generate() -> str:
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+FINGERPRINT_LENGTH = 12
+
+
+def fingerprint(token_hash: str) -> str:
+    """How a stored token is named to people (`pluginctl token list`): the start of its
+    hash. It reveals nothing of the token."""
+    return token_hash[:FINGERPRINT_LENGTH]

@@ -292,3 +292,57 @@ async def test_demo_converges_every_example_workspace() -> None:
     assert [row[:4] for row in rows if len(row) == 5] == [
         ["alpha", "Online", "3/3", "yes"], ["beta", "Online", "3/3", "yes"],
         ["gamma", "Online", "3/3", "yes"]]
+
+
+async def test_token_rotation_without_downtime_and_revocation(
+    db_url: str, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two live tokens at once; the runtime moves to the new one; the old one is revoked by
+    reading it from stdin and stops working on the running registry within a second, while
+    the new one never stops. Bad revocations change nothing. Tokens never reach the logs."""
+    import logging
+
+    import aiohttp
+
+    caplog.set_level(logging.DEBUG)
+    _, old, _ = await pluginctl("token", "create", "ws-1", "--db", db_url)
+    _, new, _ = await pluginctl("token", "create", "ws-1", "--db", db_url)
+    old, new = old.strip(), new.strip()
+    assert old != new and old.startswith("plc_")
+
+    async with aiohttp.ClientSession() as client:
+        async def call(token: str, path: str = "/registry/heartbeat") -> int:
+            body = {"workspace_id": "ws-1"}
+            if path.endswith("register"):
+                body["url"] = "http://127.0.0.1:9/"
+            async with client.post(registry.url + path, json=body,
+                                   headers={"Authorization": f"Bearer {token}"}) as answer:
+                return answer.status
+
+        assert await call(old, "/registry/register") == 200
+        assert await call(new) == 200  # both live: the runtime can switch at any time
+
+        code, out, _ = await pluginctl("token", "list", "ws-1", "--db", db_url, "-o", "json")
+        listed = json.loads(out)["tokens"]
+        assert code == 0 and len(listed) == 2 and all(t["revoked"] is None for t in listed)
+        assert old not in out and new not in out
+
+        for bad in (["--fingerprint", "abc"], ["--fingerprint", "0123456789ab"], []):
+            code, _, err = await pluginctl("token", "revoke", "ws-1", "--db", db_url, *bad)
+            assert code == 1 and err.strip(), bad
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", "token", "revoke", "ws-1", "--db", db_url,
+            "--token-stdin", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        out_bytes, _ = await process.communicate(old.encode() + b"\n")
+        assert process.returncode == 0 and b"revoked 1 token" in out_bytes
+
+        async def refused() -> bool:
+            assert await call(new) == 200  # no downtime for the runtime's current token
+            return await call(old) == 401
+
+        await wait_for(refused, timeout=5, what="the revoked token refused")
+
+    code, out, _ = await pluginctl("token", "list", "ws-1", "--db", db_url, "-o", "json")
+    assert sorted(t["revoked"] is None for t in json.loads(out)["tokens"]) == [False, True]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert old not in logged and new not in logged

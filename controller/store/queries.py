@@ -95,6 +95,15 @@ def revoked_since(session: Session, since: datetime) -> list[str]:
         TokenRow.revoked_at.is_not(None), TokenRow.revoked_at >= since)))
 
 
+def tokens_of(session: Session, workspace_id: str
+              ) -> list[tuple[str, datetime, datetime | None, str]]:
+    """(hash, created, revoked or None, issuer) of every token of a workspace, oldest first."""
+    rows = session.execute(
+        select(TokenRow.token_hash, TokenRow.created_at, TokenRow.revoked_at, TokenRow.issuer)
+        .where(TokenRow.workspace_id == workspace_id).order_by(TokenRow.created_at))
+    return [(row.token_hash, row.created_at, row.revoked_at, row.issuer) for row in rows]
+
+
 def revoke_tokens(session: Session, token_hashes: Collection[str], now: datetime) -> int:
     if not token_hashes:
         return 0
