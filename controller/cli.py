@@ -29,6 +29,7 @@ from controller.models import (
     derive_plugin_name,
     utcnow,
 )
+from controller.networks import RuntimeNetworks
 from controller.reconciler import DEFAULT_REPLICA, PassReport, WorkspaceResult, reconcile_once
 from controller.registry import issue_token
 from controller.render import table
@@ -77,6 +78,11 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Seconds allowed for one call to a runtime."),
         click.option("--restart-budget", type=click.IntRange(min=0), default=3,
                      show_default=True, help="Restarts allowed per workspace per hour."),
+        click.option("--runtime-networks", default="", metavar="CIDR,...",
+                     envvar="PLUGINCTL_RUNTIME_NETWORKS",
+                     help="Only call runtimes at addresses in these networks (and refuse "
+                          "registers naming others). Link-local addresses (169.254.0.0/16, "
+                          "fe80::/10: cloud metadata) are refused always. Default: any other."),
         click.option("--workspace-timeout", type=click.FloatRange(min=1), default=None,
                      help="Seconds one workspace may take within a pass (default: 60, or 6 "
                           "call timeouts if longer). A replica's claim on a workspace lasts "
@@ -87,13 +93,19 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_policy(offline_after: float, concurrency: int, call_timeout: float,
-                restart_budget: int, workspace_timeout: float | None = None) -> Policy:
+                restart_budget: int, runtime_networks: str = "",
+                workspace_timeout: float | None = None) -> Policy:
     if workspace_timeout is not None and workspace_timeout < call_timeout:
         raise click.BadParameter("must be at least --call-timeout",
                                  param_hint="--workspace-timeout")
+    try:
+        networks = RuntimeNetworks.parse(runtime_networks)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--runtime-networks") from error
     return Policy(offline_after=timedelta(seconds=offline_after), concurrency=concurrency,
                   call_timeout=call_timeout, restart_budget=restart_budget,
-                  workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6))
+                  workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6),
+                  runtime_networks=networks)
 
 
 def open_store(db: str | None) -> Sessions:
@@ -185,13 +197,14 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
         offline_after: float, concurrency: int, call_timeout: float,
-        restart_budget: int, workspace_timeout: float | None) -> None:
+        restart_budget: int, runtime_networks: str,
+        workspace_timeout: float | None) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
     policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
-                         workspace_timeout)
+                         runtime_networks, workspace_timeout)
     if manifests is not None:
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
@@ -234,7 +247,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
 def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
               kubeconfig: str | None, kube_context: str | None, db: str | None,
               dry_run: bool, output: str, offline_after: float, concurrency: int,
-              call_timeout: float, restart_budget: int,
+              call_timeout: float, restart_budget: int, runtime_networks: str,
               workspace_timeout: float | None) -> None:
     """One pass over every online workspace, then exit.
 
@@ -247,7 +260,7 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
                                "(use `pluginctl run` for the periodic loop)")
     _source_of_desired_state(manifests, use_kubernetes)
     policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
-                         workspace_timeout)
+                         runtime_networks, workspace_timeout)
     errors: list[str] = []
     if manifests is not None:
         desired = load_manifests(manifests)
@@ -259,7 +272,8 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
 
     async def one_pass() -> PassReport:
         with progress_bar() as progress:
-            async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+            async with RuntimeDriver(timeout=policy.call_timeout,
+                                     networks=policy.runtime_networks) as driver:
                 if kube is not None:
                     from controller.operator import reconcile_cluster_once
 

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
+import aiohttp.abc
+from aiohttp.abc import ResolveResult
 
 from controller.models import Plugin, check_plugin_name, check_source
+from controller.networks import RuntimeNetworks
 
 
 class RuntimeCallError(Exception):
@@ -26,9 +31,11 @@ class InstallResult:
 class RuntimeDriver:
     """One HTTP connection pool for all runtimes of a pass, or of a long-running loop."""
 
-    def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl") -> None:
+    def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl",
+                 networks: RuntimeNetworks | None = None) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._headers = {"User-Agent": user_agent}
+        self._networks = networks or RuntimeNetworks()
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> RuntimeDriver:
@@ -37,7 +44,10 @@ class RuntimeDriver:
             headers=self._headers,
             # No per-host cap: many runtimes may sit behind one gateway host, and a workspace
             # never gets more than one call at a time anyway (its actions run in order).
-            connector=aiohttp.TCPConnector(limit=256),
+            # Every address a name resolves to is checked at every connection, so a name
+            # cannot be re-pointed at a refused address after the register was accepted.
+            connector=aiohttp.TCPConnector(limit=256,
+                                           resolver=_CheckedResolver(self._networks)),
         )
         return self
 
@@ -57,6 +67,10 @@ class RuntimeDriver:
     ) -> tuple[int, Any]:
         if self._session is None:
             raise RuntimeError("RuntimeDriver used outside `async with`")
+        # An IP literal never reaches the resolver: check it here.
+        reason = self._networks.host_refusal(urlsplit(url).hostname or "")
+        if reason is not None:
+            raise RuntimeCallError(f"{method} {_path(url)}: refused: {reason}")
         try:
             async with self._session.request(method, url, json=body) as response:
                 text = await response.text()
@@ -130,3 +144,30 @@ def _error_detail(text: str) -> str:
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return str(data["error"])[:200]
     return text.strip()[:200]
+
+
+class _CheckedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves like aiohttp does, then drops the addresses the networks policy refuses; a
+    name left with none fails the call with the reason."""
+
+    def __init__(self, networks: RuntimeNetworks) -> None:
+        self._networks = networks
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        reasons = []
+        allowed = []
+        for entry in await self._inner.resolve(host, port, family):
+            reason = self._networks.refusal(entry["host"])
+            if reason is None:
+                allowed.append(entry)
+            else:
+                reasons.append(reason)
+        if not allowed:
+            raise OSError(errno.EACCES,
+                          f"refused: {host}: " + "; ".join(reasons or ["no address"]))
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from controller.networks import RuntimeNetworks
+
 API_GROUP = "pluginctl.dev"
 API_VERSION = "v1alpha1"
 
@@ -205,6 +207,7 @@ class Policy:
     call_timeout: float = 10.0
     workspace_timeout: float = 60.0
     concurrency: int = 16
+    runtime_networks: RuntimeNetworks = field(default_factory=RuntimeNetworks)
 
 
 # --- actions: what the planner decides, what the executor performs -------------------------

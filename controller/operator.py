@@ -424,7 +424,8 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
 
     pending: set[asyncio.Task[None]] = set()
     async with RuntimeDriver(timeout=policy.call_timeout,
-                             user_agent=f"pluginctl/{sink.identity}") as driver:
+                             user_agent=f"pluginctl/{sink.identity}",
+                             networks=policy.runtime_networks) as driver:
         await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
                           hints=watch.hints, on_pass=mirrored, replica=sink.identity)
     await asyncio.gather(*pending, return_exceptions=True)

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pydantic
 from aiohttp import web
 
 from controller import api, tokens
 from controller.models import Plugin, plugins_digest, utcnow
+from controller.networks import RuntimeNetworks
 from controller.store import DatabaseError, PinnedReader, Sessions, queries, transaction
 
 log = logging.getLogger("pluginctl.registry")
@@ -181,6 +183,7 @@ class Ingest:
 
 
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+NETWORKS: web.AppKey[RuntimeNetworks] = web.AppKey("networks", RuntimeNetworks)
 
 
 async def _ingest(app: web.Application) -> AsyncIterator[None]:
@@ -285,6 +288,9 @@ def _ok(status: bytes) -> web.Response:
 async def register(request: web.Request) -> web.Response:
     parsed: api.RegisterRequest = await _authorized(request, api.RegisterRequest)
     workspace_id = parsed.workspace_id
+    reason = request.app[NETWORKS].host_refusal(urlsplit(parsed.url).hostname or "")
+    if reason is not None:
+        raise RequestError(422, f"url: {reason}")
     await request.app[INGEST].register(workspace_id, parsed.url, parsed.report())
     log.info("registered %s at %s", workspace_id, parsed.url)
     return _ok(b"online")
@@ -315,9 +321,11 @@ def _no_hint(_workspace_id: str) -> None:
     return None
 
 
-def make_app(sessions: Sessions, hint: Hint | None = None) -> web.Application:
+def make_app(sessions: Sessions, hint: Hint | None = None,
+             networks: RuntimeNetworks | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[SESSIONS] = sessions
+    app[NETWORKS] = networks or RuntimeNetworks()
     app[HINT] = hint or _no_hint
     app[INGEST] = Ingest(sessions, app[HINT])
     app.cleanup_ctx.append(_ingest)

@@ -35,8 +35,8 @@ def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: P
                     replica: str = DEFAULT_REPLICA) -> Loop:
     """The periodic loop over desired state from `source` (a manifest directory)."""
     async def loop(hints: Hints, stop: asyncio.Event) -> None:
-        async with RuntimeDriver(timeout=policy.call_timeout,
-                                 user_agent=f"pluginctl/{replica}") as driver:
+        async with RuntimeDriver(timeout=policy.call_timeout, user_agent=f"pluginctl/{replica}",
+                                 networks=policy.runtime_networks) as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
                               hints=hints, on_pass=on_pass or log_pass, replica=replica)
     return loop
@@ -65,7 +65,8 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)
     hints = Hints()
-    runner = web.AppRunner(make_app(sessions, hint=hints), access_log=None)
+    runner = web.AppRunner(make_app(sessions, hint=hints, networks=policy.runtime_networks),
+                           access_log=None)
     await runner.setup()
     try:
         bound = await start_site(runner, host, port)
