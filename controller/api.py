@@ -78,10 +78,16 @@ RuntimeUrl = Annotated[
 ]
 
 
+#: An optional counter a runtime increases with every call it makes; a call with a lower
+#: one than the stored report's never overwrites it (replayed or late heartbeats).
+Seq = Annotated[int, pydantic.Field(ge=0, le=2**63 - 1)]
+
+
 class RegisterRequest(_Strict):
     workspace_id: WorkspaceId
     url: RuntimeUrl
     plugins: Report | None = None
+    seq: Seq | None = None
 
     def report(self) -> list[Plugin] | None:
         return None if self.plugins is None else [p.to_plugin() for p in self.plugins]
@@ -90,6 +96,7 @@ class RegisterRequest(_Strict):
 class HeartbeatRequest(_Strict):
     workspace_id: WorkspaceId
     plugins: Report | None = None
+    seq: Seq | None = None
 
     def report(self) -> list[Plugin] | None:
         return None if self.plugins is None else [p.to_plugin() for p in self.plugins]

@@ -41,6 +41,7 @@ class _Waiting:
     report: list[Plugin] | None
     answer: asyncio.Future[bool]  # registered?
     url: str | None = None  # set for a register
+    seq: int | None = None
 
 
 class Ingest:
@@ -86,16 +87,17 @@ class Ingest:
                 self.tokens[token_hash] = owner
         return owner
 
-    async def heartbeat(self, workspace_id: str, report: list[Plugin] | None) -> bool:
+    async def heartbeat(self, workspace_id: str, report: list[Plugin] | None,
+                        seq: int | None = None) -> bool:
         """Record a heartbeat; False when the workspace never registered."""
         return await self._queue(_Waiting(workspace_id, report,
-                                          asyncio.get_running_loop().create_future()))
+                                          asyncio.get_running_loop().create_future(), None, seq))
 
-    async def register(self, workspace_id: str, url: str, report: list[Plugin] | None
-                       ) -> None:
+    async def register(self, workspace_id: str, url: str, report: list[Plugin] | None,
+                       seq: int | None = None) -> None:
         """Record a register (durable when this returns)."""
         await self._queue(_Waiting(workspace_id, report,
-                                   asyncio.get_running_loop().create_future(), url))
+                                   asyncio.get_running_loop().create_future(), url, seq))
 
     async def _queue(self, waiting: _Waiting) -> bool:
         self._waiting.append(waiting)
@@ -131,30 +133,39 @@ class Ingest:
         registers = [waiting for waiting in batch if waiting.url is not None]
         if registers:
             with transaction(self.sessions) as session:
-                queries.record_registers(session, [(w.workspace_id, w.url or "", w.report)
-                                                   for w in registers], now)
+                queries.record_registers(session, [(w.workspace_id, w.url or "", w.report,
+                                                    w.seq) for w in registers], now)
         changed = {waiting.workspace_id for waiting in registers}  # a register always hints
         ids = {waiting.workspace_id for waiting in batch if waiting.url is None}
         stored = self.reader.run(
             lambda connection: queries.stored_report_digests(connection, ids)) if ids else {}
         answers = []
-        differ: dict[str, list[Plugin]] = {}
+        differ: dict[str, _Waiting] = {}  # per workspace, the report to store
         for waiting in batch:
             workspace_id = waiting.workspace_id
             if waiting.url is not None:
                 answers.append(True)
                 continue
             answers.append(workspace_id in stored)
-            if workspace_id in stored and waiting.report is not None:
-                if stored[workspace_id] != plugins_digest(waiting.report):
-                    differ[workspace_id] = waiting.report  # the last one of the group wins
-                else:
-                    differ.pop(workspace_id, None)
+            if workspace_id not in stored or waiting.report is None:
+                continue
+            stored_digest, stored_seq = stored[workspace_id]
+            if (waiting.seq is not None and stored_seq is not None
+                    and waiting.seq <= stored_seq):
+                continue  # replayed or late: a newer report is stored already
+            earlier = differ.get(workspace_id)
+            if earlier is not None and (waiting.seq or 0) < (earlier.seq or 0):
+                continue  # the same burst holds a newer one
+            if stored_digest != plugins_digest(waiting.report):
+                differ[workspace_id] = waiting
+            else:
+                differ.pop(workspace_id, None)
         if differ:
             with transaction(self.sessions) as session:
-                for workspace_id, report in differ.items():
+                for workspace_id, waiting in differ.items():
                     # Conditional: whatever another writer stored meanwhile is compared again.
-                    if queries.record_changed_report(session, workspace_id, report, now):
+                    if queries.record_changed_report(session, workspace_id,
+                                                     waiting.report or [], now, waiting.seq):
                         changed.add(workspace_id)
         return answers, changed
 
@@ -291,14 +302,15 @@ async def register(request: web.Request) -> web.Response:
     reason = request.app[NETWORKS].host_refusal(urlsplit(parsed.url).hostname or "")
     if reason is not None:
         raise RequestError(422, f"url: {reason}")
-    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report())
+    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report(), parsed.seq)
     log.info("registered %s at %s", workspace_id, parsed.url)
     return _ok(b"online")
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     parsed: api.HeartbeatRequest = await _authorized(request, api.HeartbeatRequest)
-    if not await request.app[INGEST].heartbeat(parsed.workspace_id, parsed.report()):
+    if not await request.app[INGEST].heartbeat(parsed.workspace_id, parsed.report(),
+                                               parsed.seq):
         raise RequestError(409, f"workspace {parsed.workspace_id!r} has not registered: "
                                 "POST /registry/register first")
     return _ok(b"ok")

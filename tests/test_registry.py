@@ -295,3 +295,42 @@ async def test_concurrent_heartbeats_share_a_check_and_each_gets_its_answer(
     checks = [s for s in statements if s.lstrip().upper().startswith("SELECT")
               and "report_digest" in s]
     assert len(checks) < 40, f"{len(checks)} checks for 40 concurrent heartbeats"
+
+
+async def test_a_heartbeat_with_a_lower_seq_never_overwrites_a_newer_report(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    """Replayed and out-of-order heartbeats: a report sent with `seq` is stored only if its
+    seq is above the stored report's; a register starts the count again."""
+    token = registry.token("ws-1")
+    other = [{"name": "other", "source": "local://other"}]
+
+    async def beat(plugins: list[dict[str, str]], seq: int) -> None:
+        status, _ = await post(http, registry, "/registry/heartbeat",
+                               {"workspace_id": "ws-1", "plugins": plugins, "seq": seq}, token)
+        assert status == 200
+
+    def stored() -> list[str]:
+        with transaction(registry.sessions) as session:
+            return list(queries.load_observed(session)["ws-1"].report or {})
+
+    await post(http, registry, "/registry/register", {**REGISTER, "seq": 1}, token)
+    await beat(PLUGINS, 5)
+    assert stored() == ["seo-all"]
+    await beat(other, 3)  # late, or replayed by someone holding the token
+    assert stored() == ["seo-all"]
+    await beat(other, 5)  # not above either
+    assert stored() == ["seo-all"]
+    await beat(other, 6)
+    assert stored() == ["other"]
+    # Concurrent heartbeats in one burst: the highest seq wins, whatever the order.
+    await asyncio.gather(*(beat(plugins, seq) for plugins, seq in
+                           [(PLUGINS, 9), ([], 8), (other, 7)]))
+    assert stored() == ["seo-all"]
+    # A restarted runtime registers and counts from zero again.
+    await post(http, registry, "/registry/register", {**REGISTER, "seq": 0}, token)
+    await beat(other, 1)
+    assert stored() == ["other"]
+    status, answer = await post(http, registry, "/registry/heartbeat",
+                                {"workspace_id": "ws-1", "seq": -1}, token)
+    assert status == 422 and "seq" in answer["error"]

@@ -116,21 +116,25 @@ def revoke_tokens(session: Session, token_hashes: Collection[str], now: datetime
 
 
 def record_register(
-    session: Session, workspace_id: str, url: str, report: list[Plugin] | None, now: datetime
+    session: Session, workspace_id: str, url: str, report: list[Plugin] | None, now: datetime,
+    seq: int | None = None,
 ) -> None:
     """A runtime (re)started: where it is, and what it has if it said so. Without a report the
-    old one is dropped, because a restarted box may have lost what it had."""
-    record_registers(session, [(workspace_id, url, report)], now)
+    old one is dropped, because a restarted box may have lost what it had. The report's seq
+    starts again from the register's."""
+    record_registers(session, [(workspace_id, url, report, seq)], now)
 
 
-def record_registers(session: Session, registers: list[tuple[str, str, list[Plugin] | None]],
-                     now: datetime) -> None:
+def record_registers(
+    session: Session, registers: list[tuple[str, str, list[Plugin] | None, int | None]],
+    now: datetime,
+) -> None:
     """record_register for many at once: one query, one batched INSERT for workspaces not
     known yet, one batched UPDATE (a later register of the same workspace wins)."""
     if not registers:
         return
     table = Base.metadata.tables[WorkspaceRow.__tablename__]
-    latest = {workspace_id: (url, report) for workspace_id, url, report in registers}
+    latest = {workspace_id: (url, report, seq) for workspace_id, url, report, seq in registers}
     known = set(session.connection().execute(
         select(table.c.workspace_id).where(table.c.workspace_id.in_(list(latest)))).scalars())
     missing = [{"workspace_id": w, "dormant": False, "restart_pending": False}
@@ -141,12 +145,13 @@ def record_registers(session: Session, registers: list[tuple[str, str, list[Plug
         update(table).where(table.c.workspace_id == bindparam("b_id")).values(
             url=bindparam("b_url"), registered_at=bindparam("b_now"),
             last_seen_at=bindparam("b_now"), report=bindparam("b_report"),
-            report_digest=bindparam("b_digest"), report_at=bindparam("b_report_at")),
-        [{"b_id": workspace_id, "b_url": url, "b_now": now,
+            report_digest=bindparam("b_digest"), report_at=bindparam("b_report_at"),
+            report_seq=bindparam("b_seq")),
+        [{"b_id": workspace_id, "b_url": url, "b_now": now, "b_seq": seq,
           "b_report": None if report is None else _report_json(report),
           "b_digest": None if report is None else plugins_digest(report),
           "b_report_at": None if report is None else now}
-         for workspace_id, (url, report) in latest.items()])
+         for workspace_id, (url, report, seq) in latest.items()])
 
 
 def record_heartbeat(
@@ -168,42 +173,41 @@ def record_heartbeat(
 
 
 def record_changed_report(
-    session: Session, workspace_id: str, report: list[Plugin], now: datetime
+    session: Session, workspace_id: str, report: list[Plugin], now: datetime,
+    seq: int | None = None,
 ) -> bool:
     """Store a reported plugin set if it differs from the stored one (and mark the workspace
-    seen). False when it is the same, or the workspace never registered: nothing written."""
+    seen), unless `seq` is not above the stored report's. False when nothing was written:
+    the same report, a stale seq, or a workspace that never registered."""
     digest = plugins_digest(report)
+    conditions = [WorkspaceRow.workspace_id == workspace_id, WorkspaceRow.url.is_not(None),
+                  WorkspaceRow.report_digest.is_(None) | (WorkspaceRow.report_digest != digest)]
+    values: dict[str, object] = {"report": _report_json(report), "report_digest": digest,
+                                 "report_at": now, "last_seen_at": now}
+    if seq is not None:
+        conditions.append(WorkspaceRow.report_seq.is_(None) | (WorkspaceRow.report_seq < seq))
+        values["report_seq"] = seq
     result = session.execute(
-        update(WorkspaceRow)
-        .where(WorkspaceRow.workspace_id == workspace_id, WorkspaceRow.url.is_not(None),
-               WorkspaceRow.report_digest.is_(None) | (WorkspaceRow.report_digest != digest))
-        .values(report=_report_json(report), report_digest=digest, report_at=now,
-                last_seen_at=now)
+        update(WorkspaceRow).where(*conditions).values(**values)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def registered_reports(session: Session) -> dict[str, str | None]:
-    """Report digest (None: no report) of every registered workspace."""
-    rows = session.execute(select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest)
-                           .where(WorkspaceRow.url.is_not(None)))
-    return {row.workspace_id: row.report_digest for row in rows}
-
-
 # Built once: the registry runs this for every group of heartbeats, and building a statement
 # costs more than running it.
 _STORED_REPORT_DIGESTS = (
-    select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest)
+    select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest, WorkspaceRow.report_seq)
     .where(WorkspaceRow.workspace_id.in_(bindparam("ids", expanding=True)),
            WorkspaceRow.url.is_not(None)))
 
 
 def stored_report_digests(connection: Connection, workspace_ids: Collection[str]
-                          ) -> dict[str, str | None]:
-    """Report digest of each of these workspaces that is registered (one query)."""
+                          ) -> dict[str, tuple[str | None, int | None]]:
+    """(report digest, report seq) of each of these workspaces that is registered (one
+    query)."""
     rows = connection.execute(_STORED_REPORT_DIGESTS, {"ids": list(workspace_ids)})
-    return {workspace_id: digest for workspace_id, digest in rows}
+    return {workspace_id: (digest, seq) for workspace_id, digest, seq in rows}
 
 
 def touch(session: Session, seen: dict[str, datetime]) -> None:

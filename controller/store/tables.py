@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -74,6 +75,9 @@ class WorkspaceRow(Base):
     # pass found in sync: while both still match, the workspace needs no planning at all.
     report_digest: Mapped[str | None] = mapped_column(String(64))
     synced_digest: Mapped[str | None] = mapped_column(String(64))
+    # The highest `seq` a runtime sent with the stored report (NULL: none); a register
+    # resets it, since a restarted runtime may count from zero again.
+    report_seq: Mapped[int | None] = mapped_column(BigInteger)
     # The replica acting on this workspace, and until when its claim holds (see claim()).
     claimed_by: Mapped[str | None] = mapped_column(String(253))
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
