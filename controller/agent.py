@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ class ReferenceRuntime:
         plugins: list[Plugin] | None = None,
         report: bool = True,
         heartbeat_interval: float = 10.0,
+        controller_secret: str | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.registry_url = registry_url.rstrip("/") if registry_url else None
@@ -62,6 +64,7 @@ class ReferenceRuntime:
         self.plugins: dict[str, Plugin] = {p.name: p for p in plugins or []}
         self.report = report  # send the plugin list with register and heartbeat
         self.heartbeat_interval = heartbeat_interval
+        self.controller_secret = controller_secret  # if set, calls without it get 401
         self.calls: list[Call] = []  # calls made to this runtime
         self.restarts = 0
         self.heartbeats = 0  # heartbeats the registry accepted
@@ -85,6 +88,11 @@ class ReferenceRuntime:
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.calls.append(Call(request.method, request.path,
                                request.headers.get("User-Agent", "")))
+        if self.controller_secret is not None and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(),
+                f"Bearer {self.controller_secret}".encode()):
+            return web.json_response({"error": "not from this runtime's controller"},
+                                     status=401)
         if self.faults.unavailable:
             return web.json_response({"error": "runtime unavailable"}, status=503)
         response: web.StreamResponse = await handler(request)

@@ -83,6 +83,11 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Only call runtimes at addresses in these networks (and refuse "
                           "registers naming others). Link-local addresses (169.254.0.0/16, "
                           "fe80::/10: cloud metadata) are refused always. Default: any other."),
+        click.option("--runtime-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, envvar="PLUGINCTL_RUNTIME_SECRET_FILE",
+                     help="A file holding the secret sent to runtimes as `Authorization: "
+                          "Bearer …` on every call, so a runtime can refuse callers that are "
+                          "not its controller."),
         click.option("--workspace-timeout", type=click.FloatRange(min=1), default=None,
                      help="Seconds one workspace may take within a pass (default: 60, or 6 "
                           "call timeouts if longer). A replica's claim on a workspace lasts "
@@ -94,7 +99,8 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                 restart_budget: int, runtime_networks: str = "",
-                workspace_timeout: float | None = None) -> Policy:
+                workspace_timeout: float | None = None,
+                runtime_secret_file: Path | None = None) -> Policy:
     if workspace_timeout is not None and workspace_timeout < call_timeout:
         raise click.BadParameter("must be at least --call-timeout",
                                  param_hint="--workspace-timeout")
@@ -105,7 +111,21 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
     return Policy(offline_after=timedelta(seconds=offline_after), concurrency=concurrency,
                   call_timeout=call_timeout, restart_budget=restart_budget,
                   workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6),
-                  runtime_networks=networks)
+                  runtime_networks=networks, runtime_secret=_secret(runtime_secret_file,
+                                                                    "--runtime-secret-file"))
+
+
+def _secret(path: Path | None, option: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise click.BadParameter(f"cannot read {path}: {error.strerror}",
+                                 param_hint=option) from error
+    if not secret:
+        raise click.BadParameter(f"{path} is empty", param_hint=option)
+    return secret
 
 
 def open_store(db: str | None) -> Sessions:
@@ -198,13 +218,13 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
         offline_after: float, concurrency: int, call_timeout: float,
         restart_budget: int, runtime_networks: str,
-        workspace_timeout: float | None) -> None:
+        runtime_secret_file: Path | None, workspace_timeout: float | None) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
     policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
-                         runtime_networks, workspace_timeout)
+                         runtime_networks, workspace_timeout, runtime_secret_file)
     if manifests is not None:
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
@@ -248,7 +268,7 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
               kubeconfig: str | None, kube_context: str | None, db: str | None,
               dry_run: bool, output: str, offline_after: float, concurrency: int,
               call_timeout: float, restart_budget: int, runtime_networks: str,
-              workspace_timeout: float | None) -> None:
+              runtime_secret_file: Path | None, workspace_timeout: float | None) -> None:
     """One pass over every online workspace, then exit.
 
     Exit 0: every online workspace is in sync afterwards. Exit 2: out of sync (dry run: drift
@@ -260,7 +280,7 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
                                "(use `pluginctl run` for the periodic loop)")
     _source_of_desired_state(manifests, use_kubernetes)
     policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
-                         runtime_networks, workspace_timeout)
+                         runtime_networks, workspace_timeout, runtime_secret_file)
     errors: list[str] = []
     if manifests is not None:
         desired = load_manifests(manifests)
@@ -272,8 +292,7 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
 
     async def one_pass() -> PassReport:
         with progress_bar() as progress:
-            async with RuntimeDriver(timeout=policy.call_timeout,
-                                     networks=policy.runtime_networks) as driver:
+            async with RuntimeDriver.for_policy(policy) as driver:
                 if kube is not None:
                     from controller.operator import reconcile_cluster_once
 
@@ -616,9 +635,14 @@ def db_upgrade(db: str | None) -> None:
 @click.option("--fail-plugin", multiple=True, metavar="NAME", help="Installs of NAME fail.")
 @click.option("--plugin", "preinstalled", multiple=True, metavar="SOURCE",
               help="A plugin installed by the user before the controller came.")
+@click.option("--controller-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, envvar="PLUGINCTL_CONTROLLER_SECRET_FILE",
+              help="Refuse runtime calls (401) that do not carry this secret (the "
+                   "controller's --runtime-secret-file).")
 def agent(workspace_id: str, token: str, registry: str, listen: str, heartbeat_interval: float,
           register_only: bool, no_report: bool, lose_plugins_on_restart: bool,
-          install_delay: float, fail_plugin: Sequence[str], preinstalled: Sequence[str]) -> None:
+          install_delay: float, fail_plugin: Sequence[str], preinstalled: Sequence[str],
+          controller_secret_file: Path | None) -> None:
     """Run the reference workspace runtime: serves the runtime API, registers, heartbeats."""
     from controller.agent import Faults, ReferenceRuntime
 
@@ -630,6 +654,7 @@ def agent(workspace_id: str, token: str, registry: str, listen: str, heartbeat_i
     runtime = ReferenceRuntime(
         _workspace_id(workspace_id), registry_url=registry, token=token, host=host, port=port,
         plugins=plugins, report=not no_report, heartbeat_interval=heartbeat_interval,
+        controller_secret=_secret(controller_secret_file, "--controller-secret-file"),
         faults=Faults(lose_plugins_on_restart=lose_plugins_on_restart,
                       install_delay=install_delay, failing_plugins=set(fail_plugin)),
     )

@@ -15,7 +15,7 @@ import aiohttp
 import aiohttp.abc
 from aiohttp.abc import ResolveResult
 
-from controller.models import Plugin, check_plugin_name, check_source
+from controller.models import Plugin, Policy, check_plugin_name, check_source
 from controller.networks import RuntimeNetworks
 
 
@@ -32,11 +32,19 @@ class RuntimeDriver:
     """One HTTP connection pool for all runtimes of a pass, or of a long-running loop."""
 
     def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl",
-                 networks: RuntimeNetworks | None = None) -> None:
+                 networks: RuntimeNetworks | None = None, secret: str | None = None) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._headers = {"User-Agent": user_agent}
+        if secret:
+            self._headers["Authorization"] = f"Bearer {secret}"
         self._networks = networks or RuntimeNetworks()
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def for_policy(cls, policy: Policy, user_agent: str = "pluginctl") -> RuntimeDriver:
+        """The driver the loop uses: the policy's call timeout, networks and secret."""
+        return cls(timeout=policy.call_timeout, user_agent=user_agent,
+                   networks=policy.runtime_networks, secret=policy.runtime_secret)
 
     async def __aenter__(self) -> RuntimeDriver:
         self._session = aiohttp.ClientSession(

@@ -208,6 +208,8 @@ class Policy:
     workspace_timeout: float = 60.0
     concurrency: int = 16
     runtime_networks: RuntimeNetworks = field(default_factory=RuntimeNetworks)
+    # Sent to runtimes as `Authorization: Bearer …`, so they can refuse other callers.
+    runtime_secret: str | None = field(default=None, repr=False)
 
 
 # --- actions: what the planner decides, what the executor performs -------------------------

@@ -423,9 +423,7 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
             task.add_done_callback(pending.discard)
 
     pending: set[asyncio.Task[None]] = set()
-    async with RuntimeDriver(timeout=policy.call_timeout,
-                             user_agent=f"pluginctl/{sink.identity}",
-                             networks=policy.runtime_networks) as driver:
+    async with RuntimeDriver.for_policy(policy, f"pluginctl/{sink.identity}") as driver:
         await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
                           hints=watch.hints, on_pass=mirrored, replica=sink.identity)
     await asyncio.gather(*pending, return_exceptions=True)

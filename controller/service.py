@@ -35,8 +35,7 @@ def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: P
                     replica: str = DEFAULT_REPLICA) -> Loop:
     """The periodic loop over desired state from `source` (a manifest directory)."""
     async def loop(hints: Hints, stop: asyncio.Event) -> None:
-        async with RuntimeDriver(timeout=policy.call_timeout, user_agent=f"pluginctl/{replica}",
-                                 networks=policy.runtime_networks) as driver:
+        async with RuntimeDriver.for_policy(policy, f"pluginctl/{replica}") as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
                               hints=hints, on_pass=on_pass or log_pass, replica=replica)
     return loop

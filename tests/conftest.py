@@ -126,10 +126,12 @@ async def runtime_factory(registry: Registry) -> AsyncIterator[RuntimeFactory]:
     started: list[ReferenceRuntime] = []
 
     async def make(workspace_id: str, *, plugins: list[Plugin] | None = None,
-                   faults: Faults | None = None, report: bool = True) -> ReferenceRuntime:
+                   faults: Faults | None = None, report: bool = True,
+                   controller_secret: str | None = None) -> ReferenceRuntime:
         runtime = ReferenceRuntime(workspace_id, registry_url=registry.url,
                                    token=registry.token(workspace_id), plugins=plugins,
-                                   faults=faults, report=report)
+                                   faults=faults, report=report,
+                                   controller_secret=controller_secret)
         await runtime.start()
         started.append(runtime)
         return runtime

@@ -34,7 +34,7 @@ from .conftest import (
 
 async def one_pass(desired: Desired, sessions: Sessions, policy: Policy, **kwargs: object
                    ) -> PassReport:
-    async with RuntimeDriver(timeout=policy.call_timeout) as driver:
+    async with RuntimeDriver.for_policy(policy) as driver:
         return await reconcile_once(desired, sessions, driver, policy, **kwargs)  # type: ignore[arg-type]
 
 
@@ -446,3 +446,26 @@ async def test_a_storm_of_hints_becomes_one_full_pass(sessions: Sessions, policy
         await task
     assert [(trigger, report.scope) for trigger, report in seen] == [
         ("periodic", None), ("hint", frozenset({"one"})), ("hint-storm", None)]
+
+
+async def test_runtimes_can_refuse_callers_without_the_controller_secret(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """A runtime started with the controller's secret refuses every call without it (401,
+    visible as the failure), and converges once the controller sends it."""
+    runtime = await runtime_factory("ws-1", controller_secret="s3cret-for-runtimes")
+    await runtime.register()
+    refused = await one_pass(fleet("ws-1"), sessions, policy)
+    assert not has(runtime, SEO, NOTES) and not refused.in_sync
+    assert any("401" in o.message for r in refused.results for o in r.failures)
+
+    with freeze_time(utcnow() + timedelta(minutes=30)):  # past the backoff
+        await runtime.register()  # durable at once ("still alive" alone is batched)
+        wrong = await one_pass(fleet("ws-1"), sessions, replace(policy, runtime_secret="guess"))
+        assert wrong.online == 1
+        assert not has(runtime, SEO, NOTES) and not wrong.in_sync
+    with freeze_time(utcnow() + timedelta(hours=2)):
+        await runtime.register()
+        accepted = await one_pass(fleet("ws-1"), sessions,
+                                  replace(policy, runtime_secret="s3cret-for-runtimes"))
+        assert has(runtime, SEO, NOTES) and accepted.in_sync
