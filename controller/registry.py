@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -320,6 +321,13 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+OPENAPI = Path(__file__).with_name("registry-openapi.json")
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
+
 def issue_token(sessions: Sessions, workspace_id: str, issuer: str = "cli") -> str:
     """Create a registry token for a workspace; the caller shows it once, only its hash is
     kept."""
@@ -344,4 +352,5 @@ def make_app(sessions: Sessions, hint: Hint | None = None,
     app.router.add_post("/registry/register", register)
     app.router.add_post("/registry/heartbeat", heartbeat)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
     return app

@@ -334,3 +334,29 @@ async def test_a_heartbeat_with_a_lower_seq_never_overwrites_a_newer_report(
     status, answer = await post(http, registry, "/registry/heartbeat",
                                 {"workspace_id": "ws-1", "seq": -1}, token)
     assert status == 422 and "seq" in answer["error"]
+
+
+async def test_the_openapi_document_matches_the_models_and_the_running_server(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    """The committed document is what the request models generate (regenerate with
+    `python -c "from controller import openapi; print(openapi.text(), end='')"
+    > controller/registry-openapi.json`), the server serves it, every route the server has is
+    in it and every operation in it is served."""
+    from controller import openapi
+    from controller.registry import make_app
+
+    assert openapi.PATH.read_text() == openapi.text(), "registry-openapi.json is stale"
+    async with http.get(registry.url + "/openapi.json") as answer:
+        assert answer.status == 200
+        served = await answer.json()
+    assert served == openapi.document()
+    documented = {(method.upper(), path) for path, operations in served["paths"].items()
+                  for method in operations}
+    routes = {(route.method, route.resource.canonical)
+              for route in make_app(registry.sessions).router.routes()
+              if route.method != "HEAD" and route.resource is not None}
+    assert routes == documented
+    for method, path in documented:
+        async with http.request(method, registry.url + path) as answer:
+            assert answer.status not in (404, 405), (method, path)
