@@ -72,6 +72,7 @@ class ReferenceRuntime:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._restarting: set[asyncio.Task[None]] = set()
         self.url = ""
 
     # --- the runtime API -------------------------------------------------------------
@@ -133,7 +134,15 @@ class ReferenceRuntime:
         task = asyncio.create_task(self._come_back())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
         return web.json_response({"status": "restarting"}, status=202)
+
+    async def restarted(self) -> None:
+        """Wait until every restart in progress is over (the box came back and registered):
+        for tests that must not race the restart."""
+        while self._restarting:
+            await asyncio.gather(*self._restarting, return_exceptions=True)
 
     async def _come_back(self) -> None:
         """What a restarted box does: maybe forget its plugins, then register again."""

@@ -255,6 +255,7 @@ async def test_restart_once_per_pass_and_budget_holds(
         for _ in range(30):
             report = await one_pass(fleet("ws-1"), sessions, policy)
             assert report.count(ActionKind.RESTART) <= 1
+            await runtime.restarted()  # the box is back (and registered) before we go on
             await runtime.heartbeat()  # what the restarted box reports
             clock.tick(60)
         assert runtime.restarts == 3
