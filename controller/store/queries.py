@@ -12,6 +12,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     String,
+    Table,
     and_,
     bindparam,
     case,
@@ -307,14 +308,6 @@ def release(session: Session, workspace_ids: Collection[str], replica: str) -> N
         .execution_options(synchronize_session=False))
 
 
-def claims(session: Session) -> dict[str, tuple[str, datetime | None]]:
-    """Workspace -> (replica, until) for every claimed workspace."""
-    rows = session.execute(select(WorkspaceRow.workspace_id, WorkspaceRow.claimed_by,
-                                  WorkspaceRow.claimed_until)
-                           .where(WorkspaceRow.claimed_by.is_not(None)))
-    return {row.workspace_id: (row.claimed_by, row.claimed_until) for row in rows}
-
-
 def load_observed(
     session: Session,
     *,
@@ -384,11 +377,6 @@ def load_observed(
         )
         for row in rows
     }
-
-
-def apply_changes(session: Session, changes: Changes, now: datetime) -> None:
-    """Record what one workspace's pass did, on top of whatever is stored now."""
-    apply_many(session, [(changes, now)])
 
 
 def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> None:
@@ -471,20 +459,21 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
             report_at=case((touch, bindparam("b_at", type_=table.c.report_at.type)),
                            else_=table.c.report_at),
         ), rows)
-    if owned_gone:
-        session.execute(delete(owned_table).where(
-            owned_table.c.workspace_id == bindparam("b_id"),
-            owned_table.c.name == bindparam("b_name")), owned_gone)
-    if owned_new:
-        session.execute(insert(owned_table), owned_new)
-    if attempts_gone:
-        session.execute(delete(attempt_table).where(
-            attempt_table.c.workspace_id == bindparam("b_id"),
-            attempt_table.c.key == bindparam("b_key")), attempts_gone)
-    if attempts_new:
-        session.execute(insert(attempt_table), attempts_new)
+    _replace_rows(session, owned_table, "name", owned_gone, owned_new)
+    _replace_rows(session, attempt_table, "key", attempts_gone, attempts_new)
     if restarts:
         session.execute(insert(Base.metadata.tables[RestartRow.__tablename__]), restarts)
+
+
+def _replace_rows(session: Session, table: Table, key: str, gone: list[dict[str, object]],
+                  new: list[dict[str, object]]) -> None:
+    """Delete rows by (workspace, `key`) given as b_id/b_<key>, then insert `new` (one
+    executemany each)."""
+    if gone:
+        session.execute(delete(table).where(table.c.workspace_id == bindparam("b_id"),
+                                            table.c[key] == bindparam(f"b_{key}")), gone)
+    if new:
+        session.execute(insert(table), new)
 
 
 def prune_restarts(session: Session, before: datetime) -> int:
