@@ -67,6 +67,13 @@ def output_option(function: Callable[..., Any]) -> Callable[..., Any]:
                         show_default=True, help="Output format.")(function)
 
 
+allow_unpinned_option = click.option(
+    "--allow-unpinned", is_flag=True, envvar="PLUGINCTL_ALLOW_UNPINNED",
+    help="Install remote sources (git, gitea, github, https, ...) that carry no pinned ref "
+         "(#tag or #sha; a branch such as #main is not a pin). Default: such a plugin is "
+         "refused, with the reason in its status; local:// sources need no ref.")
+
+
 def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--offline-after", type=click.FloatRange(min=1), default=90.0,
@@ -92,6 +99,7 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Seconds one workspace may take within a pass (default: 60, or 6 "
                           "call timeouts if longer). A replica's claim on a workspace lasts "
                           "twice this plus 10 s: that long a dead replica's workspaces wait."),
+        allow_unpinned_option,
     ]):
         function = option(function)
     return function
@@ -100,7 +108,7 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                 restart_budget: int, runtime_networks: str = "",
                 workspace_timeout: float | None = None,
-                runtime_secret_file: Path | None = None) -> Policy:
+                runtime_secret_file: Path | None = None, allow_unpinned: bool = False) -> Policy:
     if workspace_timeout is not None and workspace_timeout < call_timeout:
         raise click.BadParameter("must be at least --call-timeout",
                                  param_hint="--workspace-timeout")
@@ -111,8 +119,8 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
     return Policy(offline_after=timedelta(seconds=offline_after), concurrency=concurrency,
                   call_timeout=call_timeout, restart_budget=restart_budget,
                   workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6),
-                  runtime_networks=networks, runtime_secret=_secret(runtime_secret_file,
-                                                                    "--runtime-secret-file"))
+                  runtime_networks=networks, allow_unpinned=allow_unpinned,
+                  runtime_secret=_secret(runtime_secret_file, "--runtime-secret-file"))
 
 
 def _secret(path: Path | None, option: str) -> str | None:
@@ -216,15 +224,12 @@ def _kube(kubeconfig: str | None, context: str | None) -> Any:
 def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
-        offline_after: float, concurrency: int, call_timeout: float,
-        restart_budget: int, runtime_networks: str,
-        runtime_secret_file: Path | None, workspace_timeout: float | None) -> None:
+        **policy_args: Any) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
-    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
-                         runtime_networks, workspace_timeout, runtime_secret_file)
+    policy = make_policy(**policy_args)
     if manifests is not None:
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
@@ -266,9 +271,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
 @policy_options
 def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
               kubeconfig: str | None, kube_context: str | None, db: str | None,
-              dry_run: bool, output: str, offline_after: float, concurrency: int,
-              call_timeout: float, restart_budget: int, runtime_networks: str,
-              runtime_secret_file: Path | None, workspace_timeout: float | None) -> None:
+              dry_run: bool, output: str, **policy_args: Any) -> None:
     """One pass over every online workspace, then exit.
 
     Exit 0: every online workspace is in sync afterwards. Exit 2: out of sync (dry run: drift
@@ -279,8 +282,7 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
         raise click.UsageError("reconcile runs exactly one pass: add --once "
                                "(use `pluginctl run` for the periodic loop)")
     _source_of_desired_state(manifests, use_kubernetes)
-    policy = make_policy(offline_after, concurrency, call_timeout, restart_budget,
-                         runtime_networks, workspace_timeout, runtime_secret_file)
+    policy = make_policy(**policy_args)
     errors: list[str] = []
     if manifests is not None:
         desired = load_manifests(manifests)
@@ -349,7 +351,8 @@ def _result_lines(result: WorkspaceResult, dry_run: bool) -> list[str]:
         for outcome in result.outcomes:
             verdict = "ok" if outcome.ok else f"FAILED: {outcome.message}"
             lines.append(f"{outcome.action.describe()}: {verdict}")
-    lines += [f"waiting until {_when(w.until)}: {w.reason}" for w in result.waits]
+    lines += [f"waiting until {_when(w.until)}: {w.reason}" if w.until else
+              f"refused {w.key}: {w.reason}" for w in result.waits]
     if result.restart_pending and not dry_run:
         lines.append("restart pending (held)")
     if result.error:
@@ -425,14 +428,16 @@ def _action_json(action: Any) -> dict[str, Any]:
 @manifests_option(required=False)
 @output_option
 @click.option("--offline-after", type=click.FloatRange(min=1), default=90.0, show_default=True)
+@allow_unpinned_option
 def status_command(db: str | None, manifests: Path | None, output: str,
-                   offline_after: float) -> None:
+                   offline_after: float, allow_unpinned: bool) -> None:
     """Per workspace: phase, desired vs installed, drift, last error, next retry.
 
     Without --manifests only what runtimes reported is known (no desired plugins)."""
     desired = load_manifests(manifests) if manifests else None
     sessions = open_store(db)
-    policy = Policy(offline_after=timedelta(seconds=offline_after))
+    policy = Policy(offline_after=timedelta(seconds=offline_after),
+                    allow_unpinned=allow_unpinned)
     now = utcnow()
     with transaction(sessions) as session:
         observed = queries.load_observed(session, now=None, restart_window=policy.restart_window)

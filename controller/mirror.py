@@ -78,6 +78,12 @@ def conditions_for(state: WorkspaceStatus) -> tuple[Condition, Condition, Condit
     if state.in_sync:
         return make(("True", "InSync", plugins), ("False", "InSync", ""), not_stalled)
     states = {p.state for p in state.plugins}
+    refused = [p for p in state.plugins if p.state is PluginState.REFUSED]
+    if refused:
+        # Nothing will change until the spec (or the controller's policy) does: stalled.
+        message = f"{plugins}; {refused[0].name}: {refused[0].message}"
+        return make(("False", "Refused", message), ("False", "Refused", ""),
+                    ("True", "Refused", message))
     if PluginState.FAILED in states:
         reason = "Failed"
     elif PluginState.HELD in states or state.restart_pending:

@@ -75,6 +75,28 @@ def check_source(source: str) -> str:
     return source
 
 
+#: Sources of this scheme are files the runtime already has: nothing to pin.
+LOCAL_SCHEME = "local"
+#: Refs that move: naming one is not pinning a version.
+MOVING_REFS = frozenset({"head", "main", "master", "trunk", "develop", "latest", "stable"})
+
+
+def pin_problem(source: str) -> str | None:
+    """Why a source is not pinned to one version, or None: a remote source needs a `#tag` or
+    `#sha` that is not a moving branch name; `local://` sources need none."""
+    scheme, _, rest = source.partition("://")
+    if scheme == LOCAL_SCHEME:
+        return None
+    ref = rest.partition("#")[2]
+    if not ref:
+        return (f"source {source} is not pinned: add #<tag> or #<commit sha>, or run the "
+                "controller with --allow-unpinned")
+    if ref.lower() in MOVING_REFS:
+        return (f"source {source} names the moving ref {ref!r}, not a pin: use a tag or a "
+                "commit sha, or run the controller with --allow-unpinned")
+    return None
+
+
 def derive_plugin_name(source: str) -> str:
     """The last path segment of a source without its `#ref`:
     `gitea://org/repo/agent-skills/seo-all#v1` -> `seo-all`."""
@@ -210,6 +232,11 @@ class Policy:
     runtime_networks: RuntimeNetworks = field(default_factory=RuntimeNetworks)
     # Sent to runtimes as `Authorization: Bearer …`, so they can refuse other callers.
     runtime_secret: str | None = field(default=None, repr=False)
+    allow_unpinned: bool = False  # install remote sources without a pinned ref
+
+    def refusal(self, plugin: Plugin) -> str | None:
+        """Why the controller will not install this plugin at all, or None."""
+        return None if self.allow_unpinned else pin_problem(plugin.source)
 
 
 # --- actions: what the planner decides, what the executor performs -------------------------
@@ -242,6 +269,7 @@ class Action:
 class WaitKind(enum.StrEnum):
     BACKOFF = "backoff"  # a failed action waits for its next retry
     RESTART_BUDGET = "restart-budget"  # a restart is needed but the budget is spent
+    REFUSED = "refused"  # an install the policy forbids (an unpinned source): until changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +278,7 @@ class Wait:
 
     kind: WaitKind
     key: str
-    until: datetime
+    until: datetime | None  # None: until the desired state or the policy changes
     reason: str
 
 

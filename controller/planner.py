@@ -90,7 +90,11 @@ def plan(
         want = desired.plugins[name]
         have = report.get(name)
         if have is None or not have.satisfies(want):
-            propose(Action(ActionKind.INSTALL, _drift_reason(have, want), want))
+            refusal = policy.refusal(want)
+            if refusal is None:
+                propose(Action(ActionKind.INSTALL, _drift_reason(have, want), want))
+            else:
+                waits.append(Wait(WaitKind.REFUSED, name, None, refusal))
 
     for name in sorted(observed.owned):
         if name in desired.plugins:

@@ -18,6 +18,7 @@ class PluginState(enum.StrEnum):
     FAILED = "Failed"
     HELD = "Held"
     REMOVING = "Removing"  # installed by us, no longer declared
+    REFUSED = "Refused"  # the policy forbids installing it (an unpinned source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,8 @@ def build(
             state = PluginState.HELD if held else PluginState.INSTALLED
             message = "installed; restart held: budget spent" if held else ""
             plugins.append(PluginStatus(name, want.source, state, message))
+        elif (refusal := policy.refusal(want)) is not None:
+            plugins.append(PluginStatus(name, want.source, PluginState.REFUSED, refusal))
         elif attempt is not None:
             plugins.append(PluginStatus(name, want.source, PluginState.FAILED,
                                         attempt.last_error, attempt.failures,

@@ -94,6 +94,33 @@ async def test_reconcile_reports_failures_with_exit_2(
     assert "Unregistered" in lines["ws-2"]
 
 
+async def test_unpinned_source_is_refused_unless_allowed(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path
+) -> None:
+    (manifest_dir / "workspaces.yaml").write_text(workspace_yaml(
+        "ws-1", plugins=[{"source": "github://example/tool"}]))
+    runtime = await runtime_factory("ws-1")
+    await runtime.register()
+    base = ["reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url]
+
+    code, out, err = await pluginctl(*base)
+    assert code == 2, (out, err)
+    assert "refused tool: source github://example/tool is not pinned" in out
+    assert set(runtime.plugins) == {"seo-all", "notes"}  # the rest is installed
+    assert runtime.count("PUT", "/plugins/tool") == 0
+
+    code, out, _ = await pluginctl("status", "--db", db_url, "--manifests", str(manifest_dir),
+                                   "-o", "json")
+    ws1 = json.loads(out)["workspaces"][0]
+    tool = next(p for p in ws1["plugins"] if p["name"] == "tool")
+    assert tool["state"] == "Refused" and "--allow-unpinned" in tool["message"]
+    assert ws1["in_sync"] is False and ws1["installed"] == 2
+
+    code, out, err = await pluginctl(*base, "--allow-unpinned")
+    assert code == 0, (out, err)
+    assert set(runtime.plugins) == {"seo-all", "notes", "tool"}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["reconcile", "--manifests", "{dir}"], "add --once"),
     (["reconcile", "--once", "--manifests", "{dir}/missing"], "does not exist"),

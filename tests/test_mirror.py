@@ -54,6 +54,10 @@ def test_conditions_follow_kstatus() -> None:
     assert conditions(state(Phase.UNREGISTERED, in_sync=False))["Reconciling"] == (
         "True", "WaitingForRuntime")
     assert conditions(state(Phase.SUSPENDED, in_sync=False))["Ready"] == ("False", "Suspended")
+    refused = PluginStatus("c", "github://o/c", PluginState.REFUSED, "source is not pinned")
+    assert conditions(state(Phase.ONLINE, OK, refused, in_sync=False)) == {
+        "Ready": ("False", "Refused"), "Reconciling": ("False", "Refused"),
+        "Stalled": ("True", "Refused")}
 
 
 def test_transition_time_is_kept_while_a_condition_holds() -> None:
@@ -127,6 +131,9 @@ def test_crds_validate_like_the_core() -> None:
     phases = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
         "properties"]["phase"]["enum"]
     assert set(phases) == {p.value for p in Phase} - {"Unmanaged"}
+    states = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"]["plugins"]["items"]["properties"]["state"]["enum"]
+    assert set(states) == {s.value for s in PluginState}
 
 
 def _descriptions_missing(schema: dict[str, object], path: str) -> list[str]:

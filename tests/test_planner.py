@@ -91,6 +91,24 @@ def test_digest_pin() -> None:
     assert planner.plan(desired(A1), observed([replace(A1, digest="x")]), NOW, POLICY).in_sync
 
 
+def test_unpinned_remote_source_is_refused_for_that_plugin_only() -> None:
+    unpinned = Plugin("tool", "github://org/tool")
+    branch = Plugin("lib", "gitea://org/lib#main")
+    plan = planner.plan(desired(unpinned, branch, B, USER), observed([]), NOW, POLICY)
+    assert kinds(plan) == [("install", "b"), ("install", "u")]  # pinned and local:// go ahead
+    refused = {w.key: w for w in plan.waits}
+    assert set(refused) == {"tool", "lib"} and not plan.in_sync
+    assert all(w.kind is WaitKind.REFUSED and w.until is None for w in refused.values())
+    assert "github://org/tool is not pinned" in refused["tool"].reason
+    assert "--allow-unpinned" in refused["tool"].reason
+    assert "moving ref 'main'" in refused["lib"].reason
+    allowed = planner.plan(desired(unpinned, branch), observed([]), NOW,
+                           replace(POLICY, allow_unpinned=True))
+    assert kinds(allowed) == [("install", "lib"), ("install", "tool")] and not allowed.waits
+    # Already there as declared (installed before, or by hand): nothing to refuse.
+    assert planner.plan(desired(unpinned), observed([unpinned]), NOW, POLICY).in_sync
+
+
 def test_backoff_waits_then_retries() -> None:
     attempt = Attempt(2, "HTTP 500", NOW, NOW + timedelta(seconds=10))
     seen = observed([], attempts={"a": attempt})
