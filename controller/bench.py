@@ -33,7 +33,7 @@ from aiohttp import web
 from controller import tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
-from controller.http import start_site
+from controller.http import runner_for, start_site
 from controller.models import DesiredWorkspace, Plugin, Policy, utcnow
 from controller.reconciler import Hints, PassReport, reconcile_once, run_forever
 from controller.registry import make_app
@@ -355,7 +355,7 @@ async def converge(target: Target, workspaces: int, latency: float, say: Say
                               utcnow(), "bench")
     policy = Policy(concurrency=64)
     hints = Hints()
-    runner = web.AppRunner(make_app(sessions, hint=hints), access_log=None)
+    runner = runner_for(make_app(sessions, hint=hints))
     await runner.setup()
     port = await start_site(runner, "127.0.0.1", 0)
     stop = asyncio.Event()

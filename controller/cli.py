@@ -20,6 +20,7 @@ import click
 from controller import manifests, service, status, tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
+from controller.http import Limits
 from controller.models import (
     InvalidSpec,
     Plugin,
@@ -220,22 +221,27 @@ def _kube(kubeconfig: str | None, context: str | None) -> Any:
 @click.option("--identity", default=None, envvar="PLUGINCTL_IDENTITY",
               help="This replica's name: the holder of the Lease, and of the claims on the "
                    "workspaces it acts on. Unique per replica (default: host-pid).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=Limits().max_connections,
+              show_default=True, help="Registry connections open at once; more are closed "
+                                      "on arrival (slow or idle ones are closed on time).")
 @policy_options
 def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
-        **policy_args: Any) -> None:
+        max_connections: int, **policy_args: Any) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
     policy = make_policy(**policy_args)
+    limits = Limits(max_connections=max_connections)
     if manifests is not None:
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
         sessions = open_store(db)
         serving = service.serve(lambda: load_manifests(directory), sessions, policy,
-                                host, port, interval, replica=identity or DEFAULT_REPLICA)
+                                host, port, interval, replica=identity or DEFAULT_REPLICA,
+                                limits=limits)
     else:
         from controller import operator
         from controller.leader import LeaseConfig
@@ -252,7 +258,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
                                          on_pass=service.log_pass)
 
         serving = service.serve(None, sessions, policy, host, port, interval,
-                                loop_factory=operator_loop)
+                                loop_factory=operator_loop, limits=limits)
     try:
         asyncio.run(serving)
     except OSError as error:

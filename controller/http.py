@@ -1,14 +1,154 @@
-"""Small helpers for the aiohttp servers pluginctl runs (the registry, the reference runtime)."""
+"""Small helpers for the aiohttp servers pluginctl runs (the registry, the reference runtime),
+and the connection limits that let the registry outlast slow or idle clients: a request head
+must arrive within `head_seconds` of its first byte (else 408 and the connection is closed),
+an idle connection is closed after `keepalive_seconds`, and connections beyond
+`max_connections` are closed as soon as they are accepted."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Time and size limits of a server (documented in the README with these defaults)."""
+
+    head_seconds: float = 10.0  # first byte of a request -> its last header line
+    body_seconds: float = 10.0  # headers -> the whole body (registry: 408 after)
+    handler_seconds: float = 30.0  # a whole request, body included (registry: 503 after)
+    keepalive_seconds: float = 20.0  # an idle connection is closed after this
+    max_connections: int = 10_000  # open connections beyond this are closed at once
+
+
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", object)  # type: ignore[arg-type]
+
+_TOO_SLOW_BODY = b'{"error": "request head not received in time"}'
+_TOO_SLOW = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+             b"Content-Type: application/json\r\nContent-Length: "
+             + str(len(_TOO_SLOW_BODY)).encode() + b"\r\n\r\n" + _TOO_SLOW_BODY)
+
+
+class _Guarded(asyncio.Protocol):
+    """Wraps one connection's aiohttp protocol: starts the head clock when bytes arrive
+    between requests, and stops it when a request reaches the application."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self.guard = guard
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_request = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if len(self.guard.open) >= self.guard.limits.max_connections:
+            self.guard.refused += 1
+            transport.abort()
+            return
+        self.guard.open[transport] = self
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_request and self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(
+                self.guard.limits.head_seconds, self._too_slow)
+        self.inner.data_received(data)
+
+    def _too_slow(self) -> None:
+        self.timer = None
+        if self.transport is not None and not self.in_request:
+            self.guard.timed_out += 1
+            self.transport.write(_TOO_SLOW)
+            self.transport.close()
+
+    def request_started(self) -> None:
+        self.in_request = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def request_finished(self) -> None:
+        self.in_request = False
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None and self.guard.open.pop(self.transport, None) is self:
+            self.inner.connection_lost(exc)
+
+
+class ConnectionGuard:
+    """The protocol factory of a guarded site, and what it has counted."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.open: dict[asyncio.BaseTransport, _Guarded] = {}
+        self.refused = 0  # connections closed on arrival (over max_connections)
+        self.timed_out = 0  # connections closed for a slow request head
+
+    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _Guarded(self, inner())
+
+    def of(self, request: web.BaseRequest) -> _Guarded | None:
+        transport = request.transport
+        return self.open.get(transport) if transport is not None else None
+
+
+@web.middleware
+async def request_limits(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Marks the request as under way (the head arrived in time) for the connection guard."""
+    guard = request.app.get(GUARD)
+    connection = guard.of(request) if guard is not None else None
+    if connection is None:
+        return await handler(request)  # type: ignore[no-any-return]
+    connection.request_started()
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        connection.request_finished()
+
+
+class _GuardedSite(web.SockSite):
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard):
+        super().__init__(runner, sock, backlog=1024)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard.factory(server), sock=self._sock, backlog=1024)
+
+
+def runner_for(app: web.Application) -> web.AppRunner:
+    """An AppRunner with the app's keep-alive limit (if it declares limits)."""
+    limits = app.get(LIMITS)
+    if limits is None:
+        return web.AppRunner(app, access_log=None)
+    return web.AppRunner(app, access_log=None, keepalive_timeout=limits.keepalive_seconds)
+
+
 async def start_site(runner: web.AppRunner, host: str, port: int) -> int:
-    """Listen on host:port (port 0: any free port) and return the port actually bound."""
+    """Listen on host:port (port 0: any free port) and return the port actually bound. An app
+    with a connection guard (the registry) gets its limits enforced on every connection."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -17,5 +157,8 @@ async def start_site(runner: web.AppRunner, host: str, port: int) -> int:
     except OSError:
         listener.close()
         raise
-    await web.SockSite(runner, listener).start()
+    guard = runner.app.get(GUARD)
+    site = (web.SockSite(runner, listener) if guard is None
+            else _GuardedSite(runner, listener, guard))
+    await site.start()
     return int(listener.getsockname()[1])

@@ -19,6 +19,7 @@ import pydantic
 from aiohttp import web
 
 from controller import api, tokens
+from controller.http import GUARD, LIMITS, ConnectionGuard, Limits, request_limits
 from controller.models import Plugin, plugins_digest, utcnow
 from controller.networks import RuntimeNetworks
 from controller.store import DatabaseError, PinnedReader, Sessions, queries, transaction
@@ -249,10 +250,14 @@ def _bearer(request: web.Request) -> str:
 async def _body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    seconds = request.app[LIMITS].body_seconds
     try:
-        return await request.read()
+        async with asyncio.timeout(seconds):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as error:
         raise RequestError(413, f"body larger than {MAX_BODY_BYTES} bytes") from error
+    except TimeoutError as error:
+        raise RequestError(408, f"body not received within {seconds:g}s") from error
 
 
 Model = type[api.RegisterRequest] | type[api.HeartbeatRequest]
@@ -284,8 +289,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    seconds = request.app[LIMITS].handler_seconds
     try:
-        return await handler(request)
+        async with asyncio.timeout(seconds):
+            return await handler(request)
+    except TimeoutError:
+        log.error("%s not answered within %gs (store too slow?)", request.path, seconds)
+        return _error(503, f"not answered within {seconds:g}s, retry later")
     except RequestError as error:
         return _error(error.status, error.message)
     except DatabaseError as error:
@@ -342,8 +352,11 @@ def _no_hint(_workspace_id: str) -> None:
 
 
 def make_app(sessions: Sessions, hint: Hint | None = None,
-             networks: RuntimeNetworks | None = None) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+             networks: RuntimeNetworks | None = None,
+             limits: Limits | None = None) -> web.Application:
+    app = web.Application(middlewares=[request_limits, _errors], client_max_size=MAX_BODY_BYTES)
+    app[LIMITS] = limits or Limits()
+    app[GUARD] = ConnectionGuard(app[LIMITS])
     app[SESSIONS] = sessions
     app[NETWORKS] = networks or RuntimeNetworks()
     app[HINT] = hint or _no_hint

@@ -9,11 +9,9 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
-
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
-from controller.http import start_site
+from controller.http import Limits, runner_for, start_site
 from controller.models import Policy
 from controller.reconciler import DEFAULT_REPLICA, Hints, PassCallback, PassReport, run_forever
 from controller.registry import make_app
@@ -54,6 +52,7 @@ async def serve(
     on_pass: PassCallback | None = None,
     loop_factory: Loop | None = None,
     replica: str = DEFAULT_REPLICA,
+    limits: Limits | None = None,
 ) -> None:
     """The registry API and a control loop (the standalone loop over `source`, or
     `loop_factory`, e.g. the operator's), until SIGINT/SIGTERM or `stop`. Raises OSError if
@@ -64,8 +63,8 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)
     hints = Hints()
-    runner = web.AppRunner(make_app(sessions, hint=hints, networks=policy.runtime_networks),
-                           access_log=None)
+    runner = runner_for(make_app(sessions, hint=hints, networks=policy.runtime_networks,
+                                 limits=limits))
     await runner.setup()
     try:
         bound = await start_site(runner, host, port)

@@ -3,7 +3,10 @@ loopback, and reference runtimes on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -150,6 +153,20 @@ spec:
     - source: gitea://org/repo/agent-skills/seo-all#v1
     - source: local://plugins/notes
 """
+
+
+async def wait_for(condition: Callable[[], Any], what: str = "condition",
+                   timeout: float = 30.0) -> Any:
+    """Wait for `condition()` (a value or an awaitable) to be truthy, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def workspace_yaml(name: str, **spec: Any) -> str:

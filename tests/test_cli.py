@@ -7,14 +7,13 @@ import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from controller.agent import Faults
 
-from .conftest import TEMPLATE, Registry, RuntimeFactory, workspace_yaml
+from .conftest import TEMPLATE, Registry, RuntimeFactory, wait_for, workspace_yaml
 from .pg import free_port
 
 
@@ -186,16 +185,6 @@ async def test_token_create_and_pause_resume(sqlite_url: str) -> None:
     assert code == 0 and "resumed" in out
     code, out, _ = await pluginctl("status", "--db", sqlite_url, "-o", "json")
     assert json.loads(out)["workspaces"][0]["phase"] == "Unregistered"
-
-
-async def wait_for(condition, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await condition()
-        if result:
-            return result
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
