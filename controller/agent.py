@@ -30,6 +30,8 @@ class Faults:
     install_delay: float = 0.0  # seconds each PUT takes
     failing_plugins: set[str] = field(default_factory=set)  # PUT answers 500 for these
     unavailable: bool = False  # every runtime API call answers 503
+    hang: bool = False  # every call gets its headers and part of a body, then nothing more
+    garbage: bool = False  # every call answers 200 with a body that is not JSON
     restart_required: bool = True  # a PUT that changes something asks for a restart
 
 
@@ -96,6 +98,14 @@ class ReferenceRuntime:
                                      status=401)
         if self.faults.unavailable:
             return web.json_response({"error": "runtime unavailable"}, status=503)
+        if self.faults.garbage:
+            return web.Response(body=b"\x00\xff<html>not json", content_type="text/html")
+        if self.faults.hang:
+            hanging = web.StreamResponse(headers={"Content-Type": "application/json",
+                                                  "Content-Length": "1000"})
+            await hanging.prepare(request)
+            await hanging.write(b'{"plugins": [')
+            await asyncio.Event().wait()  # until the caller gives up and hangs up
         response: web.StreamResponse = await handler(request)
         return response
 
@@ -219,6 +229,10 @@ class ReferenceRuntime:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
 
     async def __aenter__(self) -> ReferenceRuntime:
         return await self.start()

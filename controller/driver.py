@@ -81,7 +81,9 @@ class RuntimeDriver:
             raise RuntimeCallError(f"{method} {_path(url)}: refused: {reason}")
         try:
             async with self._session.request(method, url, json=body) as response:
-                text = await response.text()
+                raw = await response.read()
+                # Whatever a runtime sends (even bytes that are not UTF-8) is only data.
+                text = raw.decode("utf-8", errors="replace")
                 if response.status not in ok:
                     detail = _error_detail(text)
                     raise RuntimeCallError(f"{method} {_path(url)}: HTTP {response.status}"

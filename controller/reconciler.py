@@ -483,6 +483,9 @@ async def _execute_workspace(
                 await executor.execute(driver, url, plan, done)
     except TimeoutError:
         error = f"workspace pass exceeded {deadline:g}s; the rest waits"
+    except Exception as exc:  # a bug must not stop the other workspaces' turns
+        log.exception("unexpected error while acting on %s", seen.workspace_id)
+        error = f"unexpected error: {type(exc).__name__}: {exc}"
 
     changes = outcomes.changes_from(seen, done, now, policy, rand)
     try:
