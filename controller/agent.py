@@ -159,7 +159,7 @@ class ReferenceRuntime:
         await asyncio.sleep(0.05)
         if self.faults.lose_plugins_on_restart:
             self.plugins.clear()
-        if self.registry_url:
+        if self.registry_url and self._client is not None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 await self.register()
 
@@ -206,7 +206,15 @@ class ReferenceRuntime:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
-                await self.heartbeat()
+                try:
+                    await self.heartbeat()
+                except aiohttp.ClientResponseError as error:
+                    if error.status != 409:
+                        raise
+                    # The registry does not know us (its store was reset or restored):
+                    # register again, as the 409 asks.
+                    log.warning("%s: not registered; registering again", self.workspace_id)
+                    await self.register()
             except (aiohttp.ClientError, TimeoutError) as error:
                 log.warning("%s: heartbeat failed: %s", self.workspace_id, error)
 

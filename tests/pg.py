@@ -61,7 +61,9 @@ class PostgresServer:
         self.pg_ctl("start", "-w", "-l", str(self.datadir / "server.log"))
 
 
-def start() -> PostgresServer:
+def start(durable: bool = False) -> PostgresServer:
+    """A new server. Not `durable`: commits may be lost when it is killed (fast); durable:
+    a commit survives `stop()` (immediate shutdown), as on a real server."""
     bindir = find_bindir()
     base = Path(tempfile.mkdtemp(prefix="pluginctl-pg-"))
     datadir = base / "data"
@@ -78,7 +80,8 @@ def start() -> PostgresServer:
     with (datadir / "postgresql.conf").open("a") as conf:
         conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
                    f"unix_socket_directories = '{datadir}'\nfsync = off\n"
-                   "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n")
+                   f"synchronous_commit = {'on' if durable else 'off'}\n"
+                   "full_page_writes = off\nmax_connections = 200\n")
     server = PostgresServer(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
                             datadir, bindir, as_user)
     server.start()

@@ -6,19 +6,26 @@ in test_replicas.)"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import aiohttp
 import pytest
 from freezegun import freeze_time
 
-from controller.agent import ReferenceRuntime
+from controller import service
+from controller.agent import Faults, ReferenceRuntime
+from controller.desired import Desired
 from controller.models import Policy, utcnow
+from controller.registry import issue_token
 from controller.status import PluginState
 from controller.status import build as build_status
-from controller.store import Sessions, queries, transaction
+from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
 
-from .conftest import NOTES, SEO, RuntimeFactory, fleet
+from . import pg
+from .conftest import NOTES, SEO, RuntimeFactory, fleet, wait_for
 from .test_loop import has, one_pass
 
 
@@ -97,3 +104,84 @@ async def test_a_faulty_runtime_backs_off_alone_and_converges_once_healed(
     assert has(broken, SEO, NOTES)
     with transaction(sessions) as session:
         assert queries.load_observed(session)["broken"].attempts == {}
+
+
+@asynccontextmanager
+async def controller(sessions: Sessions, desired: Desired, policy: Policy
+                     ) -> AsyncIterator[str]:
+    """`pluginctl run` in this process (registry + loop, a full pass every second)."""
+    stop = asyncio.Event()
+    ports: list[int] = []
+    serving = asyncio.create_task(service.serve(lambda: desired, sessions, policy,
+                                                "127.0.0.1", 0, 1.0, started=ports.append,
+                                                stop=stop))
+    await wait_for(lambda: ports or serving.done(), "the registry listening")
+    try:
+        yield f"http://127.0.0.1:{ports[0]}"
+        assert not serving.done(), "the controller stopped on its own"
+    finally:
+        stop.set()
+        await serving
+
+
+@asynccontextmanager
+async def runtimes(sessions: Sessions, registry_url: str, names: list[str],
+                   faults: Faults | None = None) -> AsyncIterator[list[ReferenceRuntime]]:
+    """Reference runtimes that register and then heartbeat every 0.2 s."""
+    started = [ReferenceRuntime(name, registry_url=registry_url, faults=faults,
+                                token=issue_token(sessions, name), heartbeat_interval=0.2)
+               for name in names]
+    try:
+        for runtime in started:
+            await runtime.start()
+            await runtime.register()
+            runtime.start_heartbeats()
+        yield started
+    finally:
+        for runtime in started:
+            await runtime.stop()
+
+
+def owned_everywhere(sessions: Sessions, names: list[str]) -> bool:
+    with transaction(sessions) as session:
+        observed = queries.load_observed(session)
+    return all(name in observed and set(observed[name].owned) == {"seo-all", "notes"}
+               and not observed[name].attempts for name in names)
+
+
+@pytest.mark.postgres
+async def test_postgres_stopped_mid_pass_and_started_again() -> None:
+    """PostgreSQL dies while installs are under way: the registry answers 503, the pass's
+    writes fail whole (one transaction each), the loop keeps running; once the server is
+    back the fleet converges without help, each install done at most once more (idempotent)."""
+    server = await asyncio.to_thread(pg.start, True)
+    engine = make_engine(server.url)
+    try:
+        upgrade(engine)
+        sessions = make_sessions(engine)
+        names = [f"ws-{i}" for i in range(6)]
+        policy = Policy(call_timeout=5.0)
+        async with controller(sessions, fleet(*names), policy) as url, \
+                runtimes(sessions, url, names, Faults(install_delay=1.0)) as fleet_:
+            await wait_for(lambda: any(r.count("PUT") for r in fleet_), "installs under way")
+            await asyncio.to_thread(server.stop)  # immediate: connections die mid-statement
+
+            async def refused() -> bool:
+                async with aiohttp.ClientSession() as client, client.post(
+                        f"{url}/registry/heartbeat", json={"workspace_id": "ws-0"},
+                        headers={"Authorization": f"Bearer {fleet_[0].token}"}) as answer:
+                    return answer.status == 503
+            await wait_for(refused, "the registry to answer 503 while the store is down")
+            await asyncio.to_thread(server.start)
+
+            await wait_for(lambda: all(has(r, SEO, NOTES) for r in fleet_)
+                           and owned_everywhere(sessions, names), "convergence", timeout=60)
+        for runtime in fleet_:
+            for plugin in ("seo-all", "notes"):
+                assert runtime.count("PUT", f"/plugins/{plugin}") <= 2, runtime.calls
+        with transaction(sessions) as session:
+            observed = queries.load_observed(session)
+        assert sorted(observed) == names
+    finally:
+        engine.dispose()
+        await asyncio.to_thread(pg.destroy, server)
