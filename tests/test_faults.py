@@ -7,9 +7,12 @@ in test_replicas.)"""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -25,7 +28,9 @@ from controller.status import build as build_status
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
 
 from . import pg
-from .conftest import NOTES, SEO, RuntimeFactory, fleet, wait_for
+from .conftest import NOTES, SEO, TEMPLATE, RuntimeFactory, fleet, wait_for, workspace_yaml
+from .fleet import serve_fleet
+from .pg import free_port
 from .test_loop import has, one_pass
 
 
@@ -185,3 +190,90 @@ async def test_postgres_stopped_mid_pass_and_started_again() -> None:
     finally:
         engine.dispose()
         await asyncio.to_thread(pg.destroy, server)
+
+
+class RunProcess:
+    """`pluginctl run` as a real process on a fixed port, so it can be killed and started
+    again where the runtimes expect it."""
+
+    def __init__(self, manifests: Path, db: str, *extra: str) -> None:
+        self.args = ["run", "--manifests", str(manifests), "--db", db, "--interval", "1",
+                     *extra]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", *self.args, "--listen",
+            f"127.0.0.1:{self.port}", stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+
+        async def healthy() -> bool:
+            assert self.process is not None and self.process.returncode is None, "exited"
+            try:
+                async with aiohttp.ClientSession() as client, client.get(
+                        f"{self.url}/healthz") as answer:
+                    return answer.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(healthy, "pluginctl run listening", 60)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> int | None:
+        if self.process is None or self.process.returncode is not None:
+            return None
+        self.process.terminate()
+        return await asyncio.wait_for(self.process.wait(), 30)
+
+
+def manifest_dir(tmp_path: Path, names: list[str], *documents: str) -> Path:
+    directory = tmp_path / "manifests"
+    directory.mkdir(exist_ok=True)
+    (directory / "fleet.yaml").write_text("---\n".join(
+        [TEMPLATE, *(workspace_yaml(name) for name in names), *documents]))
+    return directory
+
+
+async def test_controller_killed_mid_pass_converges_on_restart(tmp_path: Path) -> None:
+    """SIGKILL while installs are in flight, then a new process (a new identity, as after a
+    pod restart): the dead process's claims run out, every workspace converges, no plugin is
+    installed more than once beyond one idempotent repeat, and the new process stays up."""
+    names = [f"ws-{i:02d}" for i in range(20)]
+    db = f"sqlite:///{tmp_path / 'pluginctl.db'}"
+    run = RunProcess(manifest_dir(tmp_path, names), db, "--call-timeout", "2",
+                     "--workspace-timeout", "3", "--concurrency", "4")
+    engine = make_engine(db)
+    upgrade(engine)
+    sessions = make_sessions(engine)
+    tokens = {name: issue_token(sessions, name) for name in names}
+    async with serve_fleet() as fleet_:
+        await run.start()
+        try:
+            async with aiohttp.ClientSession() as client:
+                for name in names:
+                    async with client.post(
+                            f"{run.url}/registry/register",
+                            json={"workspace_id": name, "url": f"{fleet_.url}/w/{name}",
+                                  "plugins": []},
+                            headers={"Authorization": f"Bearer {tokens[name]}"}) as answer:
+                        assert answer.status == 200
+            await wait_for(lambda: any(fleet_.in_flight.values()), "installs in flight")
+            await run.kill()
+            await run.start()
+            await wait_for(lambda: all(fleet_.installed[n] >= {"seo-all", "notes"}
+                                       for n in names), "every workspace converged", 60)
+            await wait_for(lambda: owned_everywhere(sessions, names), "outcomes recorded")
+            assert run.process is not None and run.process.returncode is None
+        finally:
+            code = await run.stop()
+    engine.dispose()
+    assert code == 0
+    assert fleet_.overlaps == []
+    assert max(fleet_.puts.values()) <= 2, fleet_.puts
+    assert len(fleet_.puts) == 2 * len(names)

@@ -8,97 +8,27 @@ import asyncio
 import os
 import signal
 import sys
-import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from sqlalchemy import create_engine
 
-from controller.http import start_site
 from controller.registry import issue_token
 from controller.store import make_engine, make_sessions, upgrade
 
-from .conftest import TEMPLATE, _fresh_postgres_database, workspace_yaml
+from .conftest import TEMPLATE, _fresh_postgres_database, wait_for, workspace_yaml
+from .fleet import Fleet, serve_fleet
 from .pg import free_port
 
 WORKSPACES = 45
-INSTALL_SECONDS = 0.15  # slow enough that overlapping calls would be seen
-
-
-@dataclass
-class Fleet:
-    """Many runtimes behind one port (/w/{id}/...), recording who calls each workspace and
-    whether two calls to one workspace were ever in flight at the same time."""
-
-    installed: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    in_flight: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    overlaps: list[tuple[str, str, str]] = field(default_factory=list)
-    installs_by: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    url: str = ""
-
-    async def _enter(self, request: web.Request) -> tuple[str, str]:
-        workspace_id = request.match_info["id"]
-        caller = request.headers.get("User-Agent", "?").removeprefix("pluginctl/")
-        for other in self.in_flight[workspace_id]:
-            self.overlaps.append((workspace_id, other, caller))
-        self.in_flight[workspace_id].append(caller)
-        return workspace_id, caller
-
-    async def list_plugins(self, request: web.Request) -> web.Response:
-        workspace_id, caller = await self._enter(request)
-        try:
-            return web.json_response({"plugins": [
-                {"name": name, "source": f"local://plugins/{name}"}
-                for name in sorted(self.installed[workspace_id])]})
-        finally:
-            self.in_flight[workspace_id].remove(caller)
-
-    async def install(self, request: web.Request) -> web.Response:
-        workspace_id, caller = await self._enter(request)
-        try:
-            await request.read()
-            await asyncio.sleep(INSTALL_SECONDS)
-            self.installed[workspace_id].add(request.match_info["name"])
-            self.installs_by[caller] += 1
-            return web.json_response({"restart_required": False})
-        finally:
-            self.in_flight[workspace_id].remove(caller)
-
-    def in_flight_by(self, caller: str) -> bool:
-        return any(caller in callers for callers in self.in_flight.values())
 
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[Fleet]:
-    state = Fleet()
-    app = web.Application()
-    app.router.add_get("/w/{id}/plugins", state.list_plugins)
-    app.router.add_put("/w/{id}/plugins/{name}", state.install)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    state.url = f"http://127.0.0.1:{await start_site(runner, '127.0.0.1', 0)}"
-    try:
+    async with serve_fleet() as state:
         yield state
-    finally:
-        await runner.cleanup()
-
-
-async def eventually(condition: Callable[[], Awaitable[bool] | bool], seconds: float,
-                     what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        result = condition()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"timed out after {seconds}s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_three_replicas_share_the_fleet_and_take_over_a_dead_ones_share(
@@ -137,7 +67,7 @@ async def test_three_replicas_share_the_fleet_and_take_over_a_dead_ones_share(
                         return False
 
                 for name, port in ports.items():
-                    await eventually(lambda port=port: healthy(port), 60, f"{name} up")
+                    await wait_for(lambda port=port: healthy(port), f"{name} up", 60)
 
                 async def register(workspace_id: str, replica: str) -> None:
                     async with client.post(
@@ -153,7 +83,7 @@ async def test_three_replicas_share_the_fleet_and_take_over_a_dead_ones_share(
                 await asyncio.gather(*(register(workspace_id, f"r{i % 3 + 1}")
                                        for i, workspace_id in enumerate(first)))
                 # r3 dies the moment it is in the middle of an install.
-                await eventually(lambda: fleet.in_flight_by("r3"), 30, "r3 acting")
+                await wait_for(lambda: fleet.in_flight_by("r3"), "r3 acting", 30)
                 victims = {w for w, callers in fleet.in_flight.items() if "r3" in callers}
                 replicas["r3"].send_signal(signal.SIGKILL)
                 await replicas["r3"].wait()
@@ -165,7 +95,7 @@ async def test_three_replicas_share_the_fleet_and_take_over_a_dead_ones_share(
                     return all(fleet.installed[w] >= want for w in ids)
 
                 # A dead replica's claims run out after 2 x workspace timeout + 10 s.
-                await eventually(converged, 60, "every workspace converged")
+                await wait_for(converged, "every workspace converged", 60)
         finally:
             for process in replicas.values():
                 if process.returncode is None:
