@@ -277,3 +277,54 @@ async def test_controller_killed_mid_pass_converges_on_restart(tmp_path: Path) -
     assert fleet_.overlaps == []
     assert max(fleet_.puts.values()) <= 2, fleet_.puts
     assert len(fleet_.puts) == 2 * len(names)
+
+
+async def test_registry_restarted_while_heartbeats_flow(tmp_path: Path) -> None:
+    """The registry (with its loop) goes away and comes back while runtimes heartbeat every
+    0.2 s: their heartbeats fail meanwhile and then succeed again without help, a change of
+    desired state made after the restart reaches every online workspace, and a workspace
+    that went offline gets no call at all."""
+    names = [f"ws-{i}" for i in range(4)]
+    db = f"sqlite:///{tmp_path / 'pluginctl.db'}"
+    directory = manifest_dir(tmp_path, [*names, "gone"])
+    run = RunProcess(directory, db, "--offline-after", "3", "--call-timeout", "2")
+    engine = make_engine(db)
+    upgrade(engine)
+    sessions = make_sessions(engine)
+    await run.start()
+    try:
+        async with runtimes(sessions, run.url, names) as live:
+            gone = ReferenceRuntime("gone", registry_url=run.url,
+                                    token=issue_token(sessions, "gone"))
+            await gone.start()
+            try:
+                await gone.register()  # and never a heartbeat: offline 3 s after its last word
+                await wait_for(lambda: all(has(r, SEO, NOTES) for r in [*live, gone]),
+                               "first convergence")
+                await wait_for(lambda: not online(sessions, "gone"), "gone offline", 10)
+                calls_to_gone = len(gone.calls)
+
+                await run.stop()
+                before = [r.heartbeats for r in live]
+                manifest = directory / "fleet.yaml"
+                manifest.write_text(manifest.read_text().replace(
+                    "  plugins:\n", "  plugins:\n    - source: local://plugins/extra\n", 1))
+                await run.start()
+                await wait_for(lambda: all(r.heartbeats > b for r, b in zip(live, before,
+                                                                            strict=True)),
+                               "heartbeats accepted again")
+                await wait_for(lambda: all("extra" in r.plugins for r in live),
+                               "the new plugin everywhere online", 30)
+                assert len(gone.calls) == calls_to_gone and "extra" not in gone.plugins
+            finally:
+                await gone.stop()
+    finally:
+        code = await run.stop()
+        engine.dispose()
+    assert code == 0
+
+
+def online(sessions: Sessions, workspace_id: str) -> bool:
+    with transaction(sessions) as session:
+        observed = queries.load_observed(session, only=[workspace_id])
+    return observed[workspace_id].is_online(utcnow(), timedelta(seconds=3))
