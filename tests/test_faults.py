@@ -7,21 +7,27 @@ in test_replicas.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from freezegun import freeze_time
 
 from controller import service
 from controller.agent import Faults, ReferenceRuntime
 from controller.desired import Desired
+from controller.http import start_site
 from controller.models import Policy, utcnow
+from controller.reconciler import Hints, PassCallback, PassReport
 from controller.registry import issue_token
 from controller.status import PluginState
 from controller.status import build as build_status
@@ -32,6 +38,8 @@ from .conftest import NOTES, SEO, TEMPLATE, RuntimeFactory, fleet, wait_for, wor
 from .fleet import serve_fleet
 from .pg import free_port
 from .test_loop import has, one_pass
+
+LOSS = 0.3  # the share of edges the lossy harness drops
 
 
 async def _timeout(runtime: ReferenceRuntime) -> None:
@@ -112,14 +120,14 @@ async def test_a_faulty_runtime_backs_off_alone_and_converges_once_healed(
 
 
 @asynccontextmanager
-async def controller(sessions: Sessions, desired: Desired, policy: Policy
-                     ) -> AsyncIterator[str]:
+async def controller(sessions: Sessions, desired: Desired, policy: Policy,
+                     on_pass: PassCallback | None = None) -> AsyncIterator[str]:
     """`pluginctl run` in this process (registry + loop, a full pass every second)."""
     stop = asyncio.Event()
     ports: list[int] = []
     serving = asyncio.create_task(service.serve(lambda: desired, sessions, policy,
                                                 "127.0.0.1", 0, 1.0, started=ports.append,
-                                                stop=stop))
+                                                stop=stop, on_pass=on_pass))
     await wait_for(lambda: ports or serving.done(), "the registry listening")
     try:
         yield f"http://127.0.0.1:{ports[0]}"
@@ -328,3 +336,101 @@ def online(sessions: Sessions, workspace_id: str) -> bool:
     with transaction(sessions) as session:
         observed = queries.load_observed(session, only=[workspace_id])
     return observed[workspace_id].is_online(utcnow(), timedelta(seconds=3))
+
+
+class Tracked(ReferenceRuntime):
+    """Remembers how many full passes the loop had finished when its register first got
+    through to the registry."""
+
+    def __init__(self, *args: Any, passes: list[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.passes = passes  # [full passes finished so far], shared with the test
+        self.registered_at: int | None = None
+
+    async def register(self) -> dict[str, Any]:
+        answer = await super().register()
+        if self.registered_at is None:
+            self.registered_at = self.passes[0]
+        return answer
+
+
+@asynccontextmanager
+async def lossy_proxy(target: str, rand: random.Random) -> AsyncIterator[str]:
+    """A proxy in front of the registry that loses a share of the calls (the runtime sees an
+    error; the registry never hears of it)."""
+    lost: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        if rand.random() < LOSS:
+            lost.append(request.path)
+            return web.json_response({"error": "lost by the harness"}, status=503)
+        async with aiohttp.ClientSession() as client, client.post(
+                target + request.path, data=await request.read(),
+                headers={k: v for k, v in request.headers.items()
+                         if k in ("Authorization", "Content-Type")}) as answer:
+            return web.Response(body=await answer.read(), status=answer.status,
+                                content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        yield f"http://127.0.0.1:{await start_site(runner, '127.0.0.1', 0)}"
+    finally:
+        assert lost, "the harness lost nothing"
+        await runner.cleanup()
+
+
+async def test_lost_edges_still_converge_within_two_full_passes(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 % of registers and heartbeats never reach the registry, and 30 % of the hints the
+    registry gives the loop are lost: every workspace still converges by the end of the
+    second full pass after its register got through (the documented bound)."""
+    rand = random.Random(7)
+    dropped: list[str] = []
+    original = Hints.__call__
+
+    def lossy_hint(self: Hints, workspace_id: str) -> None:
+        if rand.random() < LOSS:
+            dropped.append(workspace_id)
+        else:
+            original(self, workspace_id)
+
+    monkeypatch.setattr(Hints, "__call__", lossy_hint)
+    names = [f"ws-{i:02d}" for i in range(12)]
+    full_passes = [0]
+    converged_at: dict[str, int] = {}
+    fleet_: list[Tracked] = []
+
+    def on_pass(_report: PassReport, trigger: str) -> None:
+        full_passes[0] += trigger == "periodic"
+        for runtime in fleet_:
+            if runtime.workspace_id not in converged_at and has(runtime, SEO, NOTES):
+                converged_at[runtime.workspace_id] = full_passes[0]
+
+    policy = Policy(call_timeout=2.0)
+    async with controller(sessions, fleet(*names), policy, on_pass) as url, \
+            lossy_proxy(url, rand) as proxy:
+        for index, name in enumerate(names):
+            runtime = Tracked(name, registry_url=proxy, report=index % 2 == 0,
+                              token=issue_token(sessions, name), heartbeat_interval=0.2,
+                              passes=full_passes)
+            await runtime.start()
+            fleet_.append(runtime)
+        try:
+            for runtime in fleet_:
+                runtime.start_heartbeats()  # heartbeats answered 409 re-register (also lossy)
+                with contextlib.suppress(aiohttp.ClientResponseError):
+                    await runtime.register()
+            await wait_for(lambda: len(converged_at) == len(names), "convergence", 60)
+            registered_at = {r.workspace_id: r.registered_at for r in fleet_
+                             if r.registered_at is not None}
+        finally:
+            for runtime in fleet_:
+                await runtime.stop()
+    assert dropped, "no hint was lost"
+    late = {n: (registered_at[n], converged_at[n]) for n in names
+            if converged_at[n] > registered_at[n] + 2}
+    assert not late, late
