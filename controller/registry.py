@@ -180,7 +180,8 @@ class Ingest:
         """Write batched heartbeats and forget revoked tokens (may run in a worker thread;
         on failure the batch is put back)."""
         now = utcnow()
-        since = (self.revocations_read or now) - REVOCATION_LOOKBACK
+        # min(): after the clock jumped back, revocations are stamped before the last read.
+        since = min(self.revocations_read or now, now) - REVOCATION_LOOKBACK
         try:
             with transaction(self.sessions) as session:
                 if alive:

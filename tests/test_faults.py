@@ -22,13 +22,14 @@ import pytest
 from aiohttp import web
 from freezegun import freeze_time
 
-from controller import service
+from controller import backoff, planner, service, tokens
 from controller.agent import Faults, ReferenceRuntime
 from controller.desired import Desired
 from controller.http import start_site
-from controller.models import Policy, utcnow
+from controller.models import Attempt, Phase, Policy, utcnow
+from controller.outcomes import Changes
 from controller.reconciler import Hints, PassCallback, PassReport
-from controller.registry import issue_token
+from controller.registry import Ingest, issue_token
 from controller.status import PluginState
 from controller.status import build as build_status
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
@@ -434,3 +435,57 @@ async def test_lost_edges_still_converge_within_two_full_passes(
     late = {n: (registered_at[n], converged_at[n]) for n in names
             if converged_at[n] > registered_at[n] + 2}
     assert not late, late
+
+
+async def test_clock_jumps_wedge_nothing(sessions: Sessions) -> None:
+    """The clock jumps a day forward and a day back (freezegun). Forward: the fleet looks
+    offline until the next heartbeat, then online. Back: a heartbeat is believed again
+    (last seen is not stuck a day ahead, so a runtime that then dies goes offline on time),
+    a claim left by a dead replica does not hold for a day, a token revoked after the jump
+    is still dropped by the registry, and backoff is due rather than waited out (see also
+    test_planner's clock test)."""
+    policy = Policy()
+    token = "token-of-ws-1"
+    ingest = Ingest(sessions, lambda _workspace_id: None)
+
+    def phase() -> Phase:
+        with transaction(sessions) as session:
+            seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+        return planner.phase_of(None, seen, utcnow(), policy, desired_known=False)
+
+    def alive() -> None:
+        with transaction(sessions) as session:
+            queries.touch(session, {"ws-1": utcnow()})
+
+    with freeze_time("2026-06-01 12:00:00") as clock:
+        with transaction(sessions) as session:
+            queries.add_token(session, "ws-1", tokens.digest(token), utcnow())
+            queries.record_register(session, "ws-1", "http://127.0.0.1:9", [], utcnow())
+        ingest.warm_up()
+        ingest.flush({})
+        assert phase() is Phase.ONLINE
+
+        clock.tick(timedelta(days=1))
+        assert phase() is Phase.OFFLINE
+        alive()
+        assert phase() is Phase.ONLINE
+        with transaction(sessions) as session:
+            assert queries.claim(session, ["ws-1"], "dead-replica", utcnow(),
+                                 utcnow() + timedelta(seconds=130)) == {"ws-1"}
+            queries.apply_many(session, [(Changes("ws-1", attempts={"seo-all": Attempt(
+                1, "HTTP 500", utcnow(), utcnow() + timedelta(seconds=5))}), utcnow())])
+
+        clock.tick(-timedelta(days=2))
+        alive()
+        assert phase() is Phase.ONLINE
+        clock.tick(policy.offline_after + timedelta(seconds=1))
+        assert phase() is Phase.OFFLINE  # not "online" for another day
+        now = utcnow()
+        with transaction(sessions) as session:
+            assert queries.claim(session, ["ws-1"], "replica-b", now,
+                                 now + timedelta(seconds=130)) == {"ws-1"}
+            attempt = queries.load_observed(session, only=["ws-1"])["ws-1"].attempts["seo-all"]
+            queries.revoke_tokens(session, [tokens.digest(token)], now)
+        assert backoff.is_due(attempt, now, policy)
+        ingest.flush({})
+        assert ingest.tokens.get(tokens.digest(token)) is None

@@ -211,16 +211,25 @@ def stored_report_digests(connection: Connection, workspace_ids: Collection[str]
     return {workspace_id: (digest, seq) for workspace_id, digest, seq in rows}
 
 
+#: Replicas' clocks and batches may disagree by this much; a stored time further ahead than
+#: this can only come from a clock that jumped back, and is not trusted.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
 def touch(session: Session, seen: dict[str, datetime]) -> None:
-    """Record batched "still alive" times; never moves last_seen back and never makes an
-    unregistered workspace look registered. One executemany (pipelined by psycopg)."""
+    """Record batched "still alive" times; never moves last_seen back (batches of several
+    replicas arrive out of order) unless it is ahead by more than CLOCK_SKEW (a clock that
+    jumped back), and never makes an unregistered workspace look registered. One
+    executemany (pipelined by psycopg)."""
     table = Base.metadata.tables[WorkspaceRow.__tablename__]
     session.execute(
         update(table)
         .where(table.c.workspace_id == bindparam("b_id"), table.c.url.is_not(None),
-               (table.c.last_seen_at.is_(None)) | (table.c.last_seen_at < bindparam("b_seen")))
+               table.c.last_seen_at.is_(None) | (table.c.last_seen_at < bindparam("b_seen"))
+               | (table.c.last_seen_at > bindparam("b_ahead")))
         .values(last_seen_at=bindparam("b_seen")),
-        [{"b_id": workspace_id, "b_seen": at} for workspace_id, at in seen.items()],
+        [{"b_id": workspace_id, "b_seen": at, "b_ahead": at + CLOCK_SKEW}
+         for workspace_id, at in seen.items()],
     )
 
 
@@ -280,16 +289,18 @@ def mark_synced(session: Session, markers: dict[str, str]) -> None:
 def claim(session: Session, workspace_ids: Collection[str], replica: str, now: datetime,
           until: datetime) -> set[str]:
     """Claim these workspaces for `replica` until `until`: those that no other replica holds
-    (or whose claim ran out). One conditional UPDATE: on PostgreSQL a concurrent claim of
-    the same row waits for this one to commit and then finds it taken; SQLite has a single
-    writer. Returns the ids claimed."""
+    (or whose claim ran out, or runs out more than CLOCK_SKEW later than a claim made now
+    would: a clock that jumped back). One conditional UPDATE: on PostgreSQL a concurrent claim of the same row
+    waits for this one to commit and then finds it taken; SQLite has a single writer.
+    Returns the ids claimed."""
     if not workspace_ids:
         return set()
     result = session.execute(
         update(WorkspaceRow)
         .where(WorkspaceRow.workspace_id.in_(list(workspace_ids)),
                WorkspaceRow.claimed_by.is_(None) | (WorkspaceRow.claimed_by == replica)
-               | (WorkspaceRow.claimed_until < now))
+               | (WorkspaceRow.claimed_until < now)
+               | (WorkspaceRow.claimed_until > until + CLOCK_SKEW))
         .values(claimed_by=replica, claimed_until=until)
         .returning(WorkspaceRow.workspace_id)
         .execution_options(synchronize_session=False))
