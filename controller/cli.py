@@ -221,6 +221,9 @@ def _kube(kubeconfig: str | None, context: str | None) -> Any:
 @click.option("--identity", default=None, envvar="PLUGINCTL_IDENTITY",
               help="This replica's name: the holder of the Lease, and of the claims on the "
                    "workspaces it acts on. Unique per replica (default: host-pid).")
+@click.option("--resync", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="With --kubernetes: seconds between full LISTs of the cluster's objects, "
+                   "which repair watch events lost on the way.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=Limits().max_connections,
               show_default=True, help="Registry connections open at once; more are closed "
                                       "on arrival (slow or idle ones are closed on time).")
@@ -228,7 +231,7 @@ def _kube(kubeconfig: str | None, context: str | None) -> Any:
 def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
-        max_connections: int, **policy_args: Any) -> None:
+        resync: float, max_connections: int, **policy_args: Any) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
@@ -255,7 +258,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         def operator_loop(hints: Any, stop: asyncio.Event) -> Any:
             return operator.run_operator(kube, sessions, policy, interval=interval,
                                          hints=hints, stop=stop, lease=lease, identity=me,
-                                         on_pass=service.log_pass)
+                                         on_pass=service.log_pass, resync=resync)
 
         serving = service.serve(None, sessions, policy, host, port, interval,
                                 loop_factory=operator_loop, limits=limits)

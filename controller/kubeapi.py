@@ -4,19 +4,40 @@ callers run them with `asyncio.to_thread`."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from urllib3.exceptions import HTTPError as TransportError
 
 from controller.models import API_GROUP, API_VERSION, Unavailable
 
 WORKSPACES = "workspaces"
 TEMPLATES = "workspacetemplates"
+
+
+#: A lease call that takes longer has failed: the leader must find out in time to step down.
+LEASE_CALL_SECONDS = 5.0
+#: Any other call to the API server that takes longer has failed.
+KUBE_CALL_SECONDS = 30.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The objects of one LIST, and the collection's resourceVersion (the point in the
+    cluster's history the list shows)."""
+
+    items: list[dict[str, Any]]
+    version: str | None
 
 
 class KubeError(Unavailable):
@@ -49,6 +70,20 @@ def _error(action: str, error: Exception) -> KubeError:
     return KubeError(f"{action}: {type(error).__name__}: {error}")
 
 
+def _with_time_limit(api: Any) -> Any:
+    """Every request of this client gets a time limit unless it brings its own (the
+    client's default is none: a silent API server would hold a thread forever)."""
+    send = api.rest_client.request
+
+    def request(method: str, url: str, *args: Any, _request_timeout: Any = None,
+                **kwargs: Any) -> Any:
+        return send(method, url, *args, _request_timeout=_request_timeout or KUBE_CALL_SECONDS,
+                    **kwargs)
+
+    api.rest_client.request = request
+    return api
+
+
 class KubeClient:
     """One configured API client (kubeconfig, a context in it, or in-cluster config)."""
 
@@ -76,10 +111,18 @@ class KubeClient:
             raise KubeError(f"cannot load Kubernetes configuration: {error}") from error
         self.configuration = configuration
         self.default_namespace = namespace
-        self.api: Any = kubernetes.client.ApiClient(configuration)
+        self.api: Any = _with_time_limit(kubernetes.client.ApiClient(configuration))
+        # Kubernetes calls get threads of their own: an API server that hangs must never
+        # take the threads the store and the registry run on.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pluginctl-kube")
         self.custom: Any = kubernetes.client.CustomObjectsApi(self.api)
         self.core: Any = kubernetes.client.CoreV1Api(self.api)
         self.coordination: Any = kubernetes.client.CoordinationV1Api(self.api)
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call of this client on the client's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(function, *args))
 
     def connection(self) -> Connection:
         c = self.configuration
@@ -96,20 +139,20 @@ class KubeClient:
 
     # --- pluginctl objects -----------------------------------------------------------------
 
-    def list_objects(self, plural: str) -> list[dict[str, Any]]:
+    def list_objects(self, plural: str) -> Listing:
         try:
             result = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, plural)
-        except (ApiException, OSError) as error:
+        except (ApiException, OSError, TransportError) as error:
             raise _error(f"list {plural}", error) from error
-        items: list[dict[str, Any]] = result.get("items", [])
-        return items
+        return Listing(result.get("items", []),
+                       (result.get("metadata") or {}).get("resourceVersion"))
 
     def patch_status(self, plural: str, namespace: str, name: str,
                      status: dict[str, Any]) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(
                 API_GROUP, API_VERSION, namespace, plural, name, {"status": status})
-        except (ApiException, OSError) as error:
+        except (ApiException, OSError, TransportError) as error:
             raise _error(f"patch status of {plural}/{namespace}/{name}", error) from error
 
     # --- events ----------------------------------------------------------------------------
@@ -140,18 +183,19 @@ class KubeClient:
         }
         try:
             self.core.create_namespaced_event(metadata.get("namespace"), body)
-        except (ApiException, OSError) as error:
+        except (ApiException, OSError, TransportError) as error:
             raise _error(f"create event {reason}", error) from error
 
     # --- token secrets ---------------------------------------------------------------------
 
-    def list_secrets(self, label_selector: str) -> list[dict[str, Any]]:
+    def list_secrets(self, label_selector: str) -> Listing:
         try:
             result = self.core.list_secret_for_all_namespaces(label_selector=label_selector)
-        except (ApiException, OSError) as error:
+        except (ApiException, OSError, TransportError) as error:
             raise _error("list secrets", error) from error
-        items: list[dict[str, Any]] = self._plain(result).get("items", [])
-        return items
+        plain = self._plain(result)
+        return Listing(plain.get("items", []), (plain.get("metadata") or {}).get(
+            "resourceVersion"))
 
     def apply_secret(self, namespace: str, body: dict[str, Any]) -> None:
         """Create the Secret, or replace its data if it exists."""
@@ -162,13 +206,13 @@ class KubeClient:
         except ApiException as error:
             if error.status != 409:
                 raise _error(f"create secret {namespace}/{name}", error) from error
-        except OSError as error:
+        except (OSError, TransportError) as error:
             raise _error(f"create secret {namespace}/{name}", error) from error
         try:
             self.core.patch_namespaced_secret(name, namespace, {
                 "metadata": {"labels": body["metadata"].get("labels", {})},
                 "stringData": body.get("stringData", {})})
-        except (ApiException, OSError) as error:
+        except (ApiException, OSError, TransportError) as error:
             raise _error(f"update secret {namespace}/{name}", error) from error
 
     def delete_secret(self, namespace: str, name: str) -> None:
@@ -177,7 +221,7 @@ class KubeClient:
         except ApiException as error:
             if error.status != 404:
                 raise _error(f"delete secret {namespace}/{name}", error) from error
-        except OSError as error:
+        except (OSError, TransportError) as error:
             raise _error(f"delete secret {namespace}/{name}", error) from error
 
     # --- leases ----------------------------------------------------------------------------
@@ -185,13 +229,14 @@ class KubeClient:
     def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             lease: dict[str, Any] = self._plain(
-                self.coordination.read_namespaced_lease(name, namespace))
+                self.coordination.read_namespaced_lease(name, namespace,
+                                                       _request_timeout=LEASE_CALL_SECONDS))
             return lease
         except ApiException as error:
             if error.status == 404:
                 return None
             raise _error(f"read lease {namespace}/{name}", error) from error
-        except OSError as error:
+        except (OSError, TransportError) as error:
             raise _error(f"read lease {namespace}/{name}", error) from error
 
     def write_lease(self, namespace: str, body: dict[str, Any], create: bool) -> bool:
@@ -200,13 +245,15 @@ class KubeClient:
         name = body["metadata"]["name"]
         try:
             if create:
-                self.coordination.create_namespaced_lease(namespace, body)
+                self.coordination.create_namespaced_lease(namespace, body,
+                                                         _request_timeout=LEASE_CALL_SECONDS)
             else:
-                self.coordination.replace_namespaced_lease(name, namespace, body)
+                self.coordination.replace_namespaced_lease(name, namespace, body,
+                                                          _request_timeout=LEASE_CALL_SECONDS)
             return True
         except ApiException as error:
             if error.status == 409:
                 return False
             raise _error(f"write lease {namespace}/{name}", error) from error
-        except OSError as error:
+        except (OSError, TransportError) as error:
             raise _error(f"write lease {namespace}/{name}", error) from error

@@ -87,10 +87,13 @@ class LeaderElector:
         try:
             while not stop.is_set():
                 try:
-                    held = await asyncio.to_thread(self._try)
-                except KubeError as error:
+                    # A call that hangs (an API server gone silent) must not keep a leader
+                    # leading: past the renew deadline it counts as failed.
+                    held = await asyncio.wait_for(self.client.call(self._try),
+                                                  self.config.renew_deadline)
+                except (KubeError, TimeoutError) as error:
                     log.warning("lease %s/%s: %s", self.config.namespace, self.config.name,
-                                error)
+                                error or "no answer within the renew deadline")
                     held = False
                     if self.is_leader.is_set() and \
                             self._clock() - self._renewed_at < self.config.renew_deadline:
@@ -111,7 +114,7 @@ class LeaderElector:
             if self.is_leader.is_set():
                 self.is_leader.clear()
                 self.lost.set()
-                await asyncio.to_thread(self._release)
+                await self.client.call(self._release)
 
     def _release(self) -> None:
         """Step down on a clean exit so that a standby takes over at once."""

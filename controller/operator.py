@@ -33,6 +33,7 @@ log = logging.getLogger("pluginctl.operator")
 
 SECRET_SELECTOR = f"{mirror.MANAGED_BY_LABEL}={mirror.MANAGED_BY}"
 ISSUER = "operator"
+DEFAULT_RESYNC = 300.0  # seconds between full LISTs that repair lost watch events
 Key = tuple[str, str]  # (namespace, name)
 
 
@@ -50,6 +51,9 @@ def _key(obj: Mapping[str, Any]) -> Key:
     return metadata.get("namespace") or "default", metadata.get("name", "")
 
 
+KINDS = ("workspaces", "templates", "secrets")
+
+
 @dataclass
 class ClusterView:
     """The pluginctl objects and token Secrets of the cluster, as plain dicts."""
@@ -57,14 +61,59 @@ class ClusterView:
     workspaces: list[dict[str, Any]]
     templates: list[dict[str, Any]]
     secrets: list[dict[str, Any]]
+    versions: dict[str, str | None] = field(default_factory=dict)  # kind -> list version
 
     @classmethod
     def listed(cls, kube: KubeClient) -> ClusterView:
-        return cls(kube.list_objects(WORKSPACES), kube.list_objects(TEMPLATES),
-                   kube.list_secrets(SECRET_SELECTOR))
+        listings = (kube.list_objects(WORKSPACES), kube.list_objects(TEMPLATES),
+                    kube.list_secrets(SECRET_SELECTOR))
+        workspaces, templates, secrets = listings
+        return cls(workspaces.items, templates.items, secrets.items,
+                   versions={kind: listing.version
+                             for kind, listing in zip(KINDS, listings, strict=True)})
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return {"workspaces": self.workspaces, "templates": self.templates,
+                "secrets": self.secrets}[kind]
 
     def desired(self) -> Desired:
         return desired_mod.build(("cluster", obj) for obj in [*self.templates, *self.workspaces])
+
+
+def _version(value: Mapping[str, Any] | str | None) -> int | None:
+    """A resourceVersion as a number (etcd's revisions are), or None if it is not one."""
+    if isinstance(value, Mapping):
+        value = (value.get("metadata") or {}).get("resourceVersion")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def merge_listed(watched: list[dict[str, Any]], listed: list[dict[str, Any]],
+                 list_version: str | None, deleted: Mapping[Key, int]) -> list[dict[str, Any]]:
+    """The objects of one kind, from the watch's index corrected by the last periodic LIST,
+    so that a lost watch event is repaired by the next resync. Per object the newer of the
+    two wins (by resourceVersion); an object only the list has is kept unless the watch saw
+    it deleted since; an object only the watch has is kept if it is newer than the list
+    (created since), else it was deleted and the DELETE event was lost. Where versions are
+    not numbers, the watch wins."""
+    since = _version(list_version)
+    mine = {_key(obj): obj for obj in watched}
+    merged: dict[Key, dict[str, Any]] = {}
+    for obj in listed:
+        key = _key(obj)
+        seen, version = mine.get(key), _version(obj)
+        if seen is not None:
+            seen_version = _version(seen)
+            newer = seen_version is None or version is None or seen_version >= version
+            merged[key] = seen if newer else obj
+        elif version is None or deleted.get(key, -1) < version:
+            merged[key] = obj
+    for key, obj in mine.items():
+        if key not in merged and (since is None or (_version(obj) or since + 1) > since):
+            merged[key] = obj
+    return list(merged.values())
 
 
 def _desired_by_object(view: ClusterView, desired: Desired) -> dict[Key, DesiredWorkspace]:
@@ -163,7 +212,7 @@ class Mirror:
             return
         namespace, name = _key(obj)
         try:
-            await asyncio.to_thread(self.kube.patch_status, plural, namespace, name, patch)
+            await self.kube.call(self.kube.patch_status, plural, namespace, name, patch)
         except KubeError as error:
             if error.status != 404:  # deleted meanwhile: nothing to report on
                 log.warning("%s", error)
@@ -188,7 +237,7 @@ class Mirror:
             for event in mirror.events_for(result.outcomes, result.prior_failures, held_now,
                                            held_before):
                 try:
-                    await asyncio.to_thread(self.kube.create_event, obj, event.type,
+                    await self.kube.call(self.kube.create_event, obj, event.type,
                                             event.reason, event.message, now, self.identity)
                     self.writes += 1
                 except KubeError as error:
@@ -217,7 +266,7 @@ class Mirror:
                 continue
             try:
                 token = issue_token(self.sessions, wanted.workspace_id, issuer=ISSUER)
-                await asyncio.to_thread(self.kube.apply_secret, namespace,
+                await self.kube.call(self.kube.apply_secret, namespace,
                                         _secret_body(objects[key], secret_key[1],
                                                      wanted.workspace_id, token))
             except (KubeError, DatabaseError) as error:
@@ -235,7 +284,7 @@ class Mirror:
             owner = (secret.get("metadata", {}).get("labels") or {}).get(mirror.WORKSPACE_LABEL)
             if owner and (namespace, owner) not in objects:
                 try:
-                    await asyncio.to_thread(self.kube.delete_secret, namespace, name)
+                    await self.kube.call(self.kube.delete_secret, namespace, name)
                     self.writes += 1
                 except KubeError as error:
                     log.warning("%s", error)
@@ -274,14 +323,37 @@ class Watch:
         self.hints = hints
         self.ready = asyncio.Event()
         self.indexes: dict[str, Mapping[Any, Any]] = {}
+        self.listed: ClusterView | None = None  # the last periodic LIST (resync)
+        self.deleted: dict[str, dict[Key, int]] = {kind: {} for kind in KINDS}
 
     def _values(self, name: str) -> list[dict[str, Any]]:
         index = self.indexes.get(name) or {}
         return [value for store in index.values() for value in store]
 
     def view(self) -> ClusterView:
-        return ClusterView(self._values("workspace_index"), self._values("template_index"),
-                           self._values("secret_index"))
+        watched = ClusterView(self._values("workspace_index"),
+                              self._values("template_index"), self._values("secret_index"))
+        listed = self.listed
+        if listed is None:
+            return watched
+        workspaces, templates, secrets = (
+            merge_listed(watched.of(kind), listed.of(kind), listed.versions.get(kind),
+                         self.deleted[kind]) for kind in KINDS)
+        return ClusterView(workspaces, templates, secrets)
+
+    def resynced(self, listed: ClusterView) -> None:
+        """A fresh LIST: deletions it already shows need no remembering."""
+        self.listed = listed
+        for kind in KINDS:
+            since = _version(listed.versions.get(kind))
+            if since is not None:
+                self.deleted[kind] = {k: v for k, v in self.deleted[kind].items() if v > since}
+
+    def _event(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if event_type == "DELETED":
+            version = _version(body)
+            if version is not None:
+                self.deleted[kind][_key(body)] = version
 
     def registry(self, kube: KubeClient) -> kopf.OperatorRegistry:
         registry = kopf.OperatorRegistry()
@@ -323,9 +395,10 @@ class Watch:
 
         @kopf.on.event(API_GROUP, API_VERSION, WORKSPACES, id="workspace_event",
                        registry=registry)
-        def workspace_event(body: kopf.Body, **_: Any) -> None:
+        def workspace_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             # kopf runs this only once every index is filled: desired state is complete.
             self.ready.set()
+            self._event("workspaces", type, body)
             spec, meta, current = body.get("spec") or {}, body.get("metadata") or {}, \
                 body.get("status") or {}
             requested = (meta.get("annotations") or {}).get(mirror.REQUESTED_AT)
@@ -336,8 +409,9 @@ class Watch:
 
         @kopf.on.event(API_GROUP, API_VERSION, TEMPLATES, id="template_event",
                        registry=registry)
-        def template_event(body: kopf.Body, **_: Any) -> None:
+        def template_event(body: kopf.Body, type: str | None, **_: Any) -> None:
             self.ready.set()
+            self._event("templates", type, body)
             meta, current = body.get("metadata") or {}, body.get("status") or {}
             if current.get("observedGeneration") != meta.get("generation"):
                 namespace, name = meta.get("namespace"), meta.get("name")
@@ -346,6 +420,11 @@ class Watch:
                     if obj["metadata"].get("namespace") == namespace and \
                             (spec.get("templateRef") or {}).get("name") == name:
                         self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]))
+
+        @kopf.on.event("v1", "secrets", labels={mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY},
+                       id="secret_event", registry=registry)
+        def secret_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+            self._event("secrets", type, body)
 
         return registry
 
@@ -365,6 +444,7 @@ async def run_operator(
     lease: LeaseConfig | None,
     identity: str,
     on_pass: Callable[[PassReport, str], None] | None = None,
+    resync: float = DEFAULT_RESYNC,
 ) -> None:
     """Watch, elect, and while leading run passes and mirror them. The registry API runs
     beside this on every replica (it is stateless)."""
@@ -392,7 +472,7 @@ async def run_operator(
                 if stop.is_set():
                     break
             stops = (stop, elector.lost) if elector is not None else (stop,)
-            await _lead(watch, sink, sessions, policy, interval, stops, after_pass)
+            await _lead(watch, sink, sessions, policy, interval, stops, after_pass, resync)
     finally:
         if elector_task is not None:
             await elector_task
@@ -401,10 +481,23 @@ async def run_operator(
         await asyncio.gather(kopf_task, return_exceptions=True)
 
 
+async def _resync_forever(kube: KubeClient, watch: Watch, every: float) -> None:
+    """LIST everything every `every` seconds: kopf's watch resumes from where it was after
+    a disconnect and never lists again, so an event lost on the way is otherwise lost until
+    that object changes again. With this, for at most `every` seconds."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            watch.resynced(await kube.call(ClusterView.listed, kube))
+        except KubeError as error:
+            log.warning("resync failed, the last one stays: %s", error)
+
+
 async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
                 interval: float, stop: tuple[asyncio.Event, ...],
-                on_pass: Callable[[PassReport, str], None]) -> None:
+                on_pass: Callable[[PassReport, str], None], resync: float) -> None:
     log.info("leading: running passes every %gs", interval)
+    resyncing = asyncio.create_task(_resync_forever(sink.kube, watch, resync))
     latest: list[tuple[ClusterView, Desired]] = []  # what the newest pass planned against
 
     def source() -> Desired:
@@ -424,9 +517,14 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
 
     pending: set[asyncio.Task[None]] = set()
     async with RuntimeDriver.for_policy(policy, f"pluginctl/{sink.identity}") as driver:
-        await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
-                          hints=watch.hints, on_pass=mirrored, replica=sink.identity)
+        try:
+            await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
+                              hints=watch.hints, on_pass=mirrored, replica=sink.identity)
+        finally:
+            resyncing.cancel()
+            await asyncio.gather(resyncing, return_exceptions=True)
     await asyncio.gather(*pending, return_exceptions=True)
+    log.info("stopped leading: passes paused")
 
 
 async def _mirror_safely(sink: Mirror, view: ClusterView, desired: Desired,
@@ -441,7 +539,7 @@ async def _until_indexed(kube: KubeClient, watch: Watch, stop: asyncio.Event) ->
     """Desired state is complete once kopf has filled every index (it then delivers the
     first event), or at once when the cluster holds no pluginctl object at all."""
     try:
-        view = await asyncio.to_thread(ClusterView.listed, kube)
+        view = await kube.call(ClusterView.listed, kube)
         if not view.workspaces and not view.templates:
             watch.ready.set()
     except KubeError as error:
@@ -463,7 +561,7 @@ async def reconcile_cluster_once(kube: KubeClient, sessions: Sessions, policy: P
                                  progress: Callable[[int, int], None] | None = None
                                  ) -> PassReport:
     """`pluginctl reconcile --once` against the cluster: list, pass, mirror (unless dry)."""
-    view = await asyncio.to_thread(ClusterView.listed, kube)
+    view = await kube.call(ClusterView.listed, kube)
     desired = view.desired()
     report = await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
                                   progress=progress)

@@ -95,14 +95,15 @@ class Operator:
     """`pluginctl run --kubernetes` as a local process."""
 
     def __init__(self, plane: kube.ControlPlane, lease_namespace: str, db: str, identity: str,
-                 log_dir: Path, kubeconfig: Path | None = None) -> None:
+                 log_dir: Path, kubeconfig: Path | None = None, extra: tuple[str, ...] = ()
+                 ) -> None:
         self.port = free_port()
         self.identity = identity
         self.log = log_dir / f"operator-{identity}.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "controller", "--log-level", "debug", "run", "--kubernetes",
              "--db", db, "--listen", f"127.0.0.1:{self.port}", "--interval", "1",
-             "--lease-namespace", lease_namespace, "--identity", identity],
+             "--lease-namespace", lease_namespace, "--identity", identity, *extra],
             env=plane.env(kubeconfig), stdout=subprocess.DEVNULL,
             stderr=self.log.open("wb"))
 
@@ -135,9 +136,9 @@ def operators(plane: kube.ControlPlane, namespace: str, tmp_path: Path
                    check=True, capture_output=True)
 
     def start(identity: str = "op-a", kubeconfig: Path | None = None,
-              lease_namespace: str | None = None) -> Operator:
+              lease_namespace: str | None = None, extra: tuple[str, ...] = ()) -> Operator:
         operator = Operator(plane, lease_namespace or namespace, db, identity, tmp_path,
-                            kubeconfig)
+                            kubeconfig, extra)
         started.append(operator)
         return operator
 
@@ -453,6 +454,67 @@ async def test_two_operators_one_acts_and_the_other_takes_over(
     await eventually(lambda: "notes" in runtime.plugins, 60, "op-b to converge a change")
     assert {c.user_agent for c in runtime.calls if c.path == "/plugins/notes"} == \
         {"pluginctl/op-b"}
+
+
+# --- 5b. faults between the operator and the API server ------------------------------------
+
+@pytest.fixture
+async def proxy(plane: kube.ControlPlane) -> AsyncIterator[kube.KubeProxy]:
+    started = await kube.KubeProxy(plane).start()
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+async def test_lost_watch_events_are_repaired_by_the_resync(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime], proxy: kube.KubeProxy,
+) -> None:
+    """30 % of the watch events the operator should see are lost on the way (every one of
+    w0's is): each workspace still becomes Ready, the lost ones by the next resync."""
+    apply(plane, namespace, template("base", SEO))
+    operator = operators("op-a", kubeconfig=proxy.kubeconfig("lossy"),
+                         extra=("--resync", "3"))
+    await eventually(lambda: "leading" in operator.text(), 60, "op-a to lead")
+    proxy.loss = 0.3
+    proxy.always_drop = {"w0"}
+    names = [f"w{i}" for i in range(6)]
+    for name in names:
+        apply(plane, namespace, workspace(name))
+    fleet = [await runtime_for(plane, namespace, name, operator.registry, runtimes)
+             for name in names]
+    for runtime in fleet:
+        runtime.start_heartbeats()
+    await wait_ready(plane, namespace, *names)
+    assert any(event.startswith("ADDED workspaces/w0") for event in proxy.dropped)
+
+
+async def test_api_server_unreachable_pauses_the_loop_not_the_registry(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime], proxy: kube.KubeProxy,
+) -> None:
+    """The API server stops answering. The registry keeps accepting heartbeats; the leader
+    cannot renew its Lease, steps down within the renew deadline and pauses its passes (it
+    cannot know whether another replica leads); once the API server answers again it
+    leads again and converges what changed meanwhile."""
+    apply(plane, namespace, template("base", SEO), workspace("w"))
+    operator = operators("op-a", kubeconfig=proxy.kubeconfig("cut"))
+    runtime = await runtime_for(plane, namespace, "w", operator.registry, runtimes)
+    runtime.start_heartbeats()
+    await wait_ready(plane, namespace, "w")
+
+    proxy.reachable.clear()
+    await eventually(lambda: "lost the leadership" in operator.text(), 60, "a step down")
+    runtime.plugins.clear()  # the box lost its plugins while nobody may act
+    installs = runtime.count("PUT")
+    beats = runtime.heartbeats
+    await eventually(lambda: runtime.heartbeats >= beats + 10, 30, "heartbeats accepted")
+    assert runtime.count("PUT") == installs, "a paused loop acted"
+
+    proxy.reachable.set()
+    await eventually(lambda: "seo-all" in runtime.plugins, 90, "convergence once back")
+    assert operator.text().count("became the leader") >= 2
 
 
 # --- 6. RBAC: enough and no more -------------------------------------------------------------

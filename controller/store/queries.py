@@ -290,9 +290,9 @@ def claim(session: Session, workspace_ids: Collection[str], replica: str, now: d
           until: datetime) -> set[str]:
     """Claim these workspaces for `replica` until `until`: those that no other replica holds
     (or whose claim ran out, or runs out more than CLOCK_SKEW later than a claim made now
-    would: a clock that jumped back). One conditional UPDATE: on PostgreSQL a concurrent claim of the same row
-    waits for this one to commit and then finds it taken; SQLite has a single writer.
-    Returns the ids claimed."""
+    would: a clock that jumped back). One conditional UPDATE: on PostgreSQL a concurrent
+    claim of the same row waits for this one to commit and then finds it taken; SQLite has
+    a single writer. Returns the ids claimed."""
     if not workspace_ids:
         return set()
     result = session.execute(
