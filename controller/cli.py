@@ -17,7 +17,8 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from controller import manifests, service, status, tokens
+from controller import manifests as manifests_mod
+from controller import service, status, tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.http import Limits
@@ -144,7 +145,7 @@ def open_store(db: str | None) -> Sessions:
 
 
 def load_manifests(directory: Path) -> Desired:
-    return manifests.load(directory)
+    return manifests_mod.load(directory)
 
 
 def manifests_option(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -242,7 +243,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
         sessions = open_store(db)
-        serving = service.serve(lambda: load_manifests(directory), sessions, policy,
+        serving = service.serve(manifests_mod.Source(directory), sessions, policy,
                                 host, port, interval, replica=identity or DEFAULT_REPLICA,
                                 limits=limits)
     else:
@@ -768,6 +769,36 @@ def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: 
 
 
 # --- demo ------------------------------------------------------------------------------------
+
+SOAK_PROFILES = {"ci": (300, 150.0, 70.0, 10.0), "full": (5000, 1000.0, 600.0, 40.0)}
+
+
+@cli.command()
+@click.option("--profile", type=click.Choice(sorted(SOAK_PROFILES)), default="ci",
+              show_default=True, help="ci: 300 workspaces, 150 heartbeats/s, 70 s of faults; "
+                                      "full: 5,000 workspaces, 1,000/s, 10 minutes.")
+@click.option("--workspaces", type=click.IntRange(min=2), default=None)
+@click.option("--rate", type=click.FloatRange(min=1), default=None, help="Heartbeats/s.")
+@click.option("--seconds", type=click.FloatRange(min=1), default=None,
+              help="Seconds of faults (after the first convergence).")
+@click.option("--postgres", metavar="URL", default=None,
+              help="Soak on this PostgreSQL database (default: a temporary SQLite file).")
+@click.option("--json", "as_json", is_flag=True)
+def soak(profile: str, workspaces: int | None, rate: float | None, seconds: float | None,
+         postgres: str | None, as_json: bool) -> None:
+    """Run the controller under heartbeat load with faults on a schedule; exit 1 unless
+    every workspace converged, none was lost, and RSS grew less than 10%."""
+    from controller.soak import Profile, report_lines, run_soak
+
+    count, default_rate, default_seconds, cycle = SOAK_PROFILES[profile]
+    chosen = Profile(workspaces or count, rate or default_rate, seconds or default_seconds,
+                     cycle)
+    say = (lambda _line: None) if as_json else (lambda line: click.echo(line, err=True))
+    figures = asyncio.run(run_soak(chosen, say, postgres))
+    click.echo(json.dumps(figures, indent=2) if as_json else "\n".join(report_lines(figures)))
+    if not figures["passed"]:
+        raise SystemExit(EXIT_ERROR)
+
 
 @cli.command()
 @manifests_option(required=False)

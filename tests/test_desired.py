@@ -125,3 +125,18 @@ def test_example_manifests_are_valid() -> None:
     assert state.errors == ()
     assert len(state.workspaces) == 3
     assert all(w.error is None and w.plugins for w in state.workspaces.values())
+
+
+def test_manifest_source_parses_again_only_when_a_file_changed(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text(TEMPLATE)
+    (tmp_path / "w.yaml").write_text(workspace_yaml("ws-1"))
+    source = manifests.Source(tmp_path)
+    first = source()
+    assert source() is first  # nothing changed: not parsed again
+    (tmp_path / "w.yaml").write_text(workspace_yaml("ws-2"))  # same size, new content
+    second = source()
+    assert second is not first and set(second.workspaces) == {"ws-2"}
+    (tmp_path / "more.yml").write_text(workspace_yaml("ws-3"))
+    assert set(source().workspaces) == {"ws-2", "ws-3"}
+    (tmp_path / "more.yml").unlink()
+    assert set(source().workspaces) == {"ws-2"}
