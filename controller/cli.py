@@ -97,6 +97,13 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="A file holding the secret sent to runtimes as `Authorization: "
                           "Bearer …` on every call, so a runtime can refuse callers that are "
                           "not its controller."),
+        click.option("--runtime-secret-per-workspace", is_flag=True,
+                     envvar="PLUGINCTL_RUNTIME_SECRET_PER_WORKSPACE",
+                     help="Send each runtime its own secret, derived from the one in "
+                          "--runtime-secret-file and its workspace id (`pluginctl token "
+                          "runtime-secret` prints it; on Kubernetes it is in the workspace's "
+                          "token Secret), so a runtime that leaks its secret cannot pass for "
+                          "the controller with any other runtime."),
         click.option("--workspace-timeout", type=click.FloatRange(min=1), default=None,
                      help="Seconds one workspace may take within a pass (default: 60, or 6 "
                           "call timeouts if longer). A replica's claim on a workspace lasts "
@@ -110,10 +117,14 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                 restart_budget: int, runtime_networks: str = "",
                 workspace_timeout: float | None = None,
-                runtime_secret_file: Path | None = None, allow_unpinned: bool = False) -> Policy:
+                runtime_secret_file: Path | None = None, allow_unpinned: bool = False,
+                runtime_secret_per_workspace: bool = False) -> Policy:
     if workspace_timeout is not None and workspace_timeout < call_timeout:
         raise click.BadParameter("must be at least --call-timeout",
                                  param_hint="--workspace-timeout")
+    if runtime_secret_per_workspace and runtime_secret_file is None:
+        raise click.BadParameter("needs --runtime-secret-file",
+                                 param_hint="--runtime-secret-per-workspace")
     try:
         networks = RuntimeNetworks.parse(runtime_networks)
     except ValueError as error:
@@ -122,6 +133,7 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                   call_timeout=call_timeout, restart_budget=restart_budget,
                   workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6),
                   runtime_networks=networks, allow_unpinned=allow_unpinned,
+                  runtime_secret_per_workspace=runtime_secret_per_workspace,
                   runtime_secret=_secret(runtime_secret_file, "--runtime-secret-file"))
 
 
@@ -519,6 +531,23 @@ def token_create(workspace_id: str, db: str | None) -> None:
     click.echo(secret)
     if sys.stderr.isatty():
         click.echo("Store this token now: it is not shown again.", err=True)
+
+
+@token.command("runtime-secret")
+@click.argument("workspace_id")
+@click.option("--runtime-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, envvar="PLUGINCTL_RUNTIME_SECRET_FILE",
+              help="The controller's secret (as given to `run --runtime-secret-file`).")
+def token_runtime_secret(workspace_id: str, runtime_secret_file: Path) -> None:
+    """Print the secret the controller sends WORKSPACE_ID's runtime with
+    --runtime-secret-per-workspace (for `pluginctl agent --controller-secret-file`)."""
+    try:
+        check_workspace_id(workspace_id)
+    except InvalidSpec as error:
+        raise Failure(str(error)) from error
+    secret = _secret(runtime_secret_file, "--runtime-secret-file")
+    assert secret is not None
+    click.echo(tokens.runtime_secret_for(secret, workspace_id))
 
 
 @token.command("list")

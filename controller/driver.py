@@ -17,6 +17,7 @@ from aiohttp.abc import ResolveResult
 
 from controller.models import Plugin, Policy, check_plugin_name, check_source
 from controller.networks import RuntimeNetworks
+from controller.tokens import runtime_secret_for
 
 
 class RuntimeCallError(Exception):
@@ -32,11 +33,12 @@ class RuntimeDriver:
     """One HTTP connection pool for all runtimes of a pass, or of a long-running loop."""
 
     def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl",
-                 networks: RuntimeNetworks | None = None, secret: str | None = None) -> None:
+                 networks: RuntimeNetworks | None = None, secret: str | None = None,
+                 per_workspace: bool = False) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._headers = {"User-Agent": user_agent}
-        if secret:
-            self._headers["Authorization"] = f"Bearer {secret}"
+        self._secret = secret or None
+        self._per_workspace = per_workspace
         self._networks = networks or RuntimeNetworks()
         self._session: aiohttp.ClientSession | None = None
 
@@ -44,7 +46,17 @@ class RuntimeDriver:
     def for_policy(cls, policy: Policy, user_agent: str = "pluginctl") -> RuntimeDriver:
         """The driver the loop uses: the policy's call timeout, networks and secret."""
         return cls(timeout=policy.call_timeout, user_agent=user_agent,
-                   networks=policy.runtime_networks, secret=policy.runtime_secret)
+                   networks=policy.runtime_networks, secret=policy.runtime_secret,
+                   per_workspace=policy.runtime_secret_per_workspace)
+
+    def _authorization(self, workspace_id: str | None) -> dict[str, str]:
+        if self._secret is None:
+            return {}
+        if not self._per_workspace:
+            return {"Authorization": f"Bearer {self._secret}"}
+        if workspace_id is None:
+            raise RuntimeCallError("a per-workspace secret needs the workspace id")
+        return {"Authorization": f"Bearer {runtime_secret_for(self._secret, workspace_id)}"}
 
     async def __aenter__(self) -> RuntimeDriver:
         self._session = aiohttp.ClientSession(
@@ -71,7 +83,7 @@ class RuntimeDriver:
 
     async def _call(
         self, method: str, url: str, *, body: dict[str, Any] | None = None,
-        ok: tuple[int, ...] = (200,),
+        ok: tuple[int, ...] = (200,), workspace_id: str | None = None,
     ) -> tuple[int, Any]:
         if self._session is None:
             raise RuntimeError("RuntimeDriver used outside `async with`")
@@ -80,7 +92,9 @@ class RuntimeDriver:
         if reason is not None:
             raise RuntimeCallError(f"{method} {_path(url)}: refused: {reason}")
         try:
-            async with self._session.request(method, url, json=body) as response:
+            async with self._session.request(method, url, json=body,
+                                             headers=self._authorization(workspace_id)
+                                             ) as response:
                 raw = await response.read()
                 # Whatever a runtime sends (even bytes that are not UTF-8) is only data.
                 text = raw.decode("utf-8", errors="replace")
@@ -103,8 +117,10 @@ class RuntimeDriver:
             raise RuntimeCallError(f"{method} {_path(url)}: {type(error).__name__}: "
                                    f"{error}".strip()) from error
 
-    async def list_plugins(self, base_url: str) -> list[Plugin]:
-        _, data = await self._call("GET", _join(base_url, "plugins"))
+    async def list_plugins(self, base_url: str, workspace_id: str | None = None
+                           ) -> list[Plugin]:
+        _, data = await self._call("GET", _join(base_url, "plugins"),
+                                   workspace_id=workspace_id)
         items = data.get("plugins") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise RuntimeCallError('GET /plugins: answer has no "plugins" list')
@@ -119,22 +135,26 @@ class RuntimeDriver:
             plugins.append(plugin)
         return plugins
 
-    async def install(self, base_url: str, plugin: Plugin) -> InstallResult:
+    async def install(self, base_url: str, plugin: Plugin, workspace_id: str | None = None
+                      ) -> InstallResult:
         body: dict[str, Any] = {"source": plugin.source}
         if plugin.digest is not None:
             body["digest"] = plugin.digest
-        _, data = await self._call("PUT", _join(base_url, "plugins", plugin.name), body=body)
+        _, data = await self._call("PUT", _join(base_url, "plugins", plugin.name), body=body,
+                                   workspace_id=workspace_id)
         restart = data.get("restart_required", False) if isinstance(data, dict) else False
         if not isinstance(restart, bool):
             raise RuntimeCallError(f"PUT /plugins/{plugin.name}: restart_required is not a bool")
         return InstallResult(restart_required=restart)
 
-    async def remove(self, base_url: str, name: str) -> None:
+    async def remove(self, base_url: str, name: str, workspace_id: str | None = None) -> None:
         # 404 counts as already removed: the end state is what we wanted.
-        await self._call("DELETE", _join(base_url, "plugins", name), ok=(200, 204, 404))
+        await self._call("DELETE", _join(base_url, "plugins", name), ok=(200, 204, 404),
+                         workspace_id=workspace_id)
 
-    async def restart(self, base_url: str) -> None:
-        await self._call("POST", _join(base_url, "restart"), ok=(200, 202, 204))
+    async def restart(self, base_url: str, workspace_id: str | None = None) -> None:
+        await self._call("POST", _join(base_url, "restart"), ok=(200, 202, 204),
+                         workspace_id=workspace_id)
 
 
 def _join(base_url: str, *parts: str) -> str:

@@ -8,22 +8,23 @@ from controller.driver import RuntimeCallError, RuntimeDriver
 from controller.models import Action, ActionKind, Outcome, WorkspacePlan
 
 
-async def perform(driver: RuntimeDriver, url: str, action: Action) -> Outcome:
+async def perform(driver: RuntimeDriver, url: str, action: Action,
+                  workspace_id: str | None = None) -> Outcome:
     try:
         match action.kind:
             case ActionKind.OBSERVE:
-                report = await driver.list_plugins(url)
+                report = await driver.list_plugins(url, workspace_id)
                 return Outcome(action, ok=True, report=tuple(report))
             case ActionKind.INSTALL if action.plugin is not None:
-                result = await driver.install(url, action.plugin)
+                result = await driver.install(url, action.plugin, workspace_id)
                 return Outcome(action, ok=True, restart_required=result.restart_required)
             case ActionKind.REMOVE if action.plugin is not None:
-                await driver.remove(url, action.plugin.name)
+                await driver.remove(url, action.plugin.name, workspace_id)
                 return Outcome(action, ok=True)
             case ActionKind.DISOWN:
                 return Outcome(action, ok=True)
             case ActionKind.RESTART:
-                await driver.restart(url)
+                await driver.restart(url, workspace_id)
                 return Outcome(action, ok=True)
             case _:
                 return Outcome(action, ok=False, message=f"malformed action {action!r}")
@@ -42,9 +43,9 @@ async def execute(
         if action.kind is ActionKind.RESTART:
             restart = action
             continue
-        outcomes.append(await perform(driver, url, action))
+        outcomes.append(await perform(driver, url, action, plan.workspace_id))
     asked = [o.action.plugin.name for o in outcomes if o.restart_required and o.action.plugin]
     if restart is None and asked and plan.may_restart:
         restart = Action(ActionKind.RESTART, "requested by " + ", ".join(asked))
     if restart is not None:
-        outcomes.append(await perform(driver, url, restart))
+        outcomes.append(await perform(driver, url, restart, plan.workspace_id))

@@ -19,6 +19,7 @@ WORKSPACE_LABEL = "pluginctl.dev/workspace"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "pluginctl"
 TOKEN_KEY = "token"
+CONTROLLER_SECRET_KEY = "controller-secret"  # with --runtime-secret-per-workspace
 
 
 @dataclass(frozen=True, slots=True)

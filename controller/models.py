@@ -232,6 +232,8 @@ class Policy:
     runtime_networks: RuntimeNetworks = field(default_factory=RuntimeNetworks)
     # Sent to runtimes as `Authorization: Bearer …`, so they can refuse other callers.
     runtime_secret: str | None = field(default=None, repr=False)
+    # Send each runtime a secret derived from runtime_secret and its workspace id instead.
+    runtime_secret_per_workspace: bool = False
     allow_unpinned: bool = False  # install remote sources without a pinned ref
 
     def refusal(self, plugin: Plugin) -> str | None:

@@ -243,6 +243,13 @@ class Mirror:
                 except KubeError as error:
                     log.warning("%s", error)
 
+    def _controller_secret(self, workspace_id: str) -> str | None:
+        """What the workspace's Secret shows its runtime to check the controller's calls:
+        the per-workspace secret, when the controller sends one."""
+        if self.policy.runtime_secret is None or not self.policy.runtime_secret_per_workspace:
+            return None
+        return tokens.runtime_secret_for(self.policy.runtime_secret, workspace_id)
+
     async def _tokens(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
                       claimants: Mapping[str, str], now: datetime) -> dict[Key, str]:
         """Every claimed Workspace has a Secret with a live registry token; tokens and
@@ -250,9 +257,12 @@ class Mirror:
         with transaction(self.sessions) as session:
             active = queries.active_tokens(session, ISSUER)
         existing: dict[Key, str | None] = {}
+        shown: dict[Key, str | None] = {}  # the controller secret each Secret holds
         for secret in view.secrets:
-            data = (secret.get("data") or {}).get(mirror.TOKEN_KEY)
-            existing[_key(secret)] = base64.b64decode(data).decode() if data else None
+            data = secret.get("data") or {}
+            existing[_key(secret)], shown[_key(secret)] = (
+                base64.b64decode(data[k]).decode() if data.get(k) else None
+                for k in (mirror.TOKEN_KEY, mirror.CONTROLLER_SECRET_KEY))
         names: dict[Key, str] = {}
         objects = {_key(obj): obj for obj in view.workspaces}
         for key, wanted in by_object.items():
@@ -262,13 +272,18 @@ class Mirror:
             secret_key = (namespace, mirror.token_secret_name(name))
             names[key] = secret_key[1]
             token = self.secrets.get(secret_key) or existing.get(secret_key)
-            if token is not None and active.get(tokens.digest(token)) == wanted.workspace_id:
+            valid = token is not None and \
+                active.get(tokens.digest(token)) == wanted.workspace_id
+            controller_secret = self._controller_secret(wanted.workspace_id)
+            if valid and shown.get(secret_key) == controller_secret:
                 continue
             try:
-                token = issue_token(self.sessions, wanted.workspace_id, issuer=ISSUER)
+                if not valid or token is None:
+                    token = issue_token(self.sessions, wanted.workspace_id, issuer=ISSUER)
                 await self.kube.call(self.kube.apply_secret, namespace,
-                                        _secret_body(objects[key], secret_key[1],
-                                                     wanted.workspace_id, token))
+                                     _secret_body(objects[key], secret_key[1],
+                                                  wanted.workspace_id, token,
+                                                  controller_secret))
             except (KubeError, DatabaseError) as error:
                 log.warning("token secret for %s/%s: %s", namespace, name, error)
                 continue
@@ -293,7 +308,10 @@ class Mirror:
 
 
 def _secret_body(obj: Mapping[str, Any], name: str, workspace_id: str,
-                 token: str) -> dict[str, Any]:
+                 token: str, controller_secret: str | None = None) -> dict[str, Any]:
+    data = {mirror.TOKEN_KEY: token}
+    if controller_secret is not None:
+        data[mirror.CONTROLLER_SECRET_KEY] = controller_secret
     metadata = obj["metadata"]
     return {
         "apiVersion": "v1",
@@ -309,7 +327,7 @@ def _secret_body(obj: Mapping[str, Any], name: str, workspace_id: str,
                                  "kind": "Workspace", "name": metadata.get("name"),
                                  "uid": metadata.get("uid"), "controller": True}],
         },
-        "stringData": {mirror.TOKEN_KEY: token},
+        "stringData": data,
     }
 
 

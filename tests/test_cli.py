@@ -362,3 +362,20 @@ async def test_token_rotation_without_downtime_and_revocation(
     assert sorted(t["revoked"] is None for t in json.loads(out)["tokens"]) == [False, True]
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert old not in logged and new not in logged
+
+
+async def test_token_runtime_secret_prints_the_derived_secret(tmp_path: Path) -> None:
+    from controller.tokens import runtime_secret_for
+
+    secret_file = tmp_path / "runtime-secret"
+    secret_file.write_text("the-controllers-secret\n")
+    code, out, err = await pluginctl("token", "runtime-secret", "ws-1",
+                                     "--runtime-secret-file", str(secret_file))
+    assert code == 0, err
+    assert out.strip() == runtime_secret_for("the-controllers-secret", "ws-1")
+    code, _, err = await pluginctl("token", "runtime-secret", "ws-1", "--runtime-secret-file",
+                                   str(tmp_path / "missing"))
+    assert code != 0 and "cannot read" in err
+    code, _, err = await pluginctl("reconcile", "--once", "--manifests", str(tmp_path),
+                                   "--runtime-secret-per-workspace")
+    assert code != 0 and "needs --runtime-secret-file" in err

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from controller.agent import Faults, ReferenceRuntime
+from controller.tokens import runtime_secret_for
 
 from . import kube
 from .pg import free_port
@@ -454,6 +455,35 @@ async def test_two_operators_one_acts_and_the_other_takes_over(
     await eventually(lambda: "notes" in runtime.plugins, 60, "op-b to converge a change")
     assert {c.user_agent for c in runtime.calls if c.path == "/plugins/notes"} == \
         {"pluginctl/op-b"}
+
+
+async def test_per_workspace_runtime_secret_in_the_token_secret(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime], tmp_path: Path,
+) -> None:
+    """With --runtime-secret-per-workspace the token Secret also carries the secret the
+    controller will show this workspace's runtime; a runtime that checks it converges."""
+    secret_file = tmp_path / "runtime-secret"
+    secret_file.write_text("controller-secret-e2e")
+    apply(plane, namespace, template("base", SEO), workspace("sec"))
+    operator = operators("op-a", extra=("--runtime-secret-file", str(secret_file),
+                                        "--runtime-secret-per-workspace"))
+
+    def shown() -> str | None:
+        result = plane.kubectl("get", "secret", "sec-pluginctl-token", "-n", namespace, "-o",
+                               "jsonpath={.data.controller-secret}", check=False)
+        return base64.b64decode(result.stdout).decode() if result.stdout else None
+
+    controller_secret = await eventually(shown, 60, "the controller secret in the Secret")
+    assert controller_secret == runtime_secret_for("controller-secret-e2e", "sec")
+    token = await eventually(lambda: token_of(plane, namespace, "sec"), 60, "the token")
+    runtime = ReferenceRuntime("sec", registry_url=operator.registry, token=str(token),
+                               controller_secret=str(controller_secret))
+    await runtime.start()
+    runtimes.append(runtime)
+    await runtime.register()
+    await wait_ready(plane, namespace, "sec")
+    assert "seo-all" in runtime.plugins
 
 
 # --- 5b. faults between the operator and the API server ------------------------------------

@@ -19,6 +19,7 @@ from controller.reconciler import PassReport, reconcile_once, run_forever
 from controller.status import PluginState
 from controller.status import build as build_status
 from controller.store import Sessions, queries, transaction
+from controller.tokens import runtime_secret_for
 
 from .conftest import (
     NOTES,
@@ -470,3 +471,25 @@ async def test_runtimes_can_refuse_callers_without_the_controller_secret(
         accepted = await one_pass(fleet("ws-1"), sessions,
                                   replace(policy, runtime_secret="s3cret-for-runtimes"))
         assert has(runtime, SEO, NOTES) and accepted.in_sync
+
+
+async def test_per_workspace_runtime_secrets(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """With --runtime-secret-per-workspace each runtime holds only its own derived secret:
+    both converge, and a secret shown to one workspace is worth nothing to another."""
+    shared = "controller-only-secret"
+    policy = replace(policy, runtime_secret=shared, runtime_secret_per_workspace=True)
+    one = await runtime_factory("ws-1", controller_secret=runtime_secret_for(shared, "ws-1"))
+    two = await runtime_factory("ws-2", controller_secret=runtime_secret_for(shared, "ws-2"))
+    # ws-3's runtime was given ws-1's secret: the controller's calls to it do not carry that.
+    three = await runtime_factory("ws-3", controller_secret=runtime_secret_for(shared, "ws-1"))
+    for runtime in (one, two, three):
+        await runtime.register()
+    report = await one_pass(fleet("ws-1", "ws-2", "ws-3"), sessions, policy)
+    assert has(one, SEO, NOTES) and has(two, SEO, NOTES)
+    assert not has(three, SEO, NOTES)
+    failed = next(r for r in report.results if r.workspace_id == "ws-3")
+    assert any("401" in o.message for o in failed.failures)
+    assert runtime_secret_for(shared, "ws-1") != runtime_secret_for(shared, "ws-2")
+    assert shared not in runtime_secret_for(shared, "ws-1")
