@@ -440,6 +440,8 @@ async def _drive(profile: Profile, say: Say, ids: list[str], secrets: dict[str, 
         "rss_end_mb": round(final / 1024, 1),
         "rss_peak_mb": round(max(kb for _, kb in tally.rss_kb) / 1024, 1),
         "rss_growth": round(growth, 3),
+        # Once a minute from the start of the load (the trend tells growth from a leak).
+        "rss_mb_each_minute": _each_minute(tally.rss_kb),
     }
     checks = {
         "every workspace converged": done == len(ids),
@@ -452,6 +454,14 @@ async def _drive(profile: Profile, say: Say, ids: list[str], secrets: dict[str, 
     figures["checks"] = checks
     figures["passed"] = all(checks.values())
     return figures
+
+
+def _each_minute(samples: list[tuple[float, int]]) -> list[float]:
+    """The first sample (MB) of every minute since the load began."""
+    picked: dict[int, float] = {}
+    for at, kb in samples:
+        picked.setdefault(int(at // 60), round(kb / 1024, 1))
+    return [picked[minute] for minute in sorted(picked)]
 
 
 def _host_port(url: str) -> tuple[str, int]:
