@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import freezegun
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
@@ -27,6 +28,11 @@ from controller.registry import issue_token, make_app
 from controller.store import Sessions, make_engine, make_sessions, upgrade
 
 from . import pg
+
+# freezegun looks at every attribute of every loaded module when it starts; the kubernetes
+# client builds its (pydantic) models lazily on attribute access, which must not happen
+# while datetime is replaced.
+freezegun.configure(extend_ignore_list=["kubernetes"])
 
 
 @pytest.fixture(scope="session")
