@@ -22,6 +22,7 @@ from controller import service, status, tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.http import Limits
+from controller.metrics import Metrics
 from controller.models import (
     InvalidSpec,
     Plugin,
@@ -251,13 +252,14 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
     host, port = _listen(listen)
     policy = make_policy(**policy_args)
     limits = Limits(max_connections=max_connections)
+    metrics = Metrics()
     if manifests is not None:
         directory = manifests
         load_manifests(directory)  # fail fast on a missing directory
         sessions = open_store(db)
         serving = service.serve(manifests_mod.Source(directory), sessions, policy,
                                 host, port, interval, replica=identity or DEFAULT_REPLICA,
-                                limits=limits)
+                                limits=limits, metrics=metrics)
     else:
         from controller import operator
         from controller.leader import LeaseConfig
@@ -268,13 +270,16 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
             if leader_election else None
         me = identity or operator.default_identity()
 
+        after_pass, on_failure = service.observed(metrics)
+
         def operator_loop(hints: Any, stop: asyncio.Event) -> Any:
             return operator.run_operator(kube, sessions, policy, interval=interval,
                                          hints=hints, stop=stop, lease=lease, identity=me,
-                                         on_pass=service.log_pass, resync=resync)
+                                         on_pass=after_pass, resync=resync,
+                                         on_failure=on_failure)
 
         serving = service.serve(None, sessions, policy, host, port, interval,
-                                loop_factory=operator_loop, limits=limits)
+                                loop_factory=operator_loop, limits=limits, metrics=metrics)
     try:
         asyncio.run(serving)
     except OSError as error:

@@ -25,7 +25,13 @@ from controller.driver import RuntimeDriver
 from controller.kubeapi import TEMPLATES, WORKSPACES, KubeClient, KubeError
 from controller.leader import LeaderElector, LeaseConfig
 from controller.models import API_GROUP, API_VERSION, DesiredWorkspace, Policy, utcnow
-from controller.reconciler import Hints, PassReport, reconcile_once, run_forever
+from controller.reconciler import (
+    FailureCallback,
+    Hints,
+    PassReport,
+    reconcile_once,
+    run_forever,
+)
 from controller.registry import issue_token
 from controller.store import DatabaseError, Sessions, queries, transaction
 
@@ -463,6 +469,7 @@ async def run_operator(
     identity: str,
     on_pass: Callable[[PassReport, str], None] | None = None,
     resync: float = DEFAULT_RESYNC,
+    on_failure: FailureCallback | None = None,
 ) -> None:
     """Watch, elect, and while leading run passes and mirror them. The registry API runs
     beside this on every replica (it is stateless)."""
@@ -490,7 +497,8 @@ async def run_operator(
                 if stop.is_set():
                     break
             stops = (stop, elector.lost) if elector is not None else (stop,)
-            await _lead(watch, sink, sessions, policy, interval, stops, after_pass, resync)
+            await _lead(watch, sink, sessions, policy, interval, stops, after_pass, resync,
+                        on_failure)
     finally:
         if elector_task is not None:
             await elector_task
@@ -513,7 +521,8 @@ async def _resync_forever(kube: KubeClient, watch: Watch, every: float) -> None:
 
 async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
                 interval: float, stop: tuple[asyncio.Event, ...],
-                on_pass: Callable[[PassReport, str], None], resync: float) -> None:
+                on_pass: Callable[[PassReport, str], None], resync: float,
+                on_failure: FailureCallback | None = None) -> None:
     log.info("leading: running passes every %gs", interval)
     resyncing = asyncio.create_task(_resync_forever(sink.kube, watch, resync))
     latest: list[tuple[ClusterView, Desired]] = []  # what the newest pass planned against
@@ -537,7 +546,8 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
     async with RuntimeDriver.for_policy(policy, f"pluginctl/{sink.identity}") as driver:
         try:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
-                              hints=watch.hints, on_pass=mirrored, replica=sink.identity)
+                              hints=watch.hints, on_pass=mirrored, replica=sink.identity,
+                              on_failure=on_failure)
         finally:
             resyncing.cancel()
             await asyncio.gather(resyncing, return_exceptions=True)

@@ -534,7 +534,8 @@ class Hints:
 DesiredSource = Callable[[], Desired]
 MAX_HINTED = 1000  # more hinted workspaces than this at once: run a full pass instead
 HINT_GATHER = 0.05  # seconds a hint waits for others before its pass starts
-PassCallback = Callable[[PassReport, str], None]
+PassCallback = Callable[[PassReport, str], None]  # (report, trigger)
+FailureCallback = Callable[[str], None]  # (trigger) of a pass that could not run
 
 
 async def run_forever(
@@ -550,6 +551,7 @@ async def run_forever(
     on_pass: PassCallback | None = None,
     rand: Callable[[], float] = random.random,
     replica: str = DEFAULT_REPLICA,
+    on_failure: FailureCallback | None = None,
 ) -> None:
     """Full passes every `interval` seconds (plus or minus `jitter` of it, so that replicas
     and restarts never line up), and small passes for hinted workspaces in between. A pass
@@ -581,6 +583,8 @@ async def run_forever(
             desired = source()
         except (DesiredStateError, OSError) as error:
             log.error("cannot read desired state, skipping this pass: %s", error)
+            if on_failure is not None:
+                on_failure(trigger)
             return
         if desired.errors != last_errors[0]:
             for object_error in desired.errors:
@@ -592,6 +596,8 @@ async def run_forever(
                                           planned=planned)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
+            if on_failure is not None:
+                on_failure(trigger)
             return
         if on_pass is not None:
             on_pass(report, trigger)

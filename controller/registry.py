@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from controller import api, tokens
 from controller.http import GUARD, LIMITS, ConnectionGuard, Limits, request_limits
+from controller.metrics import CONTENT_TYPE_LATEST, Metrics
 from controller.models import Plugin, plugins_digest, utcnow
 from controller.networks import RuntimeNetworks
 from controller.store import DatabaseError, PinnedReader, Sessions, queries, transaction
@@ -197,6 +199,7 @@ class Ingest:
 
 
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 NETWORKS: web.AppKey[RuntimeNetworks] = web.AppKey("networks", RuntimeNetworks)
 
 
@@ -352,10 +355,37 @@ def _no_hint(_workspace_id: str) -> None:
     return None
 
 
+@web.middleware
+async def _measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    code = 500
+    try:
+        response = await handler(request)
+        code = response.status
+        return response
+    except web.HTTPException as error:
+        code = error.status
+        raise
+    finally:
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "other"
+        request.app[METRICS].observe_request(endpoint, code, time.perf_counter() - started)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def make_app(sessions: Sessions, hint: Hint | None = None,
              networks: RuntimeNetworks | None = None,
-             limits: Limits | None = None) -> web.Application:
-    app = web.Application(middlewares=[request_limits, _errors], client_max_size=MAX_BODY_BYTES)
+             limits: Limits | None = None, metrics: Metrics | None = None) -> web.Application:
+    middlewares = [request_limits, _errors] if metrics is None else \
+        [request_limits, _measured, _errors]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    if metrics is not None:
+        app[METRICS] = metrics
+        app.router.add_get("/metrics", metrics_page)
     app[LIMITS] = limits or Limits()
     app[GUARD] = ConnectionGuard(app[LIMITS])
     app[SESSIONS] = sessions

@@ -12,8 +12,16 @@ from collections.abc import Awaitable, Callable
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.http import Limits, runner_for, start_site
+from controller.metrics import Metrics
 from controller.models import Policy
-from controller.reconciler import DEFAULT_REPLICA, Hints, PassCallback, PassReport, run_forever
+from controller.reconciler import (
+    DEFAULT_REPLICA,
+    FailureCallback,
+    Hints,
+    PassCallback,
+    PassReport,
+    run_forever,
+)
 from controller.registry import make_app
 from controller.store import Sessions
 
@@ -28,14 +36,31 @@ def log_pass(report: PassReport, trigger: str) -> None:
 Loop = Callable[[Hints, asyncio.Event], Awaitable[None]]
 
 
+def observed(metrics: Metrics | None, on_pass: PassCallback | None = None
+             ) -> tuple[PassCallback, FailureCallback | None]:
+    """What the loop calls after each pass: `on_pass` (default: log it), and the metrics."""
+    then = on_pass or log_pass
+    if metrics is None:
+        return then, None
+
+    def both(report: PassReport, trigger: str) -> None:
+        metrics.observe_pass(report, trigger)
+        then(report, trigger)
+
+    return both, metrics.observe_failed_pass
+
+
 def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy,
                     interval: float, on_pass: PassCallback | None = None,
-                    replica: str = DEFAULT_REPLICA) -> Loop:
+                    replica: str = DEFAULT_REPLICA, metrics: Metrics | None = None) -> Loop:
     """The periodic loop over desired state from `source` (a manifest directory)."""
+    after_pass, on_failure = observed(metrics, on_pass)
+
     async def loop(hints: Hints, stop: asyncio.Event) -> None:
         async with RuntimeDriver.for_policy(policy, f"pluginctl/{replica}") as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
-                              hints=hints, on_pass=on_pass or log_pass, replica=replica)
+                              hints=hints, on_pass=after_pass, replica=replica,
+                              on_failure=on_failure)
     return loop
 
 
@@ -53,6 +78,7 @@ async def serve(
     loop_factory: Loop | None = None,
     replica: str = DEFAULT_REPLICA,
     limits: Limits | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """The registry API and a control loop (the standalone loop over `source`, or
     `loop_factory`, e.g. the operator's), until SIGINT/SIGTERM or `stop`. Raises OSError if
@@ -64,7 +90,7 @@ async def serve(
             loop.add_signal_handler(signum, stop.set)
     hints = Hints()
     runner = runner_for(make_app(sessions, hint=hints, networks=policy.runtime_networks,
-                                 limits=limits))
+                                 limits=limits, metrics=metrics))
     await runner.setup()
     try:
         bound = await start_site(runner, host, port)
@@ -74,7 +100,8 @@ async def serve(
         if loop_factory is None:
             if source is None:
                 raise ValueError("serve() needs a source of desired state or a loop")
-            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass, replica)
+            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass, replica,
+                                           metrics)
         await loop_factory(hints, stop)
     finally:
         await runner.cleanup()

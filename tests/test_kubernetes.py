@@ -280,6 +280,11 @@ async def test_register_only_workspace_becomes_ready(
     await wait_ready(plane, namespace, "alpha")
 
     assert set(runtime.plugins) == {"seo-all", "notes"}
+    with urllib.request.urlopen(operator.registry + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'pluginctl_plugin_actions_total{action="install",result="ok"' in metrics
+    assert 'pluginctl_registry_requests_total{code="200",endpoint="/registry/register"}' \
+        in metrics
     row = get(plane, namespace, "ws", "alpha").splitlines()[1].split()
     assert row[:5] == ["alpha", "base", "Online", "2/2", "True"]
     row = get(plane, namespace, "wst", "base").splitlines()[1].split()

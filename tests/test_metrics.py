@@ -1,0 +1,92 @@
+"""Prometheus metrics, scraped from a running `pluginctl run` process as Prometheus would:
+passes, actions by trigger, registry requests by endpoint and code, workspaces by phase,
+drift, and the coverage metric (age of the least recently reconciled online workspace)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.agent import Faults, ReferenceRuntime
+from controller.registry import issue_token
+from controller.store import make_engine, make_sessions, upgrade
+
+from .conftest import NOTES, SEO, wait_for
+from .test_faults import RunProcess, manifest_dir
+from .test_loop import has
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(url: str) -> Samples:
+    async with aiohttp.ClientSession() as client, client.get(f"{url}/metrics") as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain; version=")
+        text = await answer.text()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include `labels`."""
+    return sum(v for (n, have), v in samples.items()
+               if n == name and set(labels.items()) <= set(have))
+
+
+async def test_metrics_of_a_running_controller(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'pluginctl.db'}"
+    run = RunProcess(manifest_dir(tmp_path, ["ws-1", "ws-2"]), db)
+    engine = make_engine(db)
+    upgrade(engine)
+    sessions = make_sessions(engine)
+    runtimes = [ReferenceRuntime("ws-1", registry_url=run.url, heartbeat_interval=0.2,
+                                 token=issue_token(sessions, "ws-1")),
+                ReferenceRuntime("ws-2", registry_url=run.url, heartbeat_interval=0.2,
+                                 token=issue_token(sessions, "ws-2"),
+                                 faults=Faults(failing_plugins={"notes"}))]
+    await run.start()
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            await runtime.register()
+            runtime.start_heartbeats()
+        await wait_for(lambda: has(runtimes[0], SEO, NOTES) and has(runtimes[1], SEO),
+                       "installs")
+        async with aiohttp.ClientSession() as client, client.post(
+                f"{run.url}/registry/heartbeat", json={"workspace_id": "ws-1"},
+                headers={"Authorization": "Bearer wrong"}) as answer:
+            assert answer.status == 401
+
+        async def after_a_full_pass() -> Samples | None:
+            samples = await scrape(run.url)
+            seen = value(samples, "pluginctl_workspaces", phase="Online") == 2 and \
+                value(samples, "pluginctl_drifted_workspaces") == 1
+            return samples if seen else None
+
+        samples = await wait_for(after_a_full_pass, "a full pass seen in the metrics")
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        await run.stop()
+        engine.dispose()
+
+    assert value(samples, "pluginctl_reconcile_total", result="out_of_sync") >= 1
+    assert value(samples, "pluginctl_reconcile_time_seconds_count") >= 1
+    assert value(samples, "pluginctl_plugin_actions_total", action="install", result="ok") >= 3
+    assert value(samples, "pluginctl_plugin_actions_total", action="install",
+                 result="failed") >= 1
+    triggers = {dict(labels)["trigger"] for (name, labels) in samples
+                if name == "pluginctl_plugin_actions_total"}
+    assert triggers <= {"periodic", "hint", "hint-storm"} and triggers
+    assert value(samples, "pluginctl_registry_requests_total", endpoint="/registry/register",
+                 code="200") >= 2
+    assert value(samples, "pluginctl_registry_requests_total", endpoint="/registry/heartbeat",
+                 code="200") >= 1
+    assert value(samples, "pluginctl_registry_requests_total", endpoint="/registry/heartbeat",
+                 code="401") == 1
+    assert value(samples, "pluginctl_registry_request_seconds_count",
+                 endpoint="/registry/heartbeat") >= 2
+    age = value(samples, "pluginctl_oldest_reconcile_age_seconds")
+    assert 0 <= age < 10  # full passes every second (+ the pass itself)
