@@ -169,9 +169,33 @@ def manifests_option(required: bool) -> Callable[[Callable[..., Any]], Callable[
              "re-read on every pass.")
 
 
-def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the structured fields a record carries (workspace,
+    plugin, action, trigger, result) as fields of their own."""
+
+    FIELDS = ("workspace", "plugin", "action", "trigger", "result")
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created).astimezone().isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name,
+            "message": record.getMessage()}
+        for name in self.FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                data[name] = value
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup_logging(level: str, stream: TextIO = sys.stderr, log_format: str = "text") -> None:
     logging.basicConfig(level=level.upper(), stream=stream,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     for noisy in ("aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -179,9 +203,13 @@ def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
-def cli(log_level: str) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, envvar="PLUGINCTL_LOG_FORMAT",
+              help="json: one object per line, with workspace, plugin, action, trigger and "
+                   "result as fields of their own.")
+def cli(log_level: str, log_format: str) -> None:
     """Keeps the plugins of every online agent workspace exactly as declared."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format=log_format)
 
 
 # --- run -------------------------------------------------------------------------------------

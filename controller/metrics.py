@@ -48,7 +48,8 @@ class Metrics:
             registry=self.registry)
         self.actions = Counter(
             "pluginctl_plugin_actions", "Runtime actions performed, by action, result and "
-            "what started the pass.", ["action", "result", "trigger"], registry=self.registry)
+            "trigger: what started the pass, or retry (the action failed before).",
+            ["action", "result", "trigger"], registry=self.registry)
         self.requests = Counter(
             "pluginctl_registry_requests", "Registry API requests by endpoint and status code.",
             ["endpoint", "code"], registry=self.registry)
@@ -73,8 +74,9 @@ class Metrics:
         self.reconciles.labels("in_sync" if report.in_sync else "out_of_sync", trigger).inc()
         for result in report.results:
             for outcome in result.outcomes:
-                self.actions.labels(outcome.action.kind.value,
-                                    "ok" if outcome.ok else "failed", trigger).inc()
+                retry = outcome.action.key in result.prior_failures
+                self.actions.labels(outcome.action.kind.value, "ok" if outcome.ok else
+                                    "failed", "retry" if retry else trigger).inc()
         if trigger in FULL_PASS_TRIGGERS and report.scope is None:
             self.last_full_pass = time.monotonic() - seconds
             # Only what a pass sees: offline and dormant workspaces are not even read.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -496,21 +497,28 @@ async def _execute_workspace(
         log.error("could not record outcomes of %s: %s", seen.workspace_id, exc)
         error = f"could not record outcomes: {exc}"
     for outcome in done:
-        _log_outcome(seen.workspace_id, outcome)
+        _log_outcome(seen.workspace_id, outcome, outcome.action.key in prior)
     pending = seen.restart_pending if changes.restart_pending is None else changes.restart_pending
     return WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error,
                            prior_failures=prior)
 
 
-def _log_outcome(workspace_id: str, outcome: Outcome) -> None:
+#: What started the pass running in this task: "periodic", "hint", "hint-storm", or
+#: "manual" (`reconcile --once`). Set by the loop for each pass it starts.
+TRIGGER: contextvars.ContextVar[str] = contextvars.ContextVar("trigger", default="manual")
+
+
+def _log_outcome(workspace_id: str, outcome: Outcome, retry: bool) -> None:
     action = outcome.action
+    trigger = "retry" if retry else TRIGGER.get()
     extra = {"workspace": workspace_id, "action": action.kind.value,
-             "plugin": action.plugin.name if action.plugin else None}
+             "plugin": action.plugin.name if action.plugin else None, "trigger": trigger,
+             "result": "ok" if outcome.ok else "failed"}
     if outcome.ok:
-        log.info("%s: %s ok", workspace_id, action.describe(), extra=extra)
+        log.info("%s: %s ok [%s]", workspace_id, action.describe(), trigger, extra=extra)
     else:
-        log.warning("%s: %s failed: %s", workspace_id, action.describe(), outcome.message,
-                    extra=extra)
+        log.warning("%s: %s failed [%s]: %s", workspace_id, action.describe(), trigger,
+                    outcome.message, extra=extra)
 
 
 class Hints:
@@ -579,6 +587,7 @@ async def run_forever(
 
     async def _one_pass(only: set[str] | None, trigger: str,
                         planned: asyncio.Event | None) -> None:
+        TRIGGER.set(trigger)  # this pass runs in a task of its own: its context only
         try:
             desired = source()
         except (DesiredStateError, OSError) as error:

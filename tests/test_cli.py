@@ -379,3 +379,19 @@ async def test_token_runtime_secret_prints_the_derived_secret(tmp_path: Path) ->
     code, _, err = await pluginctl("reconcile", "--once", "--manifests", str(tmp_path),
                                    "--runtime-secret-per-workspace")
     assert code != 0 and "needs --runtime-secret-file" in err
+
+
+async def test_json_logs_carry_workspace_plugin_action_and_trigger(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path
+) -> None:
+    runtime = await runtime_factory("ws-1")
+    await runtime.register()
+    code, _, err = await pluginctl("--log-format", "json", "reconcile", "--once",
+                                   "--manifests", str(manifest_dir), "--db", db_url)
+    assert code == 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert records and len(records) == len(err.splitlines())  # every line is one object
+    installs = {r["plugin"]: r for r in records if r.get("action") == "install"}
+    assert set(installs) == {"seo-all", "notes"}
+    assert all(r["workspace"] == "ws-1" and r["trigger"] == "manual" and r["result"] == "ok"
+               and r["level"] == "info" and r["time"] for r in installs.values())

@@ -4,6 +4,7 @@ loopback: the boot paths that edge-triggered installs lost, ownership, backoff, 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -493,3 +494,23 @@ async def test_per_workspace_runtime_secrets(
     assert any("401" in o.message for o in failed.failures)
     assert runtime_secret_for(shared, "ws-1") != runtime_secret_for(shared, "ws-2")
     assert shared not in runtime_secret_for(shared, "ws-1")
+
+
+async def test_log_lines_say_what_started_each_action(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="pluginctl.reconciler")
+    faults = Faults(failing_plugins={"seo-all"})
+    runtime = await runtime_factory("ws-1", faults=faults)
+    with freeze_time("2026-01-01", real_asyncio=True) as clock:
+        await runtime.register()
+        await one_pass(fleet("ws-1"), sessions, policy)
+        faults.failing_plugins.clear()
+        clock.tick(6)
+        caplog.clear()
+        await one_pass(fleet("ws-1"), sessions, policy)
+    triggers = {(r.action, r.plugin): r.trigger for r in caplog.records  # type: ignore[attr-defined]
+                if getattr(r, "action", None)}
+    assert triggers == {("install", "seo-all"): "retry", ("restart", None): "manual",
+                        ("observe", None): "manual"}  # after the restart: looked again

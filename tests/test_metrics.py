@@ -79,7 +79,7 @@ async def test_metrics_of_a_running_controller(tmp_path: Path) -> None:
                  result="failed") >= 1
     triggers = {dict(labels)["trigger"] for (name, labels) in samples
                 if name == "pluginctl_plugin_actions_total"}
-    assert triggers <= {"periodic", "hint", "hint-storm"} and triggers
+    assert triggers <= {"periodic", "hint", "hint-storm", "retry"} and triggers
     assert value(samples, "pluginctl_registry_requests_total", endpoint="/registry/register",
                  code="200") >= 2
     assert value(samples, "pluginctl_registry_requests_total", endpoint="/registry/heartbeat",
