@@ -46,6 +46,10 @@ class Metrics:
             "pluginctl_drifted_workspaces", "Online workspaces not as declared after the last "
             "full pass (failing, backing off, held, refused or invalid).",
             registry=self.registry)
+        self.stalled = Gauge(
+            "pluginctl_stalled_workspaces", "Online workspaces not as declared after the last "
+            "full pass that made no progress in it (nothing succeeded: backing off, failing "
+            "again, held, refused or invalid).", registry=self.registry)
         self.actions = Counter(
             "pluginctl_plugin_actions", "Runtime actions performed, by action, result and "
             "trigger: what started the pass, or retry (the action failed before).",
@@ -87,7 +91,9 @@ class Metrics:
                 counts[phase] = counts.get(phase, 0) + count
             for phase, count in counts.items():
                 self.workspaces.labels(phase.value).set(count)
-            self.drifted.set(sum(1 for r in report.results if not r.in_sync)
+            drifted = [r for r in report.results if not r.in_sync]
+            self.drifted.set(len(drifted) + len(report.invalid))
+            self.stalled.set(sum(1 for r in drifted if not any(o.ok for o in r.outcomes))
                              + len(report.invalid))
 
     def observe_failed_pass(self, trigger: str) -> None:

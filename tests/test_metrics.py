@@ -62,7 +62,8 @@ async def test_metrics_of_a_running_controller(tmp_path: Path) -> None:
         async def after_a_full_pass() -> Samples | None:
             samples = await scrape(run.url)
             seen = value(samples, "pluginctl_workspaces", phase="Online") == 2 and \
-                value(samples, "pluginctl_drifted_workspaces") == 1
+                value(samples, "pluginctl_drifted_workspaces") == 1 and \
+                value(samples, "pluginctl_stalled_workspaces") == 1  # ws-2, backing off
             return samples if seen else None
 
         samples = await wait_for(after_a_full_pass, "a full pass seen in the metrics")
