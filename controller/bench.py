@@ -33,7 +33,7 @@ from aiohttp import web
 from controller import tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
-from controller.http import runner_for, start_site
+from controller.http import free_port, runner_for, start_site
 from controller.models import DesiredWorkspace, Plugin, Policy, utcnow
 from controller.reconciler import Hints, PassReport, reconcile_once, run_forever
 from controller.registry import make_app
@@ -144,14 +144,6 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def _wait_http(url: str, deadline: float) -> None:
     async with aiohttp.ClientSession() as client:
         while time.monotonic() < deadline:
@@ -210,7 +202,7 @@ async def heartbeat(target: Target, workspaces: int, seconds: float, connections
     _seed(make_sessions(engine), ids, "http://127.0.0.1:9/", PLUGINS)
     engine.dispose()
     with tempfile.TemporaryDirectory() as empty:
-        port, bare_port = _free_port(), _free_port()
+        port, bare_port = free_port(), free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "controller", "--log-level", "warning", "run",
              "--manifests", empty, "--db", url, "--listen", f"127.0.0.1:{port}",
@@ -302,7 +294,7 @@ class RuntimesProcess:
     """SimulatedRuntimes in a child process, and how to ask it what is done."""
 
     def __init__(self, latency: float, expected: int) -> None:
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-c", RUNTIMES_SERVER, str(port), str(latency), str(expected)],
@@ -445,12 +437,16 @@ print(json.dumps(asyncio.run(bench.memory_child(sys.argv[1], int(sys.argv[2]))))
 """
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def proc_status_kb(field: str, pid: int | str = "self") -> int:
+    """A kB figure of /proc/PID/status (VmRSS, VmHWM); for ourselves, ru_maxrss without it."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if pid == "self" else 0
 
 
 async def memory_child(url: str, workspaces: int) -> dict[str, Any]:
@@ -459,7 +455,7 @@ async def memory_child(url: str, workspaces: int) -> dict[str, Any]:
     # The peak survives exec (it would be the parent's); reset it, then measure.
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
         clear.write("5")
-    before = _rss_kb("VmHWM")
+    before = proc_status_kb("VmHWM")
     engine = make_engine(url)
     sessions = make_sessions(engine)
     ids = [f"ws-{i:07d}" for i in range(workspaces)]
@@ -485,7 +481,7 @@ async def memory_child(url: str, workspaces: int) -> dict[str, Any]:
     policy = Policy(offline_after=timedelta(hours=1))
     await serve(lambda: desired, sessions, policy, "127.0.0.1", 0, interval=1.0,
                 stop=stop, on_pass=on_pass)
-    after = _rss_kb("VmHWM")
+    after = proc_status_kb("VmHWM")
     engine.dispose()
     found = first_and_steady()
     assert found is not None

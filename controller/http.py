@@ -146,6 +146,13 @@ def runner_for(app: web.Application) -> web.AppRunner:
     return web.AppRunner(app, access_log=None, keepalive_timeout=limits.keepalive_seconds)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for child processes told where to listen)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 async def start_site(runner: web.AppRunner, host: str, port: int) -> int:
     """Listen on host:port (port 0: any free port) and return the port actually bound. An app
     with a connection guard (the registry) gets its limits enforced on every connection."""

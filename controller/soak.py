@@ -27,6 +27,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from controller.bench import proc_status_kb
+from controller.http import free_port
 from controller.models import Policy, utcnow
 from controller.store import make_engine, make_sessions, queries, transaction, upgrade
 from controller.tokens import digest, generate
@@ -130,21 +132,6 @@ class Tally:
     rss_kb: list[tuple[float, int]] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def _manifests(directory: Path, ids: list[str], extra: bool) -> None:
     plugins = [{"source": source} for source in TEMPLATE_PLUGINS]
     if extra:
@@ -198,7 +185,7 @@ async def run_soak(profile: Profile, say: Say, database: str | None = None) -> d
             for workspace_id, secret in secrets.items():
                 queries.add_token(session, workspace_id, digest(secret),
                                   utcnow(), "soak")
-        runtimes_port, registry_port = _free_port(), _free_port()
+        runtimes_port, registry_port = free_port(), free_port()
         runtimes = subprocess.Popen([sys.executable, "-c", RUNTIMES_SERVER,
                                      str(runtimes_port)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
@@ -328,7 +315,8 @@ async def _drive(profile: Profile, say: Say, ids: list[str], secrets: dict[str, 
         async def sample_rss() -> None:
             started = time.monotonic()
             while not stop.is_set():
-                tally.rss_kb.append((time.monotonic() - started, _rss_kb(controller.pid)))
+                rss = proc_status_kb("VmRSS", controller.pid)
+                tally.rss_kb.append((time.monotonic() - started, rss))
                 await asyncio.sleep(2)
 
         async def control(**body: Any) -> None:
@@ -365,7 +353,7 @@ async def _drive(profile: Profile, say: Say, ids: list[str], secrets: dict[str, 
                 await asyncio.sleep(0.5)
             warm = time.monotonic() - started
             say(f"first convergence in {warm:.1f}s; faults begin")
-            baseline = _rss_kb(controller.pid)
+            baseline = proc_status_kb("VmRSS", controller.pid)
             soak_started = time.monotonic()
             step = 0
             while time.monotonic() - soak_started < profile.seconds:
@@ -401,7 +389,7 @@ async def _drive(profile: Profile, say: Say, ids: list[str], secrets: dict[str, 
                     break  # reported below as not converged
                 await asyncio.sleep(1)
             settle = time.monotonic() - settle_started
-            final = _rss_kb(controller.pid)
+            final = proc_status_kb("VmRSS", controller.pid)
         finally:
             stop.set()
             await asyncio.gather(load, sampler, return_exceptions=True)
