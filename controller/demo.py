@@ -64,7 +64,7 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
                         continue
                     verdict = "ok" if outcome.ok else f"failed: {outcome.message}"
                     say(result.workspace_id, f"{outcome.action.describe()} -> {verdict} "
-                                             f"[{trigger} pass]")
+                                             f"[{result.trigger_of(outcome.action)}]")
 
         port_ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()

@@ -52,7 +52,8 @@ class Metrics:
             "again, held, refused or invalid).", registry=self.registry)
         self.actions = Counter(
             "pluginctl_plugin_actions", "Runtime actions performed, by action, result and "
-            "trigger: what started the pass, or retry (the action failed before).",
+            "trigger: what started it (periodic, registry, manual, template-change, hint-storm) "
+            "or retry (the action failed before).",
             ["action", "result", "trigger"], registry=self.registry)
         self.requests = Counter(
             "pluginctl_registry_requests", "Registry API requests by endpoint and status code.",
@@ -78,9 +79,8 @@ class Metrics:
         self.reconciles.labels("in_sync" if report.in_sync else "out_of_sync", trigger).inc()
         for result in report.results:
             for outcome in result.outcomes:
-                retry = outcome.action.key in result.prior_failures
                 self.actions.labels(outcome.action.kind.value, "ok" if outcome.ok else
-                                    "failed", "retry" if retry else trigger).inc()
+                                    "failed", result.trigger_of(outcome.action)).inc()
         if trigger in FULL_PASS_TRIGGERS and report.scope is None:
             self.last_full_pass = time.monotonic() - seconds
             # Only what a pass sees: offline and dormant workspaces are not even read.

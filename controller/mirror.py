@@ -5,7 +5,7 @@ what is there, and which Events a pass's outcomes deserve. Pure: the operator ap
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -187,30 +187,38 @@ def _subject(action: Action) -> str:
 
 
 def events_for(outcomes: Iterable[Outcome], failing_before: Iterable[str],
-               held_now: bool, held_before: bool) -> list[Event]:
+               held_now: bool, held_before: bool,
+               trigger_of: Callable[[Action], str] | None = None) -> list[Event]:
     """Events for what a pass did: installs, removals, restarts, the first failure of a
-    streak (not one per retry), and a restart hold when it begins."""
+    streak (not one per retry), and a restart hold when it begins. Each action's Event says
+    what started it (`trigger_of`: periodic, registry, manual, retry, template-change)."""
     already_failing = set(failing_before)
     events = []
+
+    def said(action: Action, message: str) -> str:
+        return message if trigger_of is None else f"{message} [trigger: {trigger_of(action)}]"
+
     for outcome in outcomes:
         action = outcome.action
         if not outcome.ok:
             if action.key not in already_failing:
                 already_failing.add(action.key)
                 events.append(Event("Warning", _FAILED_REASON.get(action.kind, "Failed"),
-                                    f"{action.kind.value} {_subject(action)} failed: "
-                                    f"{outcome.message} (retrying with backoff)"))
+                                    said(action, f"{action.kind.value} {_subject(action)} "
+                                                 f"failed: {outcome.message} (retrying with "
+                                                 "backoff)")))
             continue
         match action.kind:
             case ActionKind.INSTALL if action.plugin is not None:
-                events.append(Event("Normal", "Installed", f"installed {action.plugin.name} "
-                                    f"from {action.plugin.source} ({action.reason})"))
+                events.append(Event("Normal", "Installed", said(
+                    action, f"installed {action.plugin.name} from {action.plugin.source} "
+                            f"({action.reason})")))
             case ActionKind.REMOVE if action.plugin is not None:
-                events.append(Event("Normal", "Removed",
-                                    f"removed {action.plugin.name}: {action.reason}"))
+                events.append(Event("Normal", "Removed", said(
+                    action, f"removed {action.plugin.name}: {action.reason}")))
             case ActionKind.RESTART:
-                events.append(Event("Normal", "Restarted", f"restarted the runtime: "
-                                    f"{action.reason}"))
+                events.append(Event("Normal", "Restarted", said(
+                    action, f"restarted the runtime: {action.reason}")))
     if held_now and not held_before:
         events.append(Event("Warning", "RestartHeld", "a restart is needed but the restart "
                             "budget is spent; held until the budget allows it"))

@@ -154,6 +154,11 @@ def sync_digest(desired_digest: str, report_digest: str) -> str:
     return desired_digest + report_digest
 
 
+def desired_changed(marker: str, desired_digest: str) -> bool:
+    """Whether the desired state changed since the workspace was found in sync (`marker`)."""
+    return not marker.startswith(desired_digest)
+
+
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """Where a desired plugin comes from, for explanations: a template entry or the workspace."""

@@ -29,6 +29,7 @@ from controller.reconciler import (
     FailureCallback,
     Hints,
     PassReport,
+    Trigger,
     reconcile_once,
     run_forever,
 )
@@ -241,7 +242,7 @@ class Mirror:
             held_now = result.restart_pending and not (result.plans and
                                                        result.plans[-1].may_restart)
             for event in mirror.events_for(result.outcomes, result.prior_failures, held_now,
-                                           held_before):
+                                           held_before, trigger_of=result.trigger_of):
                 try:
                     await self.kube.call(self.kube.create_event, obj, event.type,
                                             event.reason, event.message, now, self.identity)
@@ -426,10 +427,11 @@ class Watch:
             spec, meta, current = body.get("spec") or {}, body.get("metadata") or {}, \
                 body.get("status") or {}
             requested = (meta.get("annotations") or {}).get(mirror.REQUESTED_AT)
-            stale = current.get("observedGeneration") != meta.get("generation")
-            if stale or (requested is not None
-                         and requested != current.get("lastHandledReconcileAt")):
-                self.hints(str(spec.get("workspaceId") or meta.get("name")))
+            workspace_id = str(spec.get("workspaceId") or meta.get("name"))
+            if requested is not None and requested != current.get("lastHandledReconcileAt"):
+                self.hints(workspace_id, Trigger.MANUAL)
+            elif current.get("observedGeneration") != meta.get("generation"):
+                self.hints(workspace_id, Trigger.TEMPLATE_CHANGE)
 
         @kopf.on.event(API_GROUP, API_VERSION, TEMPLATES, id="template_event",
                        registry=registry)
@@ -443,7 +445,8 @@ class Watch:
                     spec = obj.get("spec") or {}
                     if obj["metadata"].get("namespace") == namespace and \
                             (spec.get("templateRef") or {}).get("name") == name:
-                        self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]))
+                        self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]),
+                                   Trigger.TEMPLATE_CHANGE)
 
         @kopf.on.event("v1", "secrets", labels={mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY},
                        id="secret_event", registry=registry)

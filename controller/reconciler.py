@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
 import logging
 import os
 import random
 import socket
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -21,6 +22,7 @@ from controller import executor, outcomes, planner
 from controller.desired import Desired, DesiredStateError, ObjectError
 from controller.driver import RuntimeDriver
 from controller.models import (
+    Action,
     ActionKind,
     DesiredWorkspace,
     Observed,
@@ -29,6 +31,7 @@ from controller.models import (
     Policy,
     Wait,
     WorkspacePlan,
+    desired_changed,
     sync_digest,
     utcnow,
 )
@@ -40,6 +43,22 @@ log = logging.getLogger("pluginctl.reconciler")
 Progress = Callable[[int, int], None]
 
 
+class Trigger(enum.StrEnum):
+    """What started a pass, or an action within one (in logs, metrics and Events)."""
+
+    PERIODIC = "periodic"  # the full pass every interval
+    HINT = "hint"  # a pass over hinted workspaces only
+    HINT_STORM = "hint-storm"  # too many hints at once: a full pass instead
+    MANUAL = "manual"  # a person asked: `reconcile --once`, `apply`, a requestedAt annotation
+    REGISTRY = "registry"  # a register, or a heartbeat whose report changed
+    TEMPLATE_CHANGE = "template-change"  # the desired state changed (template or Workspace)
+    RETRY = "retry"  # the action failed before: its backoff came due
+
+
+#: A hinted workspace keeps the weightiest reason it was hinted for.
+_HINT_RANK = {Trigger.REGISTRY: 0, Trigger.TEMPLATE_CHANGE: 1, Trigger.MANUAL: 2}
+
+
 @dataclass(frozen=True, slots=True)
 class WorkspaceResult:
     workspace_id: str
@@ -48,6 +67,11 @@ class WorkspaceResult:
     restart_pending: bool
     error: str | None = None  # the pass could not finish this workspace
     prior_failures: frozenset[str] = frozenset()  # attempt keys already failing before
+    trigger: str = Trigger.MANUAL  # what brought this workspace into the pass
+
+    def trigger_of(self, action: Action) -> str:
+        """What started this action: a retry if it was failing before, else the workspace's."""
+        return Trigger.RETRY if action.key in self.prior_failures else self.trigger
 
     @property
     def waits(self) -> tuple[Wait, ...]:
@@ -159,6 +183,7 @@ async def reconcile_once(
     limit: asyncio.Semaphore | None = None,
     replica: str = DEFAULT_REPLICA,
     planned: asyncio.Event | None = None,
+    hinted: Mapping[str, str] | None = None,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
@@ -172,7 +197,8 @@ async def reconcile_once(
 
     Passes may overlap (the loop never waits for a slow runtime before starting the next
     pass): `busy` holds the workspaces some pass of this process is handling, which others
-    then skip. `planned` is set once reading and planning are over."""
+    then skip. `planned` is set once reading and planning are over. `hinted` says why
+    workspaces were hinted (a Trigger); with the pass's TRIGGER it attributes actions."""
     busy = set() if busy is None else busy
     now = utcnow()
     limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
@@ -180,6 +206,9 @@ async def reconcile_once(
         queries.online_digests, now=now, offline_after=policy.offline_after, only=only))
 
     todo: list[str] = []
+    triggers: dict[str, str] = {}
+    pass_trigger = TRIGGER.get()
+    hinted = hinted or {}
     invalid: list[DesiredWorkspace] = []
     skipped: dict[Phase, int] = {}
     busy_count = synced = 0
@@ -202,6 +231,8 @@ async def reconcile_once(
             busy_count += 1
         else:
             todo.append(workspace_id)
+            triggers[workspace_id] = _trigger(pass_trigger, hinted.get(workspace_id),
+                                              marker, wanted)
     todo.sort()
     invalid.sort(key=lambda w: w.workspace_id)
     done = synced
@@ -222,12 +253,12 @@ async def reconcile_once(
     busy |= reserved
     try:
         results, active = await _plan_all(todo, desired, sessions, policy, now, digests,
-                                          dry_run, busy, reserved, advance)
+                                          dry_run, busy, reserved, advance, triggers)
         if planned is not None:
             planned.set()  # what is left is acting: waiting on runtimes
         if active:
             acted, elsewhere = await _act(active, desired, sessions, driver, policy, now, rand,
-                                          busy, reserved, limit, replica, advance)
+                                          busy, reserved, limit, replica, advance, triggers)
             results += acted
             busy_count += elsewhere
     finally:
@@ -247,6 +278,18 @@ async def reconcile_once(
     )
 
 
+def _trigger(pass_trigger: str, hint: str | None, marker: str | None,
+             wanted: DesiredWorkspace) -> str:
+    """Why a workspace is in this pass: the reason it was hinted for; else a person's request;
+    else a change of its desired state since it was last in sync; else the pass's trigger."""
+    if hint is not None:
+        return hint
+    if pass_trigger != Trigger.MANUAL and marker is not None \
+            and desired_changed(marker, wanted.digest):
+        return Trigger.TEMPLATE_CHANGE
+    return pass_trigger
+
+
 async def _plan_all(
     todo: list[str],
     desired: Desired,
@@ -258,6 +301,7 @@ async def _plan_all(
     busy: set[str],
     reserved: set[str],
     advance: Callable[[int], None],
+    triggers: Mapping[str, str],
 ) -> tuple[list[WorkspaceResult], list[str]]:
     """Load and plan CHUNK workspaces at a time; returns the results of those with nothing
     to do (all of them in a dry run) and the ids of those with actions."""
@@ -282,7 +326,7 @@ async def _plan_all(
                 active_set.add(workspace_id)
                 continue
             planned_quiet += 1
-            results.append(_quiet(seen, plan))
+            results.append(_quiet(seen, plan, triggers[workspace_id]))
             report_digest, marker = digests[workspace_id]
             if plan.in_sync and not seen.attempts and report_digest is not None:
                 new_marker = sync_digest(wanted.digest, report_digest)
@@ -351,9 +395,9 @@ class Recorder:
             self._draining = None
 
 
-def _quiet(seen: Observed, plan: WorkspacePlan) -> WorkspaceResult:
+def _quiet(seen: Observed, plan: WorkspacePlan, trigger: str) -> WorkspaceResult:
     return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
-                           prior_failures=frozenset(seen.attempts))
+                           prior_failures=frozenset(seen.attempts), trigger=trigger)
 
 
 async def _act(
@@ -369,6 +413,7 @@ async def _act(
     limit: asyncio.Semaphore,
     replica: str,
     advance: Callable[[int], None],
+    triggers: Mapping[str, str],
 ) -> tuple[list[WorkspaceResult], int]:
     """Claim, re-read, re-plan and act on workspaces a batch at a time, never claiming more
     than one batch ahead of the work. Returns the results, and how many workspaces another
@@ -400,9 +445,10 @@ async def _act(
                     queries.release, workspace_ids=[seen.workspace_id], replica=replica))
                 return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
                                        "not acted on: its claim ran out while it waited",
-                                       frozenset(seen.attempts))
+                                       frozenset(seen.attempts), triggers[seen.workspace_id])
             return await _execute_workspace(wanted, seen, plan, driver, policy, now, rand,
-                                            recorder, min(policy.workspace_timeout, left))
+                                            recorder, min(policy.workspace_timeout, left),
+                                            triggers[seen.workspace_id])
 
     try:
         for batch in _chunks(ids, batch_size):
@@ -429,7 +475,8 @@ async def _act(
                     if workspace_id not in claimed:
                         elsewhere += 1
                     elif seen is not None and plan is not None:
-                        results.append(_quiet(seen, plan))  # another replica was quicker
+                        # another replica was quicker
+                        results.append(_quiet(seen, plan, triggers[workspace_id]))
                     nothing_to_do.append(workspace_id)
                     pending.discard(workspace_id)
                     busy.discard(workspace_id)
@@ -466,6 +513,7 @@ async def _execute_workspace(
     rand: Callable[[], float],
     recorder: Recorder,
     deadline: float,
+    trigger: str,
 ) -> WorkspaceResult:
     prior = frozenset(seen.attempts)
     url = seen.url or ""
@@ -496,21 +544,21 @@ async def _execute_workspace(
         # and repeats at most an idempotent install.
         log.error("could not record outcomes of %s: %s", seen.workspace_id, exc)
         error = f"could not record outcomes: {exc}"
-    for outcome in done:
-        _log_outcome(seen.workspace_id, outcome, outcome.action.key in prior)
     pending = seen.restart_pending if changes.restart_pending is None else changes.restart_pending
-    return WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error,
-                           prior_failures=prior)
+    result = WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error,
+                             prior_failures=prior, trigger=trigger)
+    for outcome in done:
+        _log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
+    return result
 
 
-#: What started the pass running in this task: "periodic", "hint", "hint-storm", or
-#: "manual" (`reconcile --once`). Set by the loop for each pass it starts.
-TRIGGER: contextvars.ContextVar[str] = contextvars.ContextVar("trigger", default="manual")
+#: What started the pass running in this task: periodic, hint, hint-storm, or manual
+#: (`reconcile --once`, `apply`). Set by the loop for each pass it starts.
+TRIGGER: contextvars.ContextVar[str] = contextvars.ContextVar("trigger", default=Trigger.MANUAL)
 
 
-def _log_outcome(workspace_id: str, outcome: Outcome, retry: bool) -> None:
+def _log_outcome(workspace_id: str, outcome: Outcome, trigger: str) -> None:
     action = outcome.action
-    trigger = "retry" if retry else TRIGGER.get()
     extra = {"workspace": workspace_id, "action": action.kind.value,
              "plugin": action.plugin.name if action.plugin else None, "trigger": trigger,
              "result": "ok" if outcome.ok else "failed"}
@@ -526,15 +574,18 @@ class Hints:
     on them: the periodic full pass covers every workspace anyway."""
 
     def __init__(self) -> None:
-        self._ids: set[str] = set()
+        self._ids: dict[str, Trigger] = {}
         self.event = asyncio.Event()
 
-    def __call__(self, workspace_id: str) -> None:
-        self._ids.add(workspace_id)
+    def __call__(self, workspace_id: str, reason: Trigger = Trigger.REGISTRY) -> None:
+        known = self._ids.get(workspace_id)
+        if known is None or _HINT_RANK[reason] > _HINT_RANK[known]:
+            self._ids[workspace_id] = reason
         self.event.set()
 
-    def take(self) -> set[str]:
-        ids, self._ids = self._ids, set()
+    def take(self) -> dict[str, Trigger]:
+        """The hinted workspaces, each with the reason it was hinted for."""
+        ids, self._ids = self._ids, {}
         self.event.clear()
         return ids
 
@@ -577,16 +628,16 @@ async def run_forever(
     full_planned = asyncio.Event()  # the last full pass is done planning (acting is fine)
     full_planned.set()
 
-    async def one_pass(only: set[str] | None, trigger: str,
-                       planned: asyncio.Event | None = None) -> None:
+    async def one_pass(only: set[str] | None, trigger: str, planned: asyncio.Event | None,
+                       hinted: Mapping[str, str]) -> None:
         try:
-            await _one_pass(only, trigger, planned)
+            await _one_pass(only, trigger, planned, hinted)
         finally:
             if planned is not None:
                 planned.set()
 
     async def _one_pass(only: set[str] | None, trigger: str,
-                        planned: asyncio.Event | None) -> None:
+                        planned: asyncio.Event | None, hinted: Mapping[str, str]) -> None:
         TRIGGER.set(trigger)  # this pass runs in a task of its own: its context only
         try:
             desired = source()
@@ -602,7 +653,7 @@ async def run_forever(
         try:
             report = await reconcile_once(desired, sessions, driver, policy, only=only,
                                           rand=rand, busy=busy, limit=limit, replica=replica,
-                                          planned=planned)
+                                          planned=planned, hinted=hinted)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
             if on_failure is not None:
@@ -625,19 +676,19 @@ async def run_forever(
                     # big fleet): another would only compete with it. Its acting may overlap.
                     log.debug("full pass skipped: the last one is still planning")
                     continue
-                hints.take()
+                hinted = hints.take()
                 only: set[str] | None = None
-                trigger = "periodic"
+                trigger = Trigger.PERIODIC
                 planned = full_planned = asyncio.Event()
             else:
                 # Hints come in bursts (a fleet reconnecting, a deploy): gather them briefly,
                 # so that one pass serves the burst instead of one pass per hint.
                 await _wait_any(stops, HINT_GATHER)
-                only = hints.take()
-                trigger = "hint"
+                hinted = hints.take()
+                only, trigger = set(hinted), Trigger.HINT
                 if len(only) > MAX_HINTED:  # a reconnect storm: one full pass is cheaper
-                    only, trigger = None, "hint-storm"
-            task = asyncio.create_task(one_pass(only, trigger, planned))
+                    only, trigger = None, Trigger.HINT_STORM
+            task = asyncio.create_task(one_pass(only, trigger, planned, hinted))
             running.add(task)
             task.add_done_callback(running.discard)
             await asyncio.sleep(0)  # let the pass claim its workspaces before the next one

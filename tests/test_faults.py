@@ -393,11 +393,11 @@ async def test_lost_edges_still_converge_within_two_full_passes(
     dropped: list[str] = []
     original = Hints.__call__
 
-    def lossy_hint(self: Hints, workspace_id: str) -> None:
+    def lossy_hint(self: Hints, workspace_id: str, *reason: Any) -> None:
         if rand.random() < LOSS:
             dropped.append(workspace_id)
         else:
-            original(self, workspace_id)
+            original(self, workspace_id, *reason)
 
     monkeypatch.setattr(Hints, "__call__", lossy_hint)
     names = [f"ws-{i:02d}" for i in range(12)]

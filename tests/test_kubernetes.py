@@ -381,6 +381,9 @@ async def test_suspend_requested_at_template_edit_and_stalled(
     await eventually(lambda: runtime.plugins["seo-all"].source.endswith("#v2"), 30, "upgrade")
     described = plane.kubectl("describe", "ws", "w1", "-n", namespace).stdout
     assert "Removed" in described and "seo-all -> " not in described
+    installs = get(plane, namespace, "events", "--field-selector",
+                   "involvedObject.name=w1,reason=Installed", "-o", "jsonpath={.items[*].message}")
+    assert "#v2 (source" in installs and "[trigger: template-change]" in installs
 
     # requestedAt is echoed once handled.
     plane.kubectl("annotate", "ws", "w1", "-n", namespace, "--overwrite",

@@ -514,3 +514,55 @@ async def test_log_lines_say_what_started_each_action(
                 if getattr(r, "action", None)}
     assert triggers == {("install", "seo-all"): "retry", ("restart", None): "manual",
                         ("observe", None): "manual"}  # after the restart: looked again
+
+
+async def test_each_workspace_says_what_brought_it_into_the_pass(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """A periodic pass attributes a workspace's actions to what changed: its desired state
+    (template-change) or nothing it can name (periodic); a hint keeps its reason (registry,
+    manual); an action that failed before is a retry."""
+    from controller.reconciler import TRIGGER, Trigger
+
+    extra = [{"source": "local://plugins/extra"}]
+    one = await runtime_factory("ws-1")
+    two = await runtime_factory("ws-2")
+    for runtime in (one, two):
+        await runtime.register()
+    TRIGGER.set(Trigger.PERIODIC)
+    first = await one_pass(fleet("ws-1", "ws-2"), sessions, policy,
+                           hinted={"ws-1": Trigger.REGISTRY})
+    assert {r.workspace_id: r.trigger for r in first.results} == {
+        "ws-1": "registry", "ws-2": "periodic"}
+    for _ in range(4):  # restarts the installs asked for; then found in sync and remembered
+        if (await one_pass(fleet("ws-1", "ws-2"), sessions, policy)).synced == 2:
+            break
+    else:
+        raise AssertionError("the fleet was never recognised in sync")
+
+    # ws-1's declared plugins change; ws-2's box loses its plugins (desired state unchanged).
+    changed = desired_from(TEMPLATE, workspace_yaml("ws-1", plugins=extra),
+                           workspace_yaml("ws-2"))
+    two.plugins.clear()
+    await two.register()
+    second = await one_pass(changed, sessions, policy)
+    triggers = {r.workspace_id: {r.trigger_of(o.action) for o in r.outcomes}
+                for r in second.results}
+    assert triggers == {"ws-1": {"template-change"}, "ws-2": {"periodic"}}
+
+    two.plugins.clear()
+    await two.register()
+    manual = await one_pass(changed, sessions, policy, hinted={"ws-2": Trigger.MANUAL})
+    assert {r.workspace_id: r.trigger for r in manual.results}["ws-2"] == "manual"
+
+
+def test_a_hinted_workspace_keeps_its_weightiest_reason() -> None:
+    from controller.reconciler import Hints, Trigger
+
+    hints = Hints()
+    hints("a", Trigger.MANUAL)
+    hints("a")  # a heartbeat after the request does not hide the request
+    hints("b")
+    hints("b", Trigger.TEMPLATE_CHANGE)
+    assert hints.take() == {"a": Trigger.MANUAL, "b": Trigger.TEMPLATE_CHANGE}
+    assert hints.take() == {}

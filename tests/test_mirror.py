@@ -153,3 +153,15 @@ def test_every_crd_field_has_a_description() -> None:
         schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"][
             "openAPIV3Schema"]
         assert _descriptions_missing(schema, crd.name) == []
+
+
+def test_events_say_what_started_each_action() -> None:
+    from controller.reconciler import WorkspaceResult
+
+    install = Action(ActionKind.INSTALL, "missing", Plugin("b", "local://b"))
+    restart = Action(ActionKind.RESTART, "requested by an earlier install")
+    result = WorkspaceResult("ws", (), (Outcome(install, ok=True), Outcome(restart, ok=True)),
+                             False, prior_failures=frozenset({"b"}), trigger="template-change")
+    events = mirror.events_for(result.outcomes, result.prior_failures, held_now=False,
+                               held_before=False, trigger_of=result.trigger_of)
+    assert [e.message.rpartition(" ")[2] for e in events] == ["retry]", "template-change]"]
