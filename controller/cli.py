@@ -21,6 +21,7 @@ from controller import manifests as manifests_mod
 from controller import service, status, tokens
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
+from controller.explain import Claim, Explanation, age, explain
 from controller.http import Limits
 from controller.metrics import Metrics
 from controller.models import (
@@ -538,6 +539,131 @@ def status_json(s: status.WorkspaceStatus) -> dict[str, Any]:
         "restarts_left": s.restarts_left,
         "last_seen_at": _iso(s.last_seen_at),
         "report_at": _iso(s.report_at),
+    }
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+def desired_state(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
+                  kube_context: str | None) -> Desired:
+    """Desired state from the one source given: a manifest directory or the cluster."""
+    _source_of_desired_state(manifests, use_kubernetes)
+    if manifests is not None:
+        return load_manifests(manifests)
+    from controller.kubeapi import KubeError
+    from controller.operator import ClusterView
+
+    kube = _kube(kubeconfig, kube_context)
+    try:
+        return ClusterView.listed(kube).desired()
+    except KubeError as error:
+        raise Failure(f"cannot list Workspaces and WorkspaceTemplates: {error}") from error
+
+
+@cli.command("explain")
+@click.argument("workspace_id", callback=lambda _c, _p, value: _workspace_id(value))
+@manifests_option(required=False)
+@kubernetes_options
+@db_option
+@output_option
+@click.option("--offline-after", type=click.FloatRange(min=1), default=90.0, show_default=True)
+@click.option("--restart-budget", type=click.IntRange(min=0), default=3, show_default=True)
+@allow_unpinned_option
+def explain_command(workspace_id: str, manifests: Path | None, use_kubernetes: bool,
+                    kubeconfig: str | None, kube_context: str | None, db: str | None,
+                    output: str, offline_after: float, restart_budget: int,
+                    allow_unpinned: bool) -> None:
+    """Why WORKSPACE_ID is or is not in sync: which template or Workspace entry declares each
+    plugin, what its runtime last reported and when, what pluginctl owns, the last error, the
+    next retry, the restart budget left, and what the next pass would do.
+
+    Exit 0: in sync. Exit 2: not in sync. Exit 1: no such workspace, or could not run."""
+    desired = desired_state(manifests, use_kubernetes, kubeconfig, kube_context)
+    sessions = open_store(db)
+    policy = Policy(offline_after=timedelta(seconds=offline_after),
+                    restart_budget=restart_budget, allow_unpinned=allow_unpinned)
+    wanted = desired.workspaces.get(workspace_id) or next(
+        (d for d in desired.rejected if d.workspace_id == workspace_id), None)
+    with transaction(sessions) as session:
+        seen = queries.load_observed(session, restart_window=policy.restart_window,
+                                     only=[workspace_id]).get(workspace_id)
+        held = queries.claim_of(session, workspace_id)
+    if wanted is None and seen is None:
+        raise Failure(f"no workspace {workspace_id}: no Workspace declares it and no runtime "
+                      "has registered it")
+    now = utcnow()
+    found = explain(wanted, seen, now, policy, Claim(*held) if held is not None else None)
+    if output == "json":
+        click.echo(json.dumps(explanation_json(found), indent=2))
+    else:
+        click.echo(explanation_text(found, now))
+    sys.exit(EXIT_OK if found.in_sync else EXIT_DRIFT)
+
+
+def explanation_text(found: Explanation, now: datetime) -> str:
+    def ago(value: datetime | None) -> str:
+        return f"{age(value, now)} ago ({value:%Y-%m-%d %H:%M:%S} UTC)" if value else "never"
+
+    origin = ", ".join(part for part in (
+        found.object_ref and f"object {found.object_ref}",
+        found.template and f"template {found.template}") if part)
+    lines = [
+        f"Workspace:      {found.workspace_id}" + (f" ({origin})" if origin else ""),
+        f"Phase:          {found.phase.value}",
+        f"In sync:        {'yes' if found.in_sync else 'no'}",
+        f"Why:            {found.verdict}",
+        f"Runtime:        {found.url or '-'}",
+        f"Registered:     {ago(found.registered_at)}",
+        f"Last heartbeat: {ago(found.last_seen_at)}",
+        f"Last report:    {ago(found.report_at)}",
+        "Acting replica: " + (f"{found.claim.replica} (claim runs out {_when(found.claim.until)})"
+                              if found.claim else "none"),
+        f"Restarts:       {found.restarts_used} of {found.restart_budget} used in the last "
+        f"hour, {max(0, found.restart_budget - found.restarts_used)} left"
+        + (f"; the oldest leaves the window {_when(found.restart_budget_frees_at)}"
+           if found.restart_budget_frees_at else "")
+        + ("; a restart is pending" if found.restart_pending else ""),
+    ]
+    if found.runtime_error:
+        lines.append(f"Runtime error:  {found.runtime_error}" + (
+            f" (next try {_when(found.runtime_next_retry_at)})"
+            if found.runtime_next_retry_at else ""))
+    lines.append("")
+    if found.plugins:
+        rows = [[p.name, p.declared_by or "not declared",
+                 p.installed.source if p.installed else "-", p.owner, p.state,
+                 p.message or "-", str(p.failures) if p.failures else "-",
+                 _when(p.next_retry_at) if p.next_retry_at else "-"] for p in found.plugins]
+        lines.append(table(["PLUGIN", "DECLARED BY", "INSTALLED", "OWNER", "STATE", "DETAIL",
+                            "FAILURES", "NEXT RETRY"], rows))
+    else:
+        lines.append("No plugins declared or reported.")
+    lines += ["", "Next pass:"] + [f"  {line}" for line in found.next_pass]
+    return "\n".join(lines)
+
+
+def explanation_json(found: Explanation) -> dict[str, Any]:
+    return {
+        "workspace_id": found.workspace_id, "object": found.object_ref,
+        "template": found.template, "phase": found.phase.value, "in_sync": found.in_sync,
+        "why": found.verdict, "url": found.url,
+        "registered_at": _iso(found.registered_at), "last_seen_at": _iso(found.last_seen_at),
+        "report_at": _iso(found.report_at),
+        "plugins": [{"name": p.name, "declared_by": p.declared_by,
+                     "wanted": p.wanted.to_json() if p.wanted else None,
+                     "installed": p.installed.to_json() if p.installed else None,
+                     "owner": p.owner, "state": p.state, "message": p.message,
+                     "failures": p.failures, "next_retry_at": _iso(p.next_retry_at)}
+                    for p in found.plugins],
+        "runtime_error": found.runtime_error,
+        "runtime_next_retry_at": _iso(found.runtime_next_retry_at),
+        "restart_pending": found.restart_pending,
+        "restarts_used": found.restarts_used, "restart_budget": found.restart_budget,
+        "restarts_left": max(0, found.restart_budget - found.restarts_used),
+        "restart_budget_frees_at": _iso(found.restart_budget_frees_at),
+        "acting_replica": ({"replica": found.claim.replica, "until": _iso(found.claim.until)}
+                           if found.claim else None),
+        "next_pass": list(found.next_pass),
     }
 
 

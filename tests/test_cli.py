@@ -395,3 +395,46 @@ async def test_json_logs_carry_workspace_plugin_action_and_trigger(
     assert set(installs) == {"seo-all", "notes"}
     assert all(r["workspace"] == "ws-1" and r["trigger"] == "manual" and r["result"] == "ok"
                and r["level"] == "info" and r["time"] for r in installs.values())
+
+
+async def test_explain_says_why_a_workspace_is_or_is_not_in_sync(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path
+) -> None:
+    """A broken plugin, a plugin its user installed, and the restart budget: explain names
+    the declaring template entry, the owner, the last error and the next retry."""
+    from controller.models import Plugin
+
+    user = Plugin("scratchpad", "local://user/scratchpad")
+    broken = await runtime_factory("ws-1", faults=Faults(failing_plugins={"notes"}),
+                                   plugins=[user])
+    await broken.register()
+    await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url)
+    explain = ["explain", "--manifests", str(manifest_dir), "--db", db_url]
+
+    code, out, err = await pluginctl(*explain, "ws-1", "-o", "json")
+    assert code == 2, err
+    found = json.loads(out)
+    assert found["phase"] == "Online" and found["in_sync"] is False
+    assert "notes failed" in found["why"] and "broken plugin" in found["why"]
+    plugins = {p["name"]: p for p in found["plugins"]}
+    assert plugins["notes"]["declared_by"] == "WorkspaceTemplate default/base spec.plugins[1]"
+    assert plugins["notes"]["state"] == "Failed" and plugins["notes"]["failures"] == 1
+    assert plugins["notes"]["next_retry_at"] is not None
+    assert plugins["seo-all"]["owner"] == "pluginctl"
+    assert plugins["seo-all"]["installed"]["source"].endswith("seo-all#v1")
+    assert plugins["scratchpad"] == {**plugins["scratchpad"], "declared_by": None,
+                                     "owner": "not pluginctl", "state": "LeftAlone"}
+    assert found["restart_budget"] == 3 and found["restarts_left"] == 3 - found["restarts_used"]
+    assert found["report_at"] is not None and found["acting_replica"] is None
+    assert any(line.startswith("wait until") and "notes" in line
+               for line in found["next_pass"]), found["next_pass"]
+
+    code, out, _ = await pluginctl(*explain, "ws-1")
+    assert code == 2
+    assert "Why:            out of sync: notes failed" in out
+    assert "WorkspaceTemplate default/base spec.plugins[1]" in out and "Next pass:" in out
+
+    code, out, err = await pluginctl(*explain, "ws-2")  # declared, never registered
+    assert code == 2 and "has not registered" in out, err
+    code, _, err = await pluginctl(*explain, "nobody")
+    assert code == 1 and "no workspace nobody" in err

@@ -307,6 +307,15 @@ def claim(session: Session, workspace_ids: Collection[str], replica: str, now: d
     return set(result.scalars())
 
 
+def claim_of(session: Session, workspace_id: str) -> tuple[str, datetime] | None:
+    """Which replica holds a claim on this workspace and until when (it may have run out)."""
+    row = session.execute(select(WorkspaceRow.claimed_by, WorkspaceRow.claimed_until)
+                          .where(WorkspaceRow.workspace_id == workspace_id)).first()
+    if row is None or row.claimed_by is None or row.claimed_until is None:
+        return None
+    return row.claimed_by, row.claimed_until
+
+
 def release(session: Session, workspace_ids: Collection[str], replica: str) -> None:
     """Give back this replica's claims on these workspaces."""
     if not workspace_ids:
