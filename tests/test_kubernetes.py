@@ -624,13 +624,16 @@ async def test_reconcile_once_against_the_cluster(
     apply(plane, namespace, template("base", SEO, NOTES), workspace("w"))
     env = plane.env()
 
-    async def once(*args: str) -> tuple[int, str]:
+    async def pluginctl(*args: str) -> tuple[int, str, str]:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller", "reconcile", "--once", "--kubernetes",
-            "--db", db, *args, env=env, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable, "-m", "controller", *args, "--kubernetes", "--db", db, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(process.communicate(), 120)
-        return process.returncode or 0, out.decode() + err.decode()
+        return process.returncode or 0, out.decode(), err.decode()
+
+    async def once(*args: str) -> tuple[int, str]:
+        code, out, err = await pluginctl("reconcile", "--once", *args)
+        return code, out + err
 
     code, output = await once()  # nothing online yet; writes the token Secret and status
     assert code == 0, output
@@ -655,6 +658,13 @@ async def test_reconcile_once_against_the_cluster(
         assert code == 0, output
         assert set(runtime.plugins) == {"seo-all", "notes"}
         await wait_ready(plane, namespace, "w", timeout=30)
+        code, output, err = await pluginctl("explain", "w", "-o", "json")
+        assert code == 0, output + err
+        explained = json.loads(output)
+        assert explained["in_sync"] is True and explained["object"] == f"{namespace}/w"
+        assert [(p["name"], p["declared_by"], p["owner"]) for p in explained["plugins"]] == [
+            ("notes", f"WorkspaceTemplate {namespace}/base spec.plugins[1]", "pluginctl"),
+            ("seo-all", f"WorkspaceTemplate {namespace}/base spec.plugins[0]", "pluginctl")]
     finally:
         registry.terminate()
         await registry.wait()
