@@ -34,6 +34,7 @@ from controller.models import (
     utcnow,
 )
 from controller.networks import RuntimeNetworks
+from controller.planner import GUARD_MIN_REMOVALS
 from controller.reconciler import DEFAULT_REPLICA, PassReport, WorkspaceResult, reconcile_once
 from controller.registry import issue_token
 from controller.render import table
@@ -111,6 +112,15 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                           "call timeouts if longer). A replica's claim on a workspace lasts "
                           "twice this plus 10 s: that long a dead replica's workspaces wait."),
         allow_unpinned_option,
+        click.option("--max-removal-share", type=click.FloatRange(min=0, max=1), default=0.25,
+                     show_default=True,
+                     help="Blast-radius guard: a pass that would remove more than this share "
+                          "of the plugins on the workspaces it covers (and at least "
+                          f"{GUARD_MIN_REMOVALS}) holds and reports instead of acting."),
+        click.option("--max-workspaces", type=click.IntRange(min=0), default=0,
+                     show_default=True,
+                     help="Blast-radius guard: a pass that would act on more workspaces than "
+                          "this holds and reports instead of acting (0: no limit)."),
     ]):
         function = option(function)
     return function
@@ -120,7 +130,8 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                 restart_budget: int, runtime_networks: str = "",
                 workspace_timeout: float | None = None,
                 runtime_secret_file: Path | None = None, allow_unpinned: bool = False,
-                runtime_secret_per_workspace: bool = False) -> Policy:
+                runtime_secret_per_workspace: bool = False, max_removal_share: float = 0.25,
+                max_workspaces: int = 0, dry_run: bool = False) -> Policy:
     if workspace_timeout is not None and workspace_timeout < call_timeout:
         raise click.BadParameter("must be at least --call-timeout",
                                  param_hint="--workspace-timeout")
@@ -136,7 +147,9 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                   workspace_timeout=workspace_timeout or max(60.0, call_timeout * 6),
                   runtime_networks=networks, allow_unpinned=allow_unpinned,
                   runtime_secret_per_workspace=runtime_secret_per_workspace,
-                  runtime_secret=_secret(runtime_secret_file, "--runtime-secret-file"))
+                  runtime_secret=_secret(runtime_secret_file, "--runtime-secret-file"),
+                  max_removal_share=max_removal_share, max_workspaces=max_workspaces,
+                  dry_run=dry_run)
 
 
 def _secret(path: Path | None, option: str) -> str | None:
@@ -270,16 +283,20 @@ def _kube(kubeconfig: str | None, context: str | None) -> Any:
 @click.option("--max-connections", type=click.IntRange(min=1), default=Limits().max_connections,
               show_default=True, help="Registry connections open at once; more are closed "
                                       "on arrival (slow or idle ones are closed on time).")
+@click.option("--dry-run", is_flag=True,
+              help="Passes plan and log what they would do (`would install …`) but call no "
+                   "runtime and record nothing; the operator writes nothing to the cluster. "
+                   "The registry still records registers and heartbeats.")
 @policy_options
 def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
-        resync: float, max_connections: int, **policy_args: Any) -> None:
+        resync: float, max_connections: int, dry_run: bool, **policy_args: Any) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     _source_of_desired_state(manifests, use_kubernetes)
     host, port = _listen(listen)
-    policy = make_policy(**policy_args)
+    policy = make_policy(**policy_args, dry_run=dry_run)
     limits = Limits(max_connections=max_connections)
     metrics = Metrics()
     if manifests is not None:
@@ -323,11 +340,13 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
 @kubernetes_options
 @db_option
 @click.option("--dry-run", is_flag=True, help="Plan only: no runtime calls, no writes.")
+@click.option("--force", is_flag=True,
+              help="Act even if the blast-radius guard would hold the pass.")
 @output_option
 @policy_options
 def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
               kubeconfig: str | None, kube_context: str | None, db: str | None,
-              dry_run: bool, output: str, **policy_args: Any) -> None:
+              dry_run: bool, force: bool, output: str, **policy_args: Any) -> None:
     """One pass over every online workspace, then exit.
 
     Exit 0: every online workspace is in sync afterwards. Exit 2: out of sync (dry run: drift
@@ -355,9 +374,10 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
                     from controller.operator import reconcile_cluster_once
 
                     return await reconcile_cluster_once(kube, sessions, policy, driver,
-                                                        dry_run=dry_run, progress=progress)
+                                                        dry_run=dry_run, progress=progress,
+                                                        force=force)
                 return await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
-                                            progress=progress)
+                                            progress=progress, force=force)
 
     report = asyncio.run(one_pass())
     if output == "json":
@@ -461,6 +481,8 @@ def report_json(report: PassReport) -> dict[str, Any]:
             "failed": report.failed,
             "waiting": report.waiting,
             "held": sum(1 for r in report.results if r.restart_pending),
+            "guard": report.guard,
+            "held_by_guard": report.guarded,
             "invalid": len(report.invalid),
             "skipped": {phase.value: n for phase, n in report.skipped.items()},
         },

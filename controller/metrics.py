@@ -50,6 +50,10 @@ class Metrics:
             "pluginctl_stalled_workspaces", "Online workspaces not as declared after the last "
             "full pass that made no progress in it (nothing succeeded: backing off, failing "
             "again, held, refused or invalid).", registry=self.registry)
+        self.guard_holding = Gauge(
+            "pluginctl_guard_holding", "1 while the blast-radius guard holds passes (they "
+            "would remove too many plugins or act on too many workspaces; nothing is done "
+            "until the change is fixed or a forced pass runs), else 0.", registry=self.registry)
         self.actions = Counter(
             "pluginctl_plugin_actions", "Runtime actions performed, by action, result and "
             "trigger: what started it (periodic, registry, manual, template-change, hint-storm) "
@@ -95,6 +99,11 @@ class Metrics:
             self.drifted.set(len(drifted) + len(report.invalid))
             self.stalled.set(sum(1 for r in drifted if not any(o.ok for o in r.outcomes))
                              + len(report.invalid))
+
+        if report.guard is not None:
+            self.guard_holding.set(1)
+        elif report.scope is None:
+            self.guard_holding.set(0)
 
     def observe_failed_pass(self, trigger: str) -> None:
         self.reconciles.labels("error", trigger).inc()

@@ -240,6 +240,12 @@ class Policy:
     # Send each runtime a secret derived from runtime_secret and its workspace id instead.
     runtime_secret_per_workspace: bool = False
     allow_unpinned: bool = False  # install remote sources without a pinned ref
+    # Blast-radius guard: a pass that would remove more than this share of the plugins on
+    # the workspaces it covers (and at least GUARD_MIN_REMOVALS), or act on more than
+    # max_workspaces workspaces (0: no limit), holds instead of acting unless forced.
+    max_removal_share: float = 0.25
+    max_workspaces: int = 0
+    dry_run: bool = False  # the loop plans and reports only: no runtime calls, no writes
 
     def refusal(self, plugin: Plugin) -> str | None:
         """Why the controller will not install this plugin at all, or None."""

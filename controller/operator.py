@@ -538,7 +538,7 @@ async def _lead(watch: Watch, sink: Mirror, sessions: Sessions, policy: Policy,
 
     def mirrored(report: PassReport, trigger: str) -> None:
         on_pass(report, trigger)
-        if latest:
+        if latest and not policy.dry_run:  # a dry run writes nothing to the cluster either
             view, desired = latest[0]
             task = asyncio.get_running_loop().create_task(
                 _mirror_safely(sink, view, desired, report))
@@ -589,13 +589,13 @@ async def _wait_first(event: asyncio.Event, stop: asyncio.Event) -> None:
 
 async def reconcile_cluster_once(kube: KubeClient, sessions: Sessions, policy: Policy,
                                  driver: RuntimeDriver, *, dry_run: bool,
-                                 progress: Callable[[int, int], None] | None = None
-                                 ) -> PassReport:
+                                 progress: Callable[[int, int], None] | None = None,
+                                 force: bool = False) -> PassReport:
     """`pluginctl reconcile --once` against the cluster: list, pass, mirror (unless dry)."""
     view = await kube.call(ClusterView.listed, kube)
     desired = view.desired()
     report = await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
-                                  progress=progress)
+                                  progress=progress, force=force)
     if not dry_run:
         await Mirror(kube, sessions, policy, default_identity()).apply(view, desired, report)
     return report

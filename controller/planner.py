@@ -124,6 +124,25 @@ def plan(
                          observed.restart_pending)
 
 
+#: Fewer removals than this never hold a pass, whatever their share: in a small fleet one
+#: plugin dropped from one workspace is already a large share.
+GUARD_MIN_REMOVALS = 10
+
+
+def blast_radius(removals: int, declared: int, workspaces: int, policy: Policy) -> str | None:
+    """Why a pass must hold instead of acting, or None. `removals`: plugins it would remove;
+    `declared`: plugins declared on the online workspaces it covers; `workspaces`: how many
+    of them it would act on."""
+    if policy.max_workspaces and workspaces > policy.max_workspaces:
+        return (f"would act on {workspaces} workspaces, more than --max-workspaces "
+                f"{policy.max_workspaces}")
+    total = declared + removals
+    if removals >= GUARD_MIN_REMOVALS and removals > policy.max_removal_share * total:
+        return (f"would remove {removals} of {total} plugins ({removals / total:.0%}), more "
+                f"than --max-removal-share {policy.max_removal_share:g}")
+    return None
+
+
 def _human(span: timedelta) -> str:
     seconds = int(span.total_seconds())
     if seconds % 3600 == 0:

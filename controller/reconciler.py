@@ -102,10 +102,12 @@ class PassReport:
     busy: int = 0  # still being handled by an earlier pass (a slow runtime): left to it
     scope: frozenset[str] | None = None  # the workspaces this pass was about; None: all
     synced: int = 0  # recognised in sync from their digests alone: not even planned
+    guard: str | None = None  # the blast-radius guard held this pass: why
+    guarded: int = 0  # workspaces with actions the guard held (not in results)
 
     @property
     def online(self) -> int:
-        return len(self.results) + self.synced + self.busy
+        return len(self.results) + self.synced + self.busy + self.guarded
     manifest_errors: tuple[ObjectError, ...] = ()
 
     def count(self, kind: ActionKind, ok: bool = True) -> int:
@@ -141,12 +143,15 @@ class PassReport:
             f"invalid {len(self.invalid)}",
         ]
         state = "in sync" if self.in_sync else ("drift found" if self.dry_run else "out of sync")
+        if self.guard is not None:
+            state += (f"; the blast-radius guard {'would hold' if self.dry_run else 'held'} "
+                      f"this pass: it {self.guard} (--force to act anyway)")
         return ", ".join(parts) + f" -> {state}"
 
     @property
     def in_sync(self) -> bool:
         """Every online, managed workspace is as declared (for a dry run: needs nothing)."""
-        if self.invalid:
+        if self.invalid or self.guard is not None:
             return False
         if self.dry_run:
             return all(p.in_sync for r in self.results for p in r.plans)
@@ -184,6 +189,7 @@ async def reconcile_once(
     replica: str = DEFAULT_REPLICA,
     planned: asyncio.Event | None = None,
     hinted: Mapping[str, str] | None = None,
+    force: bool = False,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
@@ -198,7 +204,10 @@ async def reconcile_once(
     Passes may overlap (the loop never waits for a slow runtime before starting the next
     pass): `busy` holds the workspaces some pass of this process is handling, which others
     then skip. `planned` is set once reading and planning are over. `hinted` says why
-    workspaces were hinted (a Trigger); with the pass's TRIGGER it attributes actions."""
+    workspaces were hinted (a Trigger); with the pass's TRIGGER it attributes actions.
+
+    Before acting, the blast-radius guard (planner.blast_radius) weighs what the pass would
+    do; if it is too much the pass holds (acts on nothing and says why) unless `force`."""
     busy = set() if busy is None else busy
     now = utcnow()
     limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
@@ -211,7 +220,7 @@ async def reconcile_once(
     hinted = hinted or {}
     invalid: list[DesiredWorkspace] = []
     skipped: dict[Phase, int] = {}
-    busy_count = synced = 0
+    busy_count = synced = declared = 0
     wanted_of = desired.workspaces.get
     for workspace_id, (report_digest, marker) in digests.items():
         wanted = wanted_of(workspace_id)
@@ -221,6 +230,7 @@ async def reconcile_once(
                 and marker == sync_digest(wanted.digest, report_digest)
                 and workspace_id not in busy):
             synced += 1
+            declared += len(wanted.plugins)
         elif wanted is None:
             skipped[Phase.UNMANAGED] = skipped.get(Phase.UNMANAGED, 0) + 1
         elif wanted.error is not None:
@@ -231,6 +241,7 @@ async def reconcile_once(
             busy_count += 1
         else:
             todo.append(workspace_id)
+            declared += len(wanted.plugins)
             triggers[workspace_id] = _trigger(pass_trigger, hinted.get(workspace_id),
                                               marker, wanted)
     todo.sort()
@@ -247,13 +258,26 @@ async def reconcile_once(
         advance(0)
     results: list[WorkspaceResult] = []
     active: list[str] = []
+    guard: str | None = None
+    guarded = 0
     # Reserved for this pass until planned (and, with actions, until acted on): a pass that
     # starts meanwhile leaves them alone instead of planning them a second time.
     reserved = set(todo)
     busy |= reserved
     try:
-        results, active = await _plan_all(todo, desired, sessions, policy, now, digests,
-                                          dry_run, busy, reserved, advance, triggers)
+        results, active, weight = await _plan_all(todo, desired, sessions, policy, now,
+                                                  digests, dry_run, busy, reserved, advance,
+                                                  triggers)
+        guard = planner.blast_radius(weight.removals, declared, weight.workspaces, policy)
+        if guard is not None:
+            if force:
+                log.warning("blast-radius guard: the pass %s; forced, acting anyway", guard)
+                guard = None
+            elif not dry_run:
+                log.error("blast-radius guard: the pass %s; holding: nothing is done until "
+                          "the change is fixed or forced (pluginctl reconcile --once --force)",
+                          guard)
+                guarded, active = len(active), []
         if planned is not None:
             planned.set()  # what is left is acting: waiting on runtimes
         if active:
@@ -273,6 +297,8 @@ async def reconcile_once(
         skipped=skipped,
         busy=busy_count,
         synced=synced,
+        guard=guard,
+        guarded=guarded,
         manifest_errors=desired.errors,
         scope=None if only is None else frozenset(only),
     )
@@ -302,11 +328,13 @@ async def _plan_all(
     reserved: set[str],
     advance: Callable[[int], None],
     triggers: Mapping[str, str],
-) -> tuple[list[WorkspaceResult], list[str]]:
+) -> tuple[list[WorkspaceResult], list[str], Weight]:
     """Load and plan CHUNK workspaces at a time; returns the results of those with nothing
-    to do (all of them in a dry run) and the ids of those with actions."""
+    to do (all of them in a dry run), the ids of those with actions, and the weight of those
+    actions for the blast-radius guard."""
     results: list[WorkspaceResult] = []
     active: list[str] = []
+    weight = Weight()
     active_set: set[str] = set()
     for chunk in _chunks(todo, CHUNK):
         observed = await in_thread(sessions, partial(
@@ -321,6 +349,7 @@ async def _plan_all(
                 continue
             wanted = desired.workspaces[workspace_id]
             plan = planner.plan(wanted, seen, now, policy)
+            weight.add(plan)
             if plan.actions and not dry_run:
                 active.append(workspace_id)
                 active_set.add(workspace_id)
@@ -341,7 +370,20 @@ async def _plan_all(
         busy.difference_update(quiet)
         reserved.difference_update(quiet)
         advance(planned_quiet)
-    return results, active
+    return results, active, weight
+
+
+@dataclass
+class Weight:
+    """How much a pass would do, for the blast-radius guard."""
+
+    removals: int = 0  # plugins it would remove
+    workspaces: int = 0  # workspaces it would act on (runtime calls or restarts)
+
+    def add(self, plan: WorkspacePlan) -> None:
+        calls = [a for a in plan.actions if a.kind is not ActionKind.DISOWN]
+        self.removals += sum(1 for a in calls if a.kind is ActionKind.REMOVE)
+        self.workspaces += bool(calls)
 
 
 class Recorder:
@@ -653,7 +695,8 @@ async def run_forever(
         try:
             report = await reconcile_once(desired, sessions, driver, policy, only=only,
                                           rand=rand, busy=busy, limit=limit, replica=replica,
-                                          planned=planned, hinted=hinted)
+                                          planned=planned, hinted=hinted,
+                                          dry_run=policy.dry_run)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
             if on_failure is not None:

@@ -29,7 +29,12 @@ log = logging.getLogger("pluginctl")
 
 
 def log_pass(report: PassReport, trigger: str) -> None:
-    acted = any(r.outcomes for r in report.results) or report.failed
+    if report.dry_run:  # `run --dry-run`: say what each workspace's turn would have done
+        for result in report.results:
+            for line in result.planned:
+                log.info("%s: would %s [%s]", result.workspace_id, line, result.trigger)
+    acted = any(r.outcomes or (report.dry_run and r.planned) for r in report.results) \
+        or report.failed or report.guard is not None
     log.log(logging.INFO if acted else logging.DEBUG, "pass (%s): %s", trigger, report.summary())
 
 

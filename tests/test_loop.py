@@ -566,3 +566,53 @@ def test_a_hinted_workspace_keeps_its_weightiest_reason() -> None:
     hints("b", Trigger.TEMPLATE_CHANGE)
     assert hints.take() == {"a": Trigger.MANUAL, "b": Trigger.TEMPLATE_CHANGE}
     assert hints.take() == {}
+
+
+async def test_blast_radius_guard_holds_a_mass_removal_until_forced(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """The template loses one of its two plugins on ten workspaces: ten removals out of
+    twenty plugins (50 % > 25 %). The pass holds (no runtime call at all) and says why; a
+    forced pass removes them; a smaller change (under the floor of ten) never holds."""
+    names = [f"ws-{i}" for i in range(10)]
+    runtimes = [await runtime_factory(name) for name in names]
+    for runtime in runtimes:
+        await runtime.register()
+    await one_pass(fleet(*names), sessions, policy)
+    assert all(has(r, SEO, NOTES) for r in runtimes)
+    for runtime in runtimes:
+        await runtime.heartbeat()
+    calls = sum(len(r.calls) for r in runtimes)
+
+    only_seo = TEMPLATE.replace("    - source: local://plugins/notes\n", "")
+    shrunk = desired_from(only_seo, *(workspace_yaml(n) for n in names))
+    held = await one_pass(shrunk, sessions, policy)
+    assert held.guard == "would remove 10 of 20 plugins (50%), more than --max-removal-share 0.25"
+    assert held.guarded == 10 and held.online == 10 and not held.in_sync
+    assert "held this pass" in held.summary()
+    assert sum(len(r.calls) for r in runtimes) == calls  # nothing was done
+    assert all("notes" in r.plugins for r in runtimes)
+
+    dry = await one_pass(shrunk, sessions, policy, dry_run=True)
+    assert dry.guard is not None and "would hold" in dry.summary()
+
+    # A looser limit lets the same pass through; so does forcing it.
+    assert (await one_pass(shrunk, sessions, replace(policy, max_removal_share=0.5),
+                           dry_run=True)).guard is None
+    forced = await one_pass(shrunk, sessions, policy, force=True)
+    assert forced.guard is None and forced.count(ActionKind.REMOVE) == 10
+    assert not any("notes" in r.plugins for r in runtimes)
+
+
+async def test_blast_radius_guard_limits_the_workspaces_one_pass_acts_on(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    names = ["ws-1", "ws-2", "ws-3"]
+    runtimes = [await runtime_factory(name) for name in names]
+    for runtime in runtimes:
+        await runtime.register()
+    held = await one_pass(fleet(*names), sessions, replace(policy, max_workspaces=2))
+    assert held.guard == "would act on 3 workspaces, more than --max-workspaces 2"
+    assert all(r.calls == [] for r in runtimes)
+    done = await one_pass(fleet(*names), sessions, replace(policy, max_workspaces=3))
+    assert done.guard is None and all(has(r, SEO, NOTES) for r in runtimes)

@@ -250,3 +250,15 @@ def test_restart_outcome_forgets_the_report() -> None:
     changes = outcomes.changes_from(seen, [Outcome(restart, True)], NOW, POLICY, lambda: 0.0)
     assert changes.report_forget and changes.restart_pending is False
     assert changes.restarted_at == NOW and changes.clear_attempts == (RUNTIME_KEY,)
+
+
+def test_blast_radius_floor_share_and_workspace_limit() -> None:
+    from controller.planner import GUARD_MIN_REMOVALS, blast_radius
+
+    policy = Policy()  # 25 %, no workspace limit
+    assert blast_radius(GUARD_MIN_REMOVALS - 1, 0, 9, policy) is None  # under the floor
+    assert blast_radius(10, 30, 10, policy) is None  # 10 of 40: exactly 25 %, not more
+    assert blast_radius(11, 30, 11, policy) is not None  # 11 of 41
+    assert blast_radius(0, 0, 10**6, policy) is None
+    assert blast_radius(0, 0, 3, Policy(max_workspaces=2)) is not None
+    assert blast_radius(100, 0, 100, Policy(max_removal_share=1.0)) is None
