@@ -430,7 +430,7 @@ def _result_lines(result: WorkspaceResult, dry_run: bool) -> list[str]:
     lines += [f"waiting until {_when(w.until)}: {w.reason}" if w.until else
               f"refused {w.key}: {w.reason}" for w in result.waits]
     if result.restart_pending and not dry_run:
-        lines.append("restart pending (held)")
+        lines.append("restart pending")
     if result.error:
         lines.append(f"error: {result.error}")
     return lines or ["in sync"]
@@ -497,6 +497,104 @@ def _action_json(action: Any) -> dict[str, Any]:
     plugin: Plugin | None = action.plugin
     return {"action": action.kind.value, "plugin": plugin.name if plugin else None,
             "source": plugin.source if plugin else None, "reason": action.reason}
+
+
+# --- plan and apply --------------------------------------------------------------------------
+
+@cli.command("plan")
+@manifests_option(required=False)
+@kubernetes_options
+@db_option
+@output_option
+@policy_options
+def plan_command(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
+                 kube_context: str | None, db: str | None, output: str,
+                 **policy_args: Any) -> None:
+    """The actions a pass would take now, for `pluginctl apply` to perform later:
+    `pluginctl plan -o json > plan.json`. Nothing is called or written.
+
+    Each workspace's actions carry a fingerprint of the state they were planned against;
+    apply refuses if any has changed. Exit 0: nothing to do. Exit 2: actions planned (or
+    waits, or invalid workspaces). Exit 1: could not run."""
+    from controller.plans import make_plan, plan_json
+
+    policy = make_policy(**policy_args)
+    desired = desired_state(manifests, use_kubernetes, kubeconfig, kube_context)
+    for error in desired.errors:
+        click.echo(f"error: {error}", err=True)
+    sessions = open_store(db)
+    plan = asyncio.run(make_plan(desired, sessions, policy))
+    if output == "json":
+        click.echo(json.dumps(plan_json(plan), indent=2))
+    else:
+        rows = []
+        for planned in plan.workspaces:
+            lines = [a.describe() for a in planned.actions] + [
+                f"waiting: {w.reason}" for w in planned.waits]
+            rows += [[planned.workspace_id if i == 0 else "", line]
+                     for i, line in enumerate(lines)]
+        rows += [[d.workspace_id, f"invalid desired state: {d.error}"] for d in plan.invalid]
+        if rows:
+            click.echo(table(["WORKSPACE", "PLANNED"], rows))
+        acting = sum(1 for w in plan.workspaces if w.actions)
+        click.echo(f"{plan.online} online, {plan.actions} action(s) on {acting} workspace(s)"
+                   + (f"; the blast-radius guard would hold it: it {plan.guard} "
+                      "(apply --force to act anyway)" if plan.guard else ""))
+        if plan.actions:
+            click.echo("save it with `pluginctl plan -o json > plan.json`, then "
+                       "`pluginctl apply plan.json`")
+    sys.exit(EXIT_DRIFT if plan.workspaces or plan.invalid else EXIT_OK)
+
+
+@cli.command("apply")
+@click.argument("plan_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@manifests_option(required=False)
+@kubernetes_options
+@db_option
+@click.option("--dry-run", is_flag=True,
+              help="Check the plan against the current state and show what would be done; "
+                   "no runtime calls, no writes.")
+@click.option("--force", is_flag=True,
+              help="Apply a plan the blast-radius guard held.")
+@output_option
+@policy_options
+def apply_command(plan_file: Path, manifests: Path | None, use_kubernetes: bool,
+                  kubeconfig: str | None, kube_context: str | None, db: str | None,
+                  dry_run: bool, force: bool, output: str, **policy_args: Any) -> None:
+    """Perform exactly the actions of a plan written by `pluginctl plan -o json` (PLAN_FILE,
+    or - for stdin), with the same source of desired state.
+
+    Refuses, and does nothing, when the state any workspace was planned against has changed
+    (desired state, its runtime's report, or another pass acted on it), when a replica is
+    acting on one of them, or when the blast-radius guard held the plan (unless --force). A
+    restart an install asks for is left pending for the next pass (only planned restarts
+    happen). Exit 0: every action succeeded. Exit 2: some failed. Exit 1: refused or could
+    not run."""
+    from controller.plans import PlanError, apply_plan, read_plan
+
+    policy = make_policy(**policy_args)
+    try:
+        text = sys.stdin.read() if str(plan_file) == "-" else plan_file.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise Failure(f"cannot read {plan_file}: {error}") from error
+    desired = desired_state(manifests, use_kubernetes, kubeconfig, kube_context)
+    sessions = open_store(db)
+
+    async def apply() -> PassReport:
+        plan = read_plan(text, str(plan_file))
+        async with RuntimeDriver.for_policy(policy) as driver:
+            return await apply_plan(plan, desired, sessions, driver, policy, dry_run=dry_run,
+                                    force=force)
+
+    try:
+        report = asyncio.run(apply())
+    except PlanError as error:
+        raise Failure(str(error)) from error
+    if output == "json":
+        click.echo(json.dumps(report_json(report), indent=2))
+    else:
+        print_report(report)
+    sys.exit(EXIT_DRIFT if report.failed else EXIT_OK)
 
 
 # --- status ----------------------------------------------------------------------------------

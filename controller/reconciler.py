@@ -190,6 +190,7 @@ async def reconcile_once(
     planned: asyncio.Event | None = None,
     hinted: Mapping[str, str] | None = None,
     force: bool = False,
+    hold: str | None = None,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
@@ -207,7 +208,9 @@ async def reconcile_once(
     workspaces were hinted (a Trigger); with the pass's TRIGGER it attributes actions.
 
     Before acting, the blast-radius guard (planner.blast_radius) weighs what the pass would
-    do; if it is too much the pass holds (acts on nothing and says why) unless `force`."""
+    do; if it is too much the pass holds (acts on nothing and says why) unless `force`.
+    `hold` is a guard an earlier full pass tripped: a small pass with actions holds too
+    while it stands, so that a held mass change does not trickle out one hint at a time."""
     busy = set() if busy is None else busy
     now = utcnow()
     limit = limit or asyncio.Semaphore(max(1, policy.concurrency))
@@ -269,6 +272,8 @@ async def reconcile_once(
                                                   digests, dry_run, busy, reserved, advance,
                                                   triggers)
         guard = planner.blast_radius(weight.removals, declared, weight.workspaces, policy)
+        if guard is None and hold is not None and weight.workspaces:
+            guard = hold
         if guard is not None:
             if force:
                 log.warning("blast-radius guard: the pass %s; forced, acting anyway", guard)
@@ -590,7 +595,7 @@ async def _execute_workspace(
     result = WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error,
                              prior_failures=prior, trigger=trigger)
     for outcome in done:
-        _log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
+        log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
     return result
 
 
@@ -599,7 +604,7 @@ async def _execute_workspace(
 TRIGGER: contextvars.ContextVar[str] = contextvars.ContextVar("trigger", default=Trigger.MANUAL)
 
 
-def _log_outcome(workspace_id: str, outcome: Outcome, trigger: str) -> None:
+def log_outcome(workspace_id: str, outcome: Outcome, trigger: str) -> None:
     action = outcome.action
     extra = {"workspace": workspace_id, "action": action.kind.value,
              "plugin": action.plugin.name if action.plugin else None, "trigger": trigger,
@@ -666,6 +671,7 @@ async def run_forever(
     limit = asyncio.Semaphore(max(1, policy.concurrency))
     running: set[asyncio.Task[None]] = set()
     last_errors: list[tuple[ObjectError, ...]] = [()]
+    holding: list[str | None] = [None]  # the guard the last full pass tripped, if it did
 
     full_planned = asyncio.Event()  # the last full pass is done planning (acting is fine)
     full_planned.set()
@@ -696,12 +702,15 @@ async def run_forever(
             report = await reconcile_once(desired, sessions, driver, policy, only=only,
                                           rand=rand, busy=busy, limit=limit, replica=replica,
                                           planned=planned, hinted=hinted,
-                                          dry_run=policy.dry_run)
+                                          dry_run=policy.dry_run,
+                                          hold=holding[0] if only is not None else None)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
             if on_failure is not None:
                 on_failure(trigger)
             return
+        if only is None:
+            holding[0] = report.guard
         if on_pass is not None:
             on_pass(report, trigger)
 

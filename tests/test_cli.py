@@ -438,3 +438,84 @@ async def test_explain_says_why_a_workspace_is_or_is_not_in_sync(
     assert code == 2 and "has not registered" in out, err
     code, _, err = await pluginctl(*explain, "nobody")
     assert code == 1 and "no workspace nobody" in err
+
+
+async def test_plan_then_apply_performs_exactly_the_plan_and_refuses_stale_ones(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from controller.models import Plugin
+
+    runtime = await runtime_factory("ws-1")
+    await runtime.register()
+    source = ["--manifests", str(manifest_dir), "--db", db_url]
+    plan_file = tmp_path / "plan.json"
+
+    async def plan() -> dict[str, object]:
+        code, out, err = await pluginctl("plan", *source, "-o", "json")
+        assert code == 2, err
+        plan_file.write_text(out)
+        return dict(json.loads(out))
+
+    planned = await plan()
+    assert [(a["action"], a["plugin"]["name"])  # type: ignore[index]
+            for w in planned["workspaces"] for a in w["actions"]] == [  # type: ignore[attr-defined]
+        ("install", "notes"), ("install", "seo-all")]
+    assert runtime.calls == []  # planning calls nobody
+
+    code, out, err = await pluginctl("apply", str(plan_file), *source, "--dry-run")
+    assert code == 0 and "would install notes" in out, err
+    assert runtime.calls == []
+
+    # The runtime's report changes after the plan was made: apply refuses, does nothing.
+    runtime.plugins["scratchpad"] = Plugin("scratchpad", "local://user/scratchpad")
+    await runtime.heartbeat()
+    code, out, err = await pluginctl("apply", str(plan_file), *source)
+    assert code == 1 and "ws-1: its runtime's report changed" in err and "nothing was done" in err
+    assert runtime.calls == []
+
+    await plan()
+    code, out, err = await pluginctl("apply", str(plan_file), *source)
+    assert code == 0, (out, err)
+    assert {"seo-all", "notes"} <= set(runtime.plugins)
+    # Exactly the plan: the restart the installs asked for was not planned, so not made.
+    assert [(c.method, c.path) for c in runtime.calls] == [
+        ("PUT", "/plugins/notes"), ("PUT", "/plugins/seo-all")]
+    assert "restart pending" in out
+
+    code, _, err = await pluginctl("apply", str(plan_file), *source)  # applied already
+    assert code == 1 and "pluginctl acted on it since" in err
+
+    for broken, message in (("{", "Invalid JSON"), ('{"kind": "pluginctl/Plan"}', "version"),
+                            (plan_file.read_text().replace("seo-all#v1", "no spaces allowed"),
+                             "invalid plugin source")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(broken)
+        code, _, err = await pluginctl("apply", str(bad), *source)
+        assert code == 1 and "is not a usable plan" in err and message in err, err
+
+
+async def test_blast_radius_guard_from_the_command_line(
+    db_url: str, registry: Registry, runtime_factory: RuntimeFactory, manifest_dir: Path,
+    tmp_path: Path,
+) -> None:
+    one = await runtime_factory("ws-1")
+    two = await runtime_factory("ws-2")
+    for runtime in (one, two):
+        await runtime.register()
+    source = ["--manifests", str(manifest_dir), "--db", db_url, "--max-workspaces", "1"]
+
+    code, out, _ = await pluginctl("reconcile", "--once", *source)
+    assert code == 2 and "guard held this pass: it would act on 2 workspaces" in out
+    assert one.calls == [] and two.calls == []
+
+    code, out, _ = await pluginctl("plan", *source, "-o", "json")
+    assert code == 2 and json.loads(out)["guard"].startswith("would act on 2 workspaces")
+    (tmp_path / "plan.json").write_text(out)
+    code, _, err = await pluginctl("apply", str(tmp_path / "plan.json"), *source)
+    assert code == 1 and "blast-radius guard held this plan" in err
+    assert one.calls == [] and two.calls == []
+
+    code, out, err = await pluginctl("reconcile", "--once", *source, "--force")
+    assert code == 0, (out, err)
+    assert {"seo-all", "notes"} <= set(one.plugins) and {"seo-all", "notes"} <= set(two.plugins)

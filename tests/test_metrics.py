@@ -10,6 +10,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.agent import Faults, ReferenceRuntime
+from controller.models import Plugin
 from controller.registry import issue_token
 from controller.store import make_engine, make_sessions, upgrade
 
@@ -91,3 +92,57 @@ async def test_metrics_of_a_running_controller(tmp_path: Path) -> None:
                  endpoint="/registry/heartbeat") >= 2
     age = value(samples, "pluginctl_oldest_reconcile_age_seconds")
     assert 0 <= age < 10  # full passes every second (+ the pass itself)
+
+
+async def test_run_dry_run_and_the_guard_call_no_runtime(tmp_path: Path) -> None:
+    """`run --dry-run` passes plan and report but call nobody. Then `run --max-workspaces 1`
+    over the same two drifted workspaces holds every pass, small hinted ones included, and
+    says so in pluginctl_guard_holding."""
+    db = f"sqlite:///{tmp_path / 'pluginctl.db'}"
+    engine = make_engine(db)
+    upgrade(engine)
+    sessions = make_sessions(engine)
+    manifests = manifest_dir(tmp_path, ["ws-1", "ws-2"])
+    dry = RunProcess(manifests, db, "--dry-run")
+    guarded = RunProcess(manifests, db, "--max-workspaces", "1")
+    guarded.port, guarded.url = dry.port, dry.url  # where the runtimes expect the registry
+    runtimes = [ReferenceRuntime(name, registry_url=dry.url, heartbeat_interval=0.2,
+                                 token=issue_token(sessions, name))
+                for name in ("ws-1", "ws-2")]
+
+    async def passes(run: RunProcess, full: int, hinted: int = 0) -> Samples:
+        async def scraped() -> Samples | None:
+            samples = await scrape(run.url)
+            done = (value(samples, "pluginctl_reconcile_total", trigger="periodic") >= full
+                    and value(samples, "pluginctl_reconcile_total", trigger="hint") >= hinted)
+            return samples if done else None
+        return await wait_for(scraped, f"{full} full and {hinted} hinted passes"
+                              )  # type: ignore[no-any-return]
+
+    await dry.start()
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            await runtime.register()
+            runtime.start_heartbeats()
+        samples = await passes(dry, full=2)
+        assert value(samples, "pluginctl_guard_holding") == 0
+        assert value(samples, "pluginctl_plugin_actions_total") == 0
+        assert all(r.calls == [] for r in runtimes)
+        await dry.stop()
+
+        await guarded.start()
+        await passes(guarded, full=1)
+        # A changed report hints a pass over ws-1 alone: one workspace, within the limit,
+        # but the full pass's hold stands, so it holds too.
+        runtimes[0].plugins["scratchpad"] = Plugin("scratchpad", "local://user/scratchpad")
+        await runtimes[0].heartbeat()
+        samples = await passes(guarded, full=2, hinted=1)
+        assert value(samples, "pluginctl_guard_holding") == 1
+        assert value(samples, "pluginctl_plugin_actions_total") == 0
+        assert all(r.calls == [] for r in runtimes)
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        await dry.stop()
+        await guarded.stop()
