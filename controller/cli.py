@@ -40,8 +40,10 @@ from controller.registry import issue_token
 from controller.render import table
 from controller.store import (
     Sessions,
+    current_revision,
     database_url,
     ensure_schema,
+    head_revision,
     make_engine,
     make_sessions,
     queries,
@@ -804,9 +806,18 @@ def token() -> None:
 @token.command("create")
 @click.argument("workspace_id")
 @db_option
-def token_create(workspace_id: str, db: str | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def token_create(workspace_id: str, db: str | None, dry_run: bool) -> None:
     """Create a token for WORKSPACE_ID and print it once; only its hash is stored."""
-    secret = issue_token(open_store(db), _workspace_id(workspace_id))
+    workspace_id = _workspace_id(workspace_id)
+    sessions = open_store(db)
+    if dry_run:
+        with transaction(sessions) as session:
+            live = sum(1 for *_, revoked, _ in queries.tokens_of(session, workspace_id)
+                       if revoked is None)
+        click.echo(f"would create a token for workspace {workspace_id} (it has {live} live)")
+        return
+    secret = issue_token(sessions, workspace_id)
     click.echo(secret)
     if sys.stderr.isatty():
         click.echo("Store this token now: it is not shown again.", err=True)
@@ -858,8 +869,9 @@ def token_list(workspace_id: str, db: str | None, output: str) -> None:
                    "where it would land in shell history and process lists).")
 @click.option("--all", "revoke_all", is_flag=True, help="Every token of the workspace.")
 @db_option
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
 def token_revoke(workspace_id: str, fingerprints: tuple[str, ...], token_stdin: bool,
-                 revoke_all: bool, db: str | None) -> None:
+                 revoke_all: bool, db: str | None, dry_run: bool) -> None:
     """Revoke tokens of WORKSPACE_ID. Every registry replica refuses them within a second.
 
     To rotate without downtime: `token create` a second token, give it to the runtime, then
@@ -887,6 +899,11 @@ def token_revoke(workspace_id: str, fingerprints: tuple[str, ...], token_stdin: 
                                   f"workspace {workspace_id} (give at least 8 characters of "
                                   "one shown by `pluginctl token list`)")
                 chosen |= matches
+        if dry_run:
+            shown = ", ".join(sorted(tokens.fingerprint(h) for h in chosen)) or "none"
+            click.echo(f"would revoke {len(chosen)} token(s) of workspace {workspace_id}: "
+                       f"{shown}")
+            return
         revoked = queries.revoke_tokens(session, chosen, utcnow())
     click.echo(f"revoked {revoked} token(s) of workspace {workspace_id}")
 
@@ -899,25 +916,33 @@ def workspace() -> None:
 @workspace.command("pause")
 @click.argument("workspace_id")
 @db_option
-def workspace_pause(workspace_id: str, db: str | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def workspace_pause(workspace_id: str, db: str | None, dry_run: bool) -> None:
     """Make WORKSPACE_ID dormant: no calls until `resume`, whatever its runtime reports."""
-    _set_dormant(workspace_id, db, True)
-    click.echo(f"workspace {workspace_id} paused (dormant)")
+    _set_dormant(workspace_id, db, True, dry_run)
 
 
 @workspace.command("resume")
 @click.argument("workspace_id")
 @db_option
-def workspace_resume(workspace_id: str, db: str | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def workspace_resume(workspace_id: str, db: str | None, dry_run: bool) -> None:
     """Undo `pause`: WORKSPACE_ID is reconciled again when online."""
-    _set_dormant(workspace_id, db, False)
-    click.echo(f"workspace {workspace_id} resumed")
+    _set_dormant(workspace_id, db, False, dry_run)
 
 
-def _set_dormant(workspace_id: str, db: str | None, dormant: bool) -> None:
+def _set_dormant(workspace_id: str, db: str | None, dormant: bool, dry_run: bool) -> None:
     workspace_id = _workspace_id(workspace_id)
+    verb = "paused (dormant)" if dormant else "resumed"
     with transaction(open_store(db)) as session:
+        if dry_run:
+            seen = queries.load_observed(session, only=[workspace_id]).get(workspace_id)
+            now = "unknown to the store" if seen is None else \
+                "dormant" if seen.dormant else "active"
+            click.echo(f"workspace {workspace_id} would be {verb} (now {now})")
+            return
         queries.set_dormant(session, workspace_id, dormant)
+    click.echo(f"workspace {workspace_id} {verb}")
 
 
 @cli.group("db")
@@ -927,9 +952,15 @@ def db_group() -> None:
 
 @db_group.command("upgrade")
 @db_option
-def db_upgrade(db: str | None) -> None:
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def db_upgrade(db: str | None, dry_run: bool) -> None:
     """Migrate the database to this version's schema (safe to run from several replicas)."""
     engine = make_engine(database_url(db))
+    if dry_run:
+        current, head = current_revision(engine), head_revision()
+        click.echo(f"database already at revision {head}" if current == head else
+                   f"would upgrade the database from {current or 'empty'} to revision {head}")
+        return
     before, after = upgrade(engine)
     if before == after:
         click.echo(f"database already at revision {after}")

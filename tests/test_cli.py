@@ -163,6 +163,8 @@ async def test_postgres_needs_an_explicit_migration(
         code, _, err = await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir),
                                        "--db", url)
         assert code == 1 and "pluginctl db upgrade" in err
+        code, out, _ = await pluginctl("db", "upgrade", "--db", url, "--dry-run")
+        assert code == 0 and "would upgrade the database from empty to revision" in out
         code, out, _ = await pluginctl("db", "upgrade", "--db", url)
         assert code == 0 and "upgraded from empty" in out
         code, out, _ = await pluginctl("db", "upgrade", "--db", url)
@@ -175,8 +177,15 @@ async def test_postgres_needs_an_explicit_migration(
 
 
 async def test_token_create_and_pause_resume(sqlite_url: str) -> None:
+    code, out, _ = await pluginctl("token", "create", "ws-9", "--db", sqlite_url, "--dry-run")
+    assert code == 0 and out == "would create a token for workspace ws-9 (it has 0 live)\n"
     code, token, _ = await pluginctl("token", "create", "ws-9", "--db", sqlite_url)
     assert code == 0 and token.strip().startswith("plc_")
+    code, out, _ = await pluginctl("workspace", "pause", "ws-9", "--db", sqlite_url,
+                                   "--dry-run")
+    assert code == 0 and out == "workspace ws-9 would be paused (dormant) (now active)\n"
+    code, out, _ = await pluginctl("status", "--db", sqlite_url, "-o", "json")
+    assert json.loads(out)["workspaces"][0]["phase"] == "Unregistered"
     code, out, _ = await pluginctl("workspace", "pause", "ws-9", "--db", sqlite_url)
     assert code == 0 and "paused" in out
     code, out, _ = await pluginctl("status", "--db", sqlite_url, "-o", "json")
@@ -346,6 +355,10 @@ async def test_token_rotation_without_downtime_and_revocation(
         for bad in (["--fingerprint", "abc"], ["--fingerprint", "0123456789ab"], []):
             code, _, err = await pluginctl("token", "revoke", "ws-1", "--db", db_url, *bad)
             assert code == 1 and err.strip(), bad
+        code, out, _ = await pluginctl("token", "revoke", "ws-1", "--db", db_url, "--all",
+                                       "--dry-run")
+        assert code == 0 and out.startswith("would revoke 2 token(s) of workspace ws-1: ")
+        assert await call(old) == 200 and await call(new) == 200
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "controller", "token", "revoke", "ws-1", "--db", db_url,
             "--token-stdin", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
