@@ -309,14 +309,29 @@ async def test_demo_converges_every_example_workspace() -> None:
     examples = Path(__file__).parent.parent / "manifests" / "examples"
     code, out, err = await pluginctl("demo", "--manifests", str(examples), "--seconds", "30")
     assert code == 0, out + err
+    lines = out.splitlines()
     assert "registered without a report and never heartbeats" in out
-    assert "all 3 workspaces converged" in out and "converged again" in out
+    assert "all 4 workspaces converged" in out and "converged again" in out
     assert "scratchpad still there" in out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("alpha", "beta",
-                                                                          "gamma"))]
+    # The broken plugin: fails, backs off (retried as a retry), then converges once fixed.
+    story = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
+    broken = next(line.split()[0] for line in story if "(a broken plugin)" in line)
+    failed = [line for line in story if line.startswith(broken) and "-> failed" in line]
+    assert len(failed) == 3 and all("[retry]" in line for line in failed[1:])
+    assert sum(line.startswith(f"{broken}  ") and "backing off: " in line
+               for line in story) == 3
+    fixed = story.index(next(line for line in story if "ships a fix" in line))
+    assert any(line.startswith(broken) and "-> ok [retry]" in line for line in story[fixed:])
+    # The box re-created: every plugin installed again.
+    recreated = next(line.split()[0] for line in story if "box re-created" in line)
+    after = story[story.index(next(line for line in story if "box re-created" in line)):]
+    assert sum(line.startswith(recreated) and "-> ok" in line and "install" in line
+               for line in after) == 3
+    rows = [line.split() for line in lines if line.startswith(("alpha", "beta", "gamma",
+                                                                "delta"))]
     assert [row[:4] for row in rows if len(row) == 5] == [
         ["alpha", "Online", "3/3", "yes"], ["beta", "Online", "3/3", "yes"],
-        ["gamma", "Online", "3/3", "yes"]]
+        ["delta", "Online", "3/3", "yes"], ["gamma", "Online", "3/3", "yes"]]
 
 
 async def test_token_rotation_without_downtime_and_revocation(

@@ -123,7 +123,7 @@ def test_example_manifests_are_valid() -> None:
     examples = Path(__file__).parent.parent / "manifests" / "examples"
     state = manifests.load(examples)
     assert state.errors == ()
-    assert len(state.workspaces) == 3
+    assert len(state.workspaces) == 4
     assert all(w.error is None and w.plugins for w in state.workspaces.values())
 
 
