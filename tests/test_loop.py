@@ -506,14 +506,15 @@ async def test_log_lines_say_what_started_each_action(
     with freeze_time("2026-01-01", real_asyncio=True) as clock:
         await runtime.register()
         await one_pass(fleet("ws-1"), sessions, policy)
+        await runtime.restarted()  # registered again with its report: no race with the pass
         faults.failing_plugins.clear()
         clock.tick(6)
         caplog.clear()
         await one_pass(fleet("ws-1"), sessions, policy)
+        await runtime.restarted()
     triggers = {(r.action, r.plugin): r.trigger for r in caplog.records  # type: ignore[attr-defined]
                 if getattr(r, "action", None)}
-    assert triggers == {("install", "seo-all"): "retry", ("restart", None): "manual",
-                        ("observe", None): "manual"}  # after the restart: looked again
+    assert triggers == {("install", "seo-all"): "retry", ("restart", None): "manual"}
 
 
 async def test_each_workspace_says_what_brought_it_into_the_pass(
@@ -535,6 +536,8 @@ async def test_each_workspace_says_what_brought_it_into_the_pass(
     assert {r.workspace_id: r.trigger for r in first.results} == {
         "ws-1": "registry", "ws-2": "periodic"}
     for _ in range(4):  # restarts the installs asked for; then found in sync and remembered
+        for runtime in (one, two):
+            await runtime.restarted()
         if (await one_pass(fleet("ws-1", "ws-2"), sessions, policy)).synced == 2:
             break
     else:
