@@ -161,7 +161,7 @@ def _next_pass(desired: DesiredWorkspace | None, observed: Observed | None, now:
     if desired is None or observed is None or phase is not Phase.ONLINE:
         return ("nothing: it is not an online, managed workspace",)
     plan = planner.plan(desired, observed, now, policy)
-    lines = [f"{action.describe()} ({action.reason})" for action in plan.actions]
+    lines = [action.describe() for action in plan.actions]
     for wait in plan.waits:
         if wait.kind is WaitKind.REFUSED:
             lines.append(f"refuse {wait.key}: {wait.reason}")

@@ -145,7 +145,8 @@ class PassReport:
         state = "in sync" if self.in_sync else ("drift found" if self.dry_run else "out of sync")
         if self.guard is not None:
             state += (f"; the blast-radius guard {'would hold' if self.dry_run else 'held'} "
-                      f"this pass: it {self.guard} (--force to act anyway)")
+                      f"this pass: it {self.guard} (`pluginctl plan` shows what it would do; "
+                      "--force to act anyway)")
         return ", ".join(parts) + f" -> {state}"
 
     @property

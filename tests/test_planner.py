@@ -262,3 +262,32 @@ def test_blast_radius_floor_share_and_workspace_limit() -> None:
     assert blast_radius(0, 0, 10**6, policy) is None
     assert blast_radius(0, 0, 3, Policy(max_workspaces=2)) is not None
     assert blast_radius(100, 0, 100, Policy(max_removal_share=1.0)) is None
+
+
+def test_explain_verdicts_ownership_and_next_pass() -> None:
+    from controller.explain import Claim, explain
+    from controller.models import Declaration
+
+    wanted = replace(desired(A2, B), declared_by={"a": Declaration("WorkspaceTemplate", "t", 0),
+                                                  "b": Declaration("Workspace", "ws", 1)})
+    seen = observed([A1, USER], owned=[A1], restarts=(NOW - timedelta(minutes=10),))
+    found = explain(wanted, seen, NOW, POLICY, Claim("replica-1", NOW + timedelta(seconds=30)))
+    assert not found.in_sync and found.verdict.startswith("out of sync: a pending")
+    assert [(p.name, p.declared_by, p.owner, p.state) for p in found.plugins] == [
+        ("a", "WorkspaceTemplate default/t spec.plugins[0]", "pluginctl", "Pending"),
+        ("b", "Workspace default/ws spec.plugins[1]", "-", "Pending"),
+        ("u", None, "not pluginctl", "LeftAlone")]
+    assert found.next_pass == ("install a (source local://a#1 -> local://a#2)",
+                               "install b (missing)")
+    assert (found.restarts_used, found.restart_budget_frees_at) == (
+        1, NOW + timedelta(minutes=50))
+    assert found.claim == Claim("replica-1", NOW + timedelta(seconds=30))
+
+    offline = explain(wanted, replace(seen, last_seen_at=NOW - timedelta(minutes=5)), NOW,
+                      POLICY, Claim("gone", NOW - timedelta(seconds=1)))
+    assert offline.verdict.startswith("offline: last heartbeat 5m ago (offline after 90s)")
+    assert offline.next_pass == ("nothing: it is not an online, managed workspace",)
+    assert offline.claim is None  # a claim that ran out is nobody's
+    assert explain(None, seen, NOW, POLICY).verdict.startswith("no Workspace declares this id")
+    synced = explain(desired(A1), observed([A1], owned=[A1]), NOW, POLICY)
+    assert synced.in_sync and synced.next_pass == ("nothing: it is in sync",)
