@@ -1,0 +1,202 @@
+"""Administration: registry tokens, pausing one workspace, and schema migrations."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from controller import tokens
+from controller.cli.base import (
+    Failure,
+    cli,
+    db_option,
+    open_store,
+    output_option,
+    read_secret,
+    workspace_id_arg,
+)
+from controller.models import InvalidSpec, check_workspace_id, utcnow
+from controller.registry import issue_token
+from controller.render import table
+from controller.store import (
+    current_revision,
+    database_url,
+    head_revision,
+    make_engine,
+    queries,
+    transaction,
+    upgrade,
+)
+
+
+@cli.group()
+def token() -> None:
+    """Registry tokens (one or more per workspace)."""
+
+
+@token.command("create")
+@click.argument("workspace_id")
+@db_option
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def token_create(workspace_id: str, db: str | None, dry_run: bool) -> None:
+    """Create a token for WORKSPACE_ID and print it once; only its hash is stored."""
+    workspace_id = workspace_id_arg(workspace_id)
+    sessions = open_store(db)
+    if dry_run:
+        with transaction(sessions) as session:
+            live = sum(1 for *_, revoked, _ in queries.tokens_of(session, workspace_id)
+                       if revoked is None)
+        click.echo(f"would create a token for workspace {workspace_id} (it has {live} live)")
+        return
+    secret = issue_token(sessions, workspace_id)
+    click.echo(secret)
+    if sys.stderr.isatty():
+        click.echo("Store this token now: it is not shown again.", err=True)
+
+
+@token.command("runtime-secret")
+@click.argument("workspace_id")
+@click.option("--runtime-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, envvar="PLUGINCTL_RUNTIME_SECRET_FILE",
+              help="The controller's secret (as given to `run --runtime-secret-file`).")
+def token_runtime_secret(workspace_id: str, runtime_secret_file: Path) -> None:
+    """Print the secret the controller sends WORKSPACE_ID's runtime with
+    --runtime-secret-per-workspace (for `pluginctl agent --controller-secret-file`)."""
+    try:
+        check_workspace_id(workspace_id)
+    except InvalidSpec as error:
+        raise Failure(str(error)) from error
+    secret = read_secret(runtime_secret_file, "--runtime-secret-file")
+    assert secret is not None
+    click.echo(tokens.runtime_secret_for(secret, workspace_id))
+
+
+@token.command("list")
+@click.argument("workspace_id")
+@db_option
+@output_option
+def token_list(workspace_id: str, db: str | None, output: str) -> None:
+    """List WORKSPACE_ID's tokens by fingerprint (the start of the stored hash)."""
+    with transaction(open_store(db)) as session:
+        found = queries.tokens_of(session, workspace_id_arg(workspace_id))
+    if output == "json":
+        click.echo(json.dumps({"workspace_id": workspace_id, "tokens": [
+            {"fingerprint": tokens.fingerprint(token_hash), "created": created.isoformat(),
+             "revoked": None if revoked is None else revoked.isoformat(), "issuer": issuer}
+            for token_hash, created, revoked, issuer in found]}, indent=2))
+        return
+    click.echo(table(["FINGERPRINT", "CREATED", "REVOKED", "ISSUER"], [
+        [tokens.fingerprint(token_hash), created.isoformat(timespec="seconds"),
+         "-" if revoked is None else revoked.isoformat(timespec="seconds"), issuer]
+        for token_hash, created, revoked, issuer in found]))
+
+
+@token.command("revoke")
+@click.argument("workspace_id")
+@click.option("--fingerprint", "fingerprints", multiple=True, metavar="FP",
+              help="A fingerprint from `pluginctl token list` (repeatable).")
+@click.option("--token-stdin", is_flag=True,
+              help="Read the token itself from standard input (never from the command line, "
+                   "where it would land in shell history and process lists).")
+@click.option("--all", "revoke_all", is_flag=True, help="Every token of the workspace.")
+@db_option
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def token_revoke(workspace_id: str, fingerprints: tuple[str, ...], token_stdin: bool,
+                 revoke_all: bool, db: str | None, dry_run: bool) -> None:
+    """Revoke tokens of WORKSPACE_ID. Every registry replica refuses them within a second.
+
+    To rotate without downtime: `token create` a second token, give it to the runtime, then
+    revoke the old one by its fingerprint."""
+    workspace_id = workspace_id_arg(workspace_id)
+    if sum((bool(fingerprints), token_stdin, revoke_all)) != 1:
+        raise click.UsageError("say which tokens: --fingerprint FP, --token-stdin or --all")
+    sessions = open_store(db)
+    with transaction(sessions) as session:
+        live = {h for h, _, revoked, _ in queries.tokens_of(session, workspace_id)
+                if revoked is None}
+        if revoke_all:
+            chosen = live
+        elif token_stdin:
+            digest = tokens.digest(sys.stdin.read().strip())
+            if digest not in live:
+                raise Failure(f"that token is not a live token of workspace {workspace_id}")
+            chosen = {digest}
+        else:
+            chosen = set()
+            for wanted in fingerprints:
+                matches = {h for h in live if h.startswith(wanted.lower())}
+                if len(wanted) < 8 or len(matches) != 1:
+                    raise Failure(f"fingerprint {wanted!r} names {len(matches)} live tokens of "
+                                  f"workspace {workspace_id} (give at least 8 characters of "
+                                  "one shown by `pluginctl token list`)")
+                chosen |= matches
+        if dry_run:
+            shown = ", ".join(sorted(tokens.fingerprint(h) for h in chosen)) or "none"
+            click.echo(f"would revoke {len(chosen)} token(s) of workspace {workspace_id}: "
+                       f"{shown}")
+            return
+        revoked = queries.revoke_tokens(session, chosen, utcnow())
+    click.echo(f"revoked {revoked} token(s) of workspace {workspace_id}")
+
+
+@cli.group()
+def workspace() -> None:
+    """Pause or resume the loop for one workspace."""
+
+
+@workspace.command("pause")
+@click.argument("workspace_id")
+@db_option
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def workspace_pause(workspace_id: str, db: str | None, dry_run: bool) -> None:
+    """Make WORKSPACE_ID dormant: no calls until `resume`, whatever its runtime reports."""
+    _set_dormant(workspace_id, db, True, dry_run)
+
+
+@workspace.command("resume")
+@click.argument("workspace_id")
+@db_option
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def workspace_resume(workspace_id: str, db: str | None, dry_run: bool) -> None:
+    """Undo `pause`: WORKSPACE_ID is reconciled again when online."""
+    _set_dormant(workspace_id, db, False, dry_run)
+
+
+def _set_dormant(workspace_id: str, db: str | None, dormant: bool, dry_run: bool) -> None:
+    workspace_id = workspace_id_arg(workspace_id)
+    verb = "paused (dormant)" if dormant else "resumed"
+    with transaction(open_store(db)) as session:
+        if dry_run:
+            seen = queries.load_observed(session, only=[workspace_id]).get(workspace_id)
+            now = "unknown to the store" if seen is None else \
+                "dormant" if seen.dormant else "active"
+            click.echo(f"workspace {workspace_id} would be {verb} (now {now})")
+            return
+        queries.set_dormant(session, workspace_id, dormant)
+    click.echo(f"workspace {workspace_id} {verb}")
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@db_option
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def db_upgrade(db: str | None, dry_run: bool) -> None:
+    """Migrate the database to this version's schema (safe to run from several replicas)."""
+    engine = make_engine(database_url(db))
+    if dry_run:
+        current, head = current_revision(engine), head_revision()
+        click.echo(f"database already at revision {head}" if current == head else
+                   f"would upgrade the database from {current or 'empty'} to revision {head}")
+        return
+    before, after = upgrade(engine)
+    if before == after:
+        click.echo(f"database already at revision {after}")
+    else:
+        click.echo(f"database upgraded from {before or 'empty'} to revision {after}")
