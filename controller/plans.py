@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from controller.reconciler import (
     log_outcome,
 )
 from controller.store import DatabaseError, Session, Sessions, in_thread, queries
+
+log = logging.getLogger("pluginctl.plans")
 
 PLAN_KIND = "pluginctl/Plan"
 PLAN_VERSION = 1
@@ -296,12 +299,36 @@ async def apply_plan(
 
     recorder = Recorder(sessions, replica)
     limit = asyncio.Semaphore(max(1, policy.concurrency))
+    waiting = set(claimed)  # claimed and not yet acted on: their claims are kept alive
+    lost: set[str] = set()
+    hold = timedelta(seconds=claim_seconds(policy))
+
+    async def keep_claimed() -> None:
+        """A big plan outlasts one claim: renew the claims of the workspaces still waiting
+        for their turn, so that no pass can act on them before this apply does."""
+        while waiting:
+            await asyncio.sleep(hold.total_seconds() / 3)
+            ids = sorted(waiting)
+            try:
+                kept = await in_thread(sessions, partial(
+                    queries.claim, workspace_ids=ids, replica=replica, now=utcnow(),
+                    until=utcnow() + hold))
+            except DatabaseError as error:  # retried at the next renewal; claims still hold
+                log.warning("could not renew the claims of this apply: %s", error)
+                continue
+            lost.update(set(ids) - kept)
 
     async def one(planned: PlannedWorkspace) -> WorkspaceResult:
         seen = observed[planned.workspace_id]
         done: list[Outcome] = []
         error = None
         async with limit:
+            waiting.discard(seen.workspace_id)
+            if seen.workspace_id in lost:
+                return WorkspaceResult(seen.workspace_id, (_workspace_plan(planned),), (),
+                                       seen.restart_pending, "not acted on: another replica "
+                                       "took its claim meanwhile", frozenset(seen.attempts),
+                                       Trigger.MANUAL)
             try:
                 async with asyncio.timeout(policy.workspace_timeout):
                     await executor.execute(driver, seen.url or "", _workspace_plan(planned), done)
@@ -320,9 +347,13 @@ async def apply_plan(
             log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
         return result
 
+    renewing = asyncio.create_task(keep_claimed())
     try:
         results = await asyncio.gather(*(one(w) for w in todo))
     finally:
+        waiting.clear()
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
         await _release(sessions, claimed, replica)  # recorded ones are released already
     return PassReport(now, utcnow(), False, tuple(results), ())
 
