@@ -49,8 +49,11 @@ def _invalid_reason(error: str) -> str:
     return "InvalidSpec"
 
 
-def conditions_for(state: WorkspaceStatus) -> tuple[Condition, Condition, Condition]:
-    """Ready, Reconciling, Stalled. No timestamps in messages: a heartbeat never writes."""
+def conditions_for(state: WorkspaceStatus, guard: str | None = None
+                   ) -> tuple[Condition, Condition, Condition]:
+    """Ready, Reconciling, Stalled. No timestamps in messages: a heartbeat never writes.
+    `guard`: why the blast-radius guard held the pass (a workspace it left out of sync is
+    stalled until someone looks)."""
     def make(ready: tuple[str, str, str], reconciling: tuple[str, str, str],
              stalled: tuple[str, str, str]) -> tuple[Condition, Condition, Condition]:
         return (Condition("Ready", *ready), Condition("Reconciling", *reconciling),
@@ -78,6 +81,11 @@ def conditions_for(state: WorkspaceStatus) -> tuple[Condition, Condition, Condit
                         not_stalled)
     if state.in_sync:
         return make(("True", "InSync", plugins), ("False", "InSync", ""), not_stalled)
+    if guard is not None:
+        message = (f"{plugins}; the blast-radius guard holds every pass: it {guard} "
+                   "(pluginctl plan shows it; pluginctl reconcile --once --force goes ahead)")
+        return make(("False", "GuardHolding", message), ("False", "GuardHolding", ""),
+                    ("True", "GuardHolding", message))
     states = {p.state for p in state.plugins}
     refused = [p for p in state.plugins if p.state is PluginState.REFUSED]
     if refused:
@@ -101,6 +109,7 @@ def workspace_status(
     obj: Mapping[str, Any],
     now: datetime,
     token_secret: str | None,
+    guard: str | None = None,
 ) -> dict[str, Any]:
     """The full status of one Workspace object."""
     metadata = obj.get("metadata", {})
@@ -108,7 +117,7 @@ def workspace_status(
     generation = metadata.get("generation")
     old_conditions = {c.get("type"): c for c in previous.get("conditions") or []}
     conditions = []
-    for condition in conditions_for(state):
+    for condition in conditions_for(state, guard):
         old = old_conditions.get(condition.type)
         unchanged = old is not None and old.get("status") == condition.status
         conditions.append({

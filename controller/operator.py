@@ -187,7 +187,8 @@ class Mirror:
             current = obj.get("status") or {}
             previous_status[wanted.workspace_id if is_claimant else uid] = current
             base = dict(obj, status=self.written.get(uid, current))
-            new = mirror.workspace_status(state, base, now, secret_names.get(key))
+            new = mirror.workspace_status(state, base, now, secret_names.get(key),
+                                          report.guard if report is not None else None)
             ready[key] = mirror.is_ready(new)
             await self._patch(WORKSPACES, obj, current, new)
 

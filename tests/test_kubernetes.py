@@ -408,6 +408,35 @@ async def test_suspend_requested_at_template_edit_and_stalled(
     assert "True" in get(plane, namespace, "ws", "w1")  # the claimant is untouched
 
 
+async def test_the_guard_holds_a_template_change_and_kubectl_shows_why(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+    runtimes: list[ReferenceRuntime],
+) -> None:
+    """With --max-workspaces 1, a template change that touches both workspaces holds: no
+    runtime gets the new plugin, and each Workspace is Stalled with reason GuardHolding."""
+    apply(plane, namespace, template("base", SEO), workspace("g1"), workspace("g2"))
+    operator = operators(extra=("--max-workspaces", "1"))
+    started = []
+    for name in ("g1", "g2"):  # one at a time: each register's pass touches one workspace
+        runtime = await runtime_for(plane, namespace, name, operator.registry, runtimes)
+        runtime.faults.restart_required = False
+        runtime.start_heartbeats()
+        await wait_ready(plane, namespace, name)
+        started.append(runtime)
+
+    apply(plane, namespace, template("base", SEO, NOTES))  # both workspaces at once
+    for name in ("g1", "g2"):
+        wait = await asyncio.to_thread(
+            plane.kubectl, "wait", "-n", namespace, f"ws/{name}", "--timeout=60s",
+            "--for=jsonpath={.status.conditions[?(@.type==\"Stalled\")].reason}=GuardHolding",
+            check=False, timeout=90)
+        assert wait.returncode == 0, wait.stderr
+    message = get(plane, namespace, "ws", "g1", "-o",
+                  'jsonpath={.status.conditions[?(@.type=="Ready")].message}')
+    assert "would act on 2 workspaces, more than --max-workspaces 1" in message
+    assert all("notes" not in runtime.plugins for runtime in started)
+
+
 async def test_a_failure_makes_one_event_not_one_per_retry(
     plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
     runtimes: list[ReferenceRuntime],

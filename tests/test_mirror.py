@@ -165,3 +165,16 @@ def test_events_say_what_started_each_action() -> None:
     events = mirror.events_for(result.outcomes, result.prior_failures, held_now=False,
                                held_before=False, trigger_of=result.trigger_of)
     assert [e.message.rpartition(" ")[2] for e in events] == ["retry]", "template-change]"]
+
+
+def test_a_workspace_the_guard_holds_is_stalled_with_the_reason() -> None:
+    pending = PluginStatus("b", "local://b", PluginState.PENDING, "missing")
+    held = {c.type: (c.status, c.reason, c.message) for c in mirror.conditions_for(
+        state(Phase.ONLINE, OK, pending, in_sync=False), guard="would act on 3 workspaces")}
+    assert held["Ready"][:2] == ("False", "GuardHolding")
+    assert held["Stalled"][:2] == ("True", "GuardHolding")
+    assert "would act on 3 workspaces" in held["Stalled"][2]
+    # In sync is in sync, whatever the guard says of the others.
+    assert conditions(state(Phase.ONLINE, OK))["Ready"] == ("True", "InSync")
+    assert {c.type: c.reason for c in mirror.conditions_for(
+        state(Phase.ONLINE, OK), guard="x")}["Ready"] == "InSync"
