@@ -687,6 +687,10 @@ async def test_reconcile_once_against_the_cluster(
         assert code == 0, output
         assert set(runtime.plugins) == {"seo-all", "notes"}
         await wait_ready(plane, namespace, "w", timeout=30)
+        code, output, err = await pluginctl("status", "-o", "json")
+        assert code == 0, output + err
+        assert [(w["workspace_id"], w["phase"], w["in_sync"], w["desired"])
+                for w in json.loads(output)["workspaces"]] == [("w", "Online", True, 2)]
         code, output, err = await pluginctl("explain", "w", "-o", "json")
         assert code == 0, output + err
         explained = json.loads(output)

@@ -23,7 +23,6 @@ from controller.cli.base import (
     desired_state,
     iso,
     kubernetes_options,
-    load_manifests,
     manifests_option,
     open_store,
     output_option,
@@ -40,15 +39,19 @@ from controller.store import queries, transaction
 @cli.command("status")
 @db_option
 @manifests_option(required=False)
+@kubernetes_options
 @output_option
 @click.option("--offline-after", type=click.FloatRange(min=1), default=90.0, show_default=True)
 @allow_unpinned_option
-def status_command(db: str | None, manifests: Path | None, output: str,
+def status_command(db: str | None, manifests: Path | None, use_kubernetes: bool,
+                   kubeconfig: str | None, kube_context: str | None, output: str,
                    offline_after: float, allow_unpinned: bool) -> None:
     """Per workspace: phase, desired vs installed, drift, last error, next retry.
 
-    Without --manifests only what runtimes reported is known (no desired plugins)."""
-    desired = load_manifests(manifests) if manifests else None
+    Without --manifests or --kubernetes only what runtimes reported is known (no desired
+    plugins)."""
+    desired = desired_state(manifests, use_kubernetes, kubeconfig, kube_context) \
+        if manifests is not None or use_kubernetes else None
     sessions = open_store(db)
     policy = Policy(offline_after=timedelta(seconds=offline_after),
                     allow_unpinned=allow_unpinned)
