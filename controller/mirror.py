@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from controller.models import Action, ActionKind, Outcome, Phase
+from controller.planner import Held
 from controller.status import PluginState, WorkspaceStatus
 
 REQUESTED_AT = "reconcile.pluginctl.dev/requestedAt"
@@ -49,11 +50,12 @@ def _invalid_reason(error: str) -> str:
     return "InvalidSpec"
 
 
-def conditions_for(state: WorkspaceStatus, guard: str | None = None
+def conditions_for(state: WorkspaceStatus, guard: Held | None = None
                    ) -> tuple[Condition, Condition, Condition]:
     """Ready, Reconciling, Stalled. No timestamps in messages: a heartbeat never writes.
     `guard`: why the blast-radius guard held the pass (a workspace it left out of sync is
-    stalled until someone looks)."""
+    stalled until someone looks). Only its limit is written, never its counts: those move
+    with the fleet and would rewrite every held Workspace each pass."""
     def make(ready: tuple[str, str, str], reconciling: tuple[str, str, str],
              stalled: tuple[str, str, str]) -> tuple[Condition, Condition, Condition]:
         return (Condition("Ready", *ready), Condition("Reconciling", *reconciling),
@@ -82,8 +84,9 @@ def conditions_for(state: WorkspaceStatus, guard: str | None = None
     if state.in_sync:
         return make(("True", "InSync", plugins), ("False", "InSync", ""), not_stalled)
     if guard is not None:
-        message = (f"{plugins}; the blast-radius guard holds every pass: it {guard} "
-                   "(pluginctl plan shows it; pluginctl reconcile --once --force goes ahead)")
+        message = (f"{plugins}; the blast-radius guard holds every pass: it would go over "
+                   f"{guard.limit} (the controller's log and pluginctl plan say what it "
+                   "would do; pluginctl reconcile --once --force goes ahead)")
         return make(("False", "GuardHolding", message), ("False", "GuardHolding", ""),
                     ("True", "GuardHolding", message))
     states = {p.state for p in state.plugins}
@@ -109,7 +112,7 @@ def workspace_status(
     obj: Mapping[str, Any],
     now: datetime,
     token_secret: str | None,
-    guard: str | None = None,
+    guard: Held | None = None,
 ) -> dict[str, Any]:
     """The full status of one Workspace object."""
     metadata = obj.get("metadata", {})

@@ -3,6 +3,7 @@ workspace. Pure and deterministic; the executor performs what it returns."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from controller import backoff
@@ -129,17 +130,30 @@ def plan(
 GUARD_MIN_REMOVALS = 10
 
 
-def blast_radius(removals: int, declared: int, workspaces: int, policy: Policy) -> str | None:
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Why the blast-radius guard holds a pass: what the pass would do (which changes with
+    the fleet) and the limit that forbids it (which changes only with the flags)."""
+
+    would: str  # "would act on 2 workspaces"
+    limit: str  # "--max-workspaces 1"
+
+    def __str__(self) -> str:
+        return f"{self.would}, more than {self.limit}"
+
+
+def blast_radius(removals: int, declared: int, workspaces: int, policy: Policy
+                 ) -> Held | None:
     """Why a pass must hold instead of acting, or None. `removals`: plugins it would remove;
     `declared`: plugins declared on the online workspaces it covers; `workspaces`: how many
     of them it would act on."""
     if policy.max_workspaces and workspaces > policy.max_workspaces:
-        return (f"would act on {workspaces} workspaces, more than --max-workspaces "
-                f"{policy.max_workspaces}")
+        return Held(f"would act on {workspaces} workspaces",
+                    f"--max-workspaces {policy.max_workspaces}")
     total = declared + removals
     if removals >= GUARD_MIN_REMOVALS and removals > policy.max_removal_share * total:
-        return (f"would remove {removals} of {total} plugins ({removals / total:.0%}), more "
-                f"than --max-removal-share {policy.max_removal_share:g}")
+        return Held(f"would remove {removals} of {total} plugins ({removals / total:.0%})",
+                    f"--max-removal-share {policy.max_removal_share:g}")
     return None
 
 

@@ -138,8 +138,8 @@ async def make_plan(desired: Desired, sessions: Sessions, policy: Policy) -> Pla
         if plan.actions or plan.waits:
             planned.append(PlannedWorkspace(workspace_id, fingerprint(wanted, seen),
                                             plan.actions, plan.waits))
-    return Plan(now, tuple(planned), len(observed),
-                planner.blast_radius(weight.removals, declared, weight.workspaces, policy),
+    held = planner.blast_radius(weight.removals, declared, weight.workspaces, policy)
+    return Plan(now, tuple(planned), len(observed), None if held is None else str(held),
                 tuple(invalid))
 
 

@@ -102,7 +102,7 @@ class PassReport:
     busy: int = 0  # still being handled by an earlier pass (a slow runtime): left to it
     scope: frozenset[str] | None = None  # the workspaces this pass was about; None: all
     synced: int = 0  # recognised in sync from their digests alone: not even planned
-    guard: str | None = None  # the blast-radius guard held this pass: why
+    guard: planner.Held | None = None  # the blast-radius guard held this pass: why
     guarded: int = 0  # workspaces with actions the guard held (not in results)
 
     @property
@@ -191,7 +191,7 @@ async def reconcile_once(
     planned: asyncio.Event | None = None,
     hinted: Mapping[str, str] | None = None,
     force: bool = False,
-    hold: str | None = None,
+    hold: planner.Held | None = None,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
@@ -262,7 +262,7 @@ async def reconcile_once(
         advance(0)
     results: list[WorkspaceResult] = []
     active: list[str] = []
-    guard: str | None = None
+    guard: planner.Held | None = None
     guarded = 0
     # Reserved for this pass until planned (and, with actions, until acted on): a pass that
     # starts meanwhile leaves them alone instead of planning them a second time.
@@ -672,7 +672,7 @@ async def run_forever(
     limit = asyncio.Semaphore(max(1, policy.concurrency))
     running: set[asyncio.Task[None]] = set()
     last_errors: list[tuple[ObjectError, ...]] = [()]
-    holding: list[str | None] = [None]  # the guard the last full pass tripped, if it did
+    holding: list[planner.Held | None] = [None]  # what held the last full pass, if anything
 
     full_planned = asyncio.Event()  # the last full pass is done planning (acting is fine)
     full_planned.set()

@@ -433,7 +433,7 @@ async def test_the_guard_holds_a_template_change_and_kubectl_shows_why(
         assert wait.returncode == 0, wait.stderr
     message = get(plane, namespace, "ws", "g1", "-o",
                   'jsonpath={.status.conditions[?(@.type=="Ready")].message}')
-    assert "would act on 2 workspaces, more than --max-workspaces 1" in message
+    assert "it would go over --max-workspaces 1" in message
     assert all("notes" not in runtime.plugins for runtime in started)
 
 

@@ -590,7 +590,8 @@ async def test_blast_radius_guard_holds_a_mass_removal_until_forced(
     only_seo = TEMPLATE.replace("    - source: local://plugins/notes\n", "")
     shrunk = desired_from(only_seo, *(workspace_yaml(n) for n in names))
     held = await one_pass(shrunk, sessions, policy)
-    assert held.guard == "would remove 10 of 20 plugins (50%), more than --max-removal-share 0.25"
+    assert str(held.guard) == ("would remove 10 of 20 plugins (50%), more than "
+                               "--max-removal-share 0.25")
     assert held.guarded == 10 and held.online == 10 and not held.in_sync
     assert "held this pass" in held.summary()
     assert sum(len(r.calls) for r in runtimes) == calls  # nothing was done
@@ -615,7 +616,7 @@ async def test_blast_radius_guard_limits_the_workspaces_one_pass_acts_on(
     for runtime in runtimes:
         await runtime.register()
     held = await one_pass(fleet(*names), sessions, replace(policy, max_workspaces=2))
-    assert held.guard == "would act on 3 workspaces, more than --max-workspaces 2"
+    assert str(held.guard) == "would act on 3 workspaces, more than --max-workspaces 2"
     assert all(r.calls == [] for r in runtimes)
     done = await one_pass(fleet(*names), sessions, replace(policy, max_workspaces=3))
     assert done.guard is None and all(has(r, SEO, NOTES) for r in runtimes)

@@ -19,6 +19,7 @@ from controller.models import (
     Phase,
     Plugin,
 )
+from controller.planner import Held
 from controller.status import PluginState, PluginStatus, WorkspaceStatus
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -170,11 +171,13 @@ def test_events_say_what_started_each_action() -> None:
 def test_a_workspace_the_guard_holds_is_stalled_with_the_reason() -> None:
     pending = PluginStatus("b", "local://b", PluginState.PENDING, "missing")
     held = {c.type: (c.status, c.reason, c.message) for c in mirror.conditions_for(
-        state(Phase.ONLINE, OK, pending, in_sync=False), guard="would act on 3 workspaces")}
+        state(Phase.ONLINE, OK, pending, in_sync=False),
+        guard=Held("would act on 3 workspaces", "--max-workspaces 2"))}
     assert held["Ready"][:2] == ("False", "GuardHolding")
     assert held["Stalled"][:2] == ("True", "GuardHolding")
-    assert "would act on 3 workspaces" in held["Stalled"][2]
+    assert "it would go over --max-workspaces 2" in held["Stalled"][2]
+    assert "3 workspaces" not in held["Stalled"][2]  # counts move; the message must not
     # In sync is in sync, whatever the guard says of the others.
     assert conditions(state(Phase.ONLINE, OK))["Ready"] == ("True", "InSync")
     assert {c.type: c.reason for c in mirror.conditions_for(
-        state(Phase.ONLINE, OK), guard="x")}["Ready"] == "InSync"
+        state(Phase.ONLINE, OK), guard=Held("x", "y"))}["Ready"] == "InSync"

@@ -264,7 +264,7 @@ def report_json(report: PassReport) -> dict[str, Any]:
             "failed": report.failed,
             "waiting": report.waiting,
             "held": sum(1 for r in report.results if r.restart_pending),
-            "guard": report.guard,
+            "guard": None if report.guard is None else str(report.guard),
             "held_by_guard": report.guarded,
             "invalid": len(report.invalid),
             "skipped": {phase.value: n for phase, n in report.skipped.items()},
