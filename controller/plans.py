@@ -16,27 +16,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import pydantic
 
 from controller import executor, outcomes, planner
+from controller.api import PluginReport, WorkspaceId, describe_errors
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.models import (
     Action,
     ActionKind,
     DesiredWorkspace,
-    InvalidSpec,
     Observed,
     Outcome,
     Plugin,
     Policy,
     Wait,
     WorkspacePlan,
-    check_plugin_name,
-    check_source,
-    check_workspace_id,
     utcnow,
 )
 from controller.reconciler import (
@@ -170,25 +167,9 @@ class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
 
 
-class _PluginDoc(_Strict):
-    name: str
-    source: str
-    digest: Annotated[str, pydantic.StringConstraints(max_length=256)] | None = None
-
-    @pydantic.field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _checked(check_plugin_name, value)
-
-    @pydantic.field_validator("source")
-    @classmethod
-    def _source(cls, value: str) -> str:
-        return _checked(check_source, value)
-
-
 class _ActionDoc(_Strict):
     action: Literal["observe", "install", "remove", "disown", "restart"]
-    plugin: _PluginDoc | None = None
+    plugin: PluginReport | None = None  # name, source, digest: as the registry checks them
     reason: str = ""
 
     @pydantic.model_validator(mode="after")
@@ -199,14 +180,9 @@ class _ActionDoc(_Strict):
 
 
 class _WorkspaceDoc(_Strict):
-    workspace_id: str
+    workspace_id: WorkspaceId
     planned_against: dict[str, str]
     actions: list[_ActionDoc]
-
-    @pydantic.field_validator("workspace_id")
-    @classmethod
-    def _id(cls, value: str) -> str:
-        return _checked(check_workspace_id, value)
 
     @pydantic.field_validator("planned_against")
     @classmethod
@@ -224,33 +200,21 @@ class _PlanDoc(_Strict):
     workspaces: list[_WorkspaceDoc]
 
 
-def _checked(check: Callable[[str], str], value: str) -> str:
-    try:
-        return check(value)
-    except InvalidSpec as error:
-        raise ValueError(str(error)) from error
-
-
 def read_plan(text: str, origin: str) -> Plan:
     """A plan from the text of a plan file; PlanError says what is wrong and where."""
     try:
         doc = _PlanDoc.model_validate_json(text)
     except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "the document"
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise PlanError(f"{origin} is not a usable plan: {where}: {first['msg']}{more}"
-                        ) from error
+        raise PlanError(f"{origin} is not a usable plan: {describe_errors(error)}") from error
     seen: set[str] = set()
     workspaces = []
     for index, w in enumerate(doc.workspaces):
         if w.workspace_id in seen:
-            raise PlanError(f"{origin} is not a usable plan: workspaces.{index}: "
+            raise PlanError(f"{origin} is not a usable plan: workspaces[{index}]: "
                             f"{w.workspace_id} appears twice")
         seen.add(w.workspace_id)
-        actions = tuple(Action(ActionKind(a.action), a.reason, Plugin(
-            a.plugin.name, a.plugin.source, a.plugin.digest) if a.plugin else None)
-            for a in w.actions)
+        actions = tuple(Action(ActionKind(a.action), a.reason,
+                               a.plugin.to_plugin() if a.plugin else None) for a in w.actions)
         workspaces.append(PlannedWorkspace(w.workspace_id, dict(w.planned_against), actions))
     return Plan(doc.created_at, tuple(workspaces), 0, doc.guard)
 

@@ -516,7 +516,7 @@ async def test_plan_then_apply_performs_exactly_the_plan_and_refuses_stale_ones(
 
     for broken, message in (("{", "Invalid JSON"), ('{"kind": "pluginctl/Plan"}', "version"),
                             (plan_file.read_text().replace("seo-all#v1", "no spaces allowed"),
-                             "invalid plugin source")):
+                             "actions[1].plugin.source: String should match pattern")):
         bad = tmp_path / "bad.json"
         bad.write_text(broken)
         code, _, err = await pluginctl("apply", str(bad), *source)
