@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from controller import executor, outcomes, planner
+from controller import planner
 from controller.api import PluginReport, WorkspaceId, describe_errors
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
@@ -29,7 +29,6 @@ from controller.models import (
     ActionKind,
     DesiredWorkspace,
     Observed,
-    Outcome,
     Plugin,
     Policy,
     Wait,
@@ -44,7 +43,7 @@ from controller.reconciler import (
     Weight,
     WorkspaceResult,
     claim_seconds,
-    log_outcome,
+    execute_workspace,
 )
 from controller.store import DatabaseError, Session, Sessions, in_thread, queries
 
@@ -284,8 +283,6 @@ async def apply_plan(
 
     async def one(planned: PlannedWorkspace) -> WorkspaceResult:
         seen = observed[planned.workspace_id]
-        done: list[Outcome] = []
-        error = None
         async with limit:
             waiting.discard(seen.workspace_id)
             if seen.workspace_id in lost:
@@ -293,23 +290,9 @@ async def apply_plan(
                                        seen.restart_pending, "not acted on: another replica "
                                        "took its claim meanwhile", frozenset(seen.attempts),
                                        Trigger.MANUAL)
-            try:
-                async with asyncio.timeout(policy.workspace_timeout):
-                    await executor.execute(driver, seen.url or "", _workspace_plan(planned), done)
-            except TimeoutError:
-                error = f"exceeded {policy.workspace_timeout:g}s; the rest was not done"
-        changes = outcomes.changes_from(seen, done, now, policy, rand)
-        try:
-            await recorder.record(changes, now)
-        except DatabaseError as exc:
-            error = f"could not record outcomes: {exc}"
-        result = WorkspaceResult(
-            seen.workspace_id, (_workspace_plan(planned),), tuple(done),
-            seen.restart_pending if changes.restart_pending is None
-            else changes.restart_pending, error, frozenset(seen.attempts), Trigger.MANUAL)
-        for outcome in done:
-            log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
-        return result
+            return await execute_workspace(None, seen, _workspace_plan(planned), driver,
+                                           policy, now, rand, recorder,
+                                           policy.workspace_timeout, Trigger.MANUAL)
 
     renewing = asyncio.create_task(keep_claimed())
     try:

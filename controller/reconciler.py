@@ -494,7 +494,7 @@ async def _act(
                 return WorkspaceResult(seen.workspace_id, (plan,), (), seen.restart_pending,
                                        "not acted on: its claim ran out while it waited",
                                        frozenset(seen.attempts), triggers[seen.workspace_id])
-            return await _execute_workspace(wanted, seen, plan, driver, policy, now, rand,
+            return await execute_workspace(wanted, seen, plan, driver, policy, now, rand,
                                             recorder, min(policy.workspace_timeout, left),
                                             triggers[seen.workspace_id])
 
@@ -551,8 +551,8 @@ async def _act(
     return results, elsewhere
 
 
-async def _execute_workspace(
-    wanted: DesiredWorkspace,
+async def execute_workspace(
+    wanted: DesiredWorkspace | None,
     seen: Observed,
     plan: WorkspacePlan,
     driver: RuntimeDriver,
@@ -563,6 +563,9 @@ async def _execute_workspace(
     deadline: float,
     trigger: str,
 ) -> WorkspaceResult:
+    """Perform one workspace's plan within `deadline` seconds, record what came of it and
+    log each outcome. With `wanted`, a plan that had to observe first is planned again
+    from the fresh report and that is performed too; without, exactly `plan` (`apply`)."""
     prior = frozenset(seen.attempts)
     url = seen.url or ""
     plans = [plan]
@@ -572,7 +575,7 @@ async def _execute_workspace(
         async with asyncio.timeout(deadline):
             await executor.execute(driver, url, plan, done)
             observed_now = [o for o in done if o.action.kind is ActionKind.OBSERVE and o.ok]
-            if observed_now:
+            if observed_now and wanted is not None:
                 # Now that we know what the runtime has, plan again with that knowledge.
                 report = {p.name: p for p in observed_now[-1].report or ()}
                 plan = planner.plan(wanted, replace(seen, report=report), now, policy)
@@ -596,7 +599,7 @@ async def _execute_workspace(
     result = WorkspaceResult(seen.workspace_id, tuple(plans), tuple(done), pending, error,
                              prior_failures=prior, trigger=trigger)
     for outcome in done:
-        log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
+        _log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
     return result
 
 
@@ -605,7 +608,7 @@ async def _execute_workspace(
 TRIGGER: contextvars.ContextVar[str] = contextvars.ContextVar("trigger", default=Trigger.MANUAL)
 
 
-def log_outcome(workspace_id: str, outcome: Outcome, trigger: str) -> None:
+def _log_outcome(workspace_id: str, outcome: Outcome, trigger: str) -> None:
     action = outcome.action
     extra = {"workspace": workspace_id, "action": action.kind.value,
              "plugin": action.plugin.name if action.plugin else None, "trigger": trigger,
