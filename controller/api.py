@@ -34,9 +34,12 @@ class PluginReport(_Strict):
     name: PluginName
     source: Source
     digest: Digest | None = None
+    #: What is on disk is not what was installed (edited by hand, or incomplete): the loop
+    #: installs it again.
+    modified: bool = False
 
     def to_plugin(self) -> Plugin:
-        return Plugin(self.name, self.source, self.digest)
+        return Plugin(self.name, self.source, self.digest, self.modified)
 
 
 def _unique(plugins: list[PluginReport]) -> list[PluginReport]:

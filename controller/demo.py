@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from controller import manifests, service, status
-from controller.agent import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.desired import Desired
 from controller.models import ActionKind, DesiredWorkspace, Plugin, Policy, utcnow
 from controller.reconciler import PassReport, WorkspaceResult

@@ -27,6 +27,16 @@ class RuntimeCallError(Exception):
 @dataclass(frozen=True, slots=True)
 class InstallResult:
     restart_required: bool
+    digest: str | None = None  # what the runtime installed, if it says
+    seq: int | None = None  # the runtime's seq of this change, if it counts
+
+
+def _seq(data: Any) -> int | None:
+    """The optional `seq` of an answer (an integer >= 0), else None."""
+    value = data.get("seq") if isinstance(data, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
 
 
 class RuntimeDriver:
@@ -118,7 +128,7 @@ class RuntimeDriver:
                                    f"{error}".strip()) from error
 
     async def list_plugins(self, base_url: str, workspace_id: str | None = None
-                           ) -> list[Plugin]:
+                           ) -> tuple[list[Plugin], int | None]:
         _, data = await self._call("GET", _join(base_url, "plugins"),
                                    workspace_id=workspace_id)
         items = data.get("plugins") if isinstance(data, dict) else None
@@ -133,7 +143,7 @@ class RuntimeDriver:
             except (KeyError, TypeError, AttributeError, ValueError) as error:
                 raise RuntimeCallError(f"GET /plugins: bad entry {item!r}: {error}") from error
             plugins.append(plugin)
-        return plugins
+        return plugins, _seq(data)
 
     async def install(self, base_url: str, plugin: Plugin, workspace_id: str | None = None
                       ) -> InstallResult:
@@ -145,12 +155,18 @@ class RuntimeDriver:
         restart = data.get("restart_required", False) if isinstance(data, dict) else False
         if not isinstance(restart, bool):
             raise RuntimeCallError(f"PUT /plugins/{plugin.name}: restart_required is not a bool")
-        return InstallResult(restart_required=restart)
+        digest = data.get("digest") if isinstance(data, dict) else None
+        return InstallResult(restart_required=restart,
+                             digest=digest if isinstance(digest, str) and digest else None,
+                             seq=_seq(data))
 
-    async def remove(self, base_url: str, name: str, workspace_id: str | None = None) -> None:
+    async def remove(self, base_url: str, name: str, workspace_id: str | None = None
+                     ) -> int | None:
+        """Remove a plugin; the runtime's seq of the change, if it counts."""
         # 404 counts as already removed: the end state is what we wanted.
-        await self._call("DELETE", _join(base_url, "plugins", name), ok=(200, 204, 404),
-                         workspace_id=workspace_id)
+        _, data = await self._call("DELETE", _join(base_url, "plugins", name),
+                                   ok=(200, 204, 404), workspace_id=workspace_id)
+        return _seq(data)
 
     async def restart(self, base_url: str, workspace_id: str | None = None) -> None:
         await self._call("POST", _join(base_url, "restart"), ok=(200, 202, 204),

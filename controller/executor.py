@@ -13,14 +13,15 @@ async def perform(driver: RuntimeDriver, url: str, action: Action,
     try:
         match action.kind:
             case ActionKind.OBSERVE:
-                report = await driver.list_plugins(url, workspace_id)
-                return Outcome(action, ok=True, report=tuple(report))
+                report, seq = await driver.list_plugins(url, workspace_id)
+                return Outcome(action, ok=True, report=tuple(report), seq=seq)
             case ActionKind.INSTALL if action.plugin is not None:
                 result = await driver.install(url, action.plugin, workspace_id)
-                return Outcome(action, ok=True, restart_required=result.restart_required)
+                return Outcome(action, ok=True, restart_required=result.restart_required,
+                               digest=result.digest, seq=result.seq)
             case ActionKind.REMOVE if action.plugin is not None:
-                await driver.remove(url, action.plugin.name, workspace_id)
-                return Outcome(action, ok=True)
+                seq = await driver.remove(url, action.plugin.name, workspace_id)
+                return Outcome(action, ok=True, seq=seq)
             case ActionKind.DISOWN:
                 return Outcome(action, ok=True)
             case ActionKind.RESTART:

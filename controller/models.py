@@ -114,18 +114,23 @@ class Plugin:
     name: str
     source: str
     digest: str | None = None
+    # Reported by a runtime: what is on disk is not what was installed (edited by hand,
+    # marker missing); never in sync, so the loop installs it again.
+    modified: bool = False
 
     def satisfies(self, wanted: Plugin) -> bool:
-        """True when this (installed) plugin is what `wanted` asks for: same source, and the
-        same digest if `wanted` pins one."""
-        if self.source != wanted.source:
+        """True when this (installed) plugin is what `wanted` asks for: same source, the
+        same digest if `wanted` pins one, and not modified since it was installed."""
+        if self.source != wanted.source or self.modified:
             return False
         return wanted.digest is None or self.digest == wanted.digest
 
-    def to_json(self) -> dict[str, str]:
-        data = {"name": self.name, "source": self.source}
+    def to_json(self) -> dict[str, str | bool]:
+        data: dict[str, str | bool] = {"name": self.name, "source": self.source}
         if self.digest is not None:
             data["digest"] = self.digest
+        if self.modified:
+            data["modified"] = True
         return data
 
     @classmethod
@@ -135,6 +140,7 @@ class Plugin:
             name=str(data["name"]),
             source=str(data["source"]),
             digest=None if digest is None else str(digest),
+            modified=data.get("modified") is True,
         )
 
 
@@ -144,7 +150,8 @@ def plugins_by_name(plugins: tuple[Plugin, ...] | list[Plugin]) -> dict[str, Plu
 
 def plugins_digest(plugins: Iterable[Plugin]) -> str:
     """A stable digest of a set of plugins (order does not matter)."""
-    canonical = "\n".join(sorted(f"{p.name}\0{p.source}\0{p.digest or ''}" for p in plugins))
+    canonical = "\n".join(sorted(f"{p.name}\0{p.source}\0{p.digest or ''}"
+                                  + ("\0modified" if p.modified else "") for p in plugins))
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
@@ -317,6 +324,10 @@ class Outcome:
     message: str = ""
     restart_required: bool = False
     report: tuple[Plugin, ...] | None = None  # OBSERVE: what the runtime said it has
+    digest: str | None = None  # INSTALL: the digest of what the runtime installed
+    # The runtime's seq for this answer (it counts its reports and changes): a report it
+    # sent with a lower one was built before this action and must not undo it.
+    seq: int | None = None
 
 
 class Phase(enum.StrEnum):

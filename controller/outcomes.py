@@ -21,6 +21,7 @@ class Changes:
     report_put: tuple[Plugin, ...] = ()  # installed during this pass
     report_drop: tuple[str, ...] = ()  # removed during this pass
     report_forget: bool = False  # restarted: what it has is unknown until it reports again
+    report_seq: int | None = None  # the runtime's highest seq among these actions' answers
     own: tuple[Plugin, ...] = ()
     disown: tuple[str, ...] = ()
     attempts: Mapping[str, Attempt] = field(default_factory=dict)
@@ -49,6 +50,7 @@ def changes_from(
     clear: list[str] = []
     restarted_at: datetime | None = None
     restart_pending: bool | None = None
+    seqs = [o.seq for o in outcomes if o.ok and o.seq is not None]
 
     for outcome in outcomes:
         action = outcome.action
@@ -66,7 +68,9 @@ def changes_from(
             case ActionKind.OBSERVE:
                 report_replace = outcome.report or ()
             case ActionKind.INSTALL if action.plugin is not None:
-                report_put.append(action.plugin)
+                plugin = action.plugin
+                report_put.append(Plugin(plugin.name, plugin.source,
+                                         outcome.digest or plugin.digest))
                 own.append(action.plugin)
                 if outcome.restart_required and restart_pending is None:
                     restart_pending = True
@@ -89,6 +93,7 @@ def changes_from(
         report_put=tuple(report_put),
         report_drop=tuple(report_drop),
         report_forget=restarted_at is not None,
+        report_seq=max(seqs) if seqs else None,
         own=tuple(own),
         disown=tuple(disown),
         attempts=attempts,

@@ -53,6 +53,8 @@ def _drift_reason(have: Plugin | None, want: Plugin) -> str:
         return "missing"
     if have.source != want.source:
         return f"source {have.source} -> {want.source}"
+    if have.modified:
+        return "modified on the box since it was installed"
     return f"digest {have.digest or 'unknown'} -> {want.digest}"
 
 

@@ -65,10 +65,10 @@ def _hash(value: object) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def _plugins(plugins: Mapping[str, Plugin] | None) -> list[list[str | None]] | None:
+def _plugins(plugins: Mapping[str, Plugin] | None) -> list[list[str | bool | None]] | None:
     if plugins is None:
         return None
-    return [[p.name, p.source, p.digest] for _, p in sorted(plugins.items())]
+    return [[p.name, p.source, p.digest, p.modified] for _, p in sorted(plugins.items())]
 
 
 def fingerprint(wanted: DesiredWorkspace, seen: Observed) -> dict[str, str]:

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from controller import desired as desired_mod
-from controller.agent import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.desired import Desired
 from controller.models import Plugin, Policy
 from controller.reconciler import Hints

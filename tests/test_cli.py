@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent import Faults
+from controller.agent.simulated import Faults
 
 from .conftest import TEMPLATE, Registry, RuntimeFactory, wait_for, workspace_yaml
 from .pg import free_port
@@ -212,9 +212,10 @@ async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
 
     processes = []
 
-    async def spawn(*args: str) -> None:
+    async def spawn(*args: str, token: str | None = None) -> None:
+        env = {**os.environ, "PLUGINCTL_TOKEN": token} if token else None
         processes.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller", *args,
+            sys.executable, "-m", "controller", *args, env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
 
     async def statuses() -> dict[str, dict[str, object]]:
@@ -237,10 +238,10 @@ async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
                 return False
 
         await wait_for(healthy, what="registry up")
-        await spawn("agent", "--workspace-id", "ws-1", "--token", tokens["ws-1"],
-                    "--registry", registry, "--register-only", "--no-report")
-        await spawn("agent", "--workspace-id", "ws-2", "--token", tokens["ws-2"],
-                    "--registry", registry, "--heartbeat-interval", "0.5")
+        await spawn("agent", "--workspace-id", "ws-1", "--registry", registry,
+                    "--register-only", "--no-report", token=tokens["ws-1"])
+        await spawn("agent", "--workspace-id", "ws-2", "--registry", registry,
+                    "--heartbeat-interval", "0.5", token=tokens["ws-2"])
 
         async def converged() -> bool:
             state = await statuses()

@@ -23,7 +23,7 @@ from aiohttp import web
 from freezegun import freeze_time
 
 from controller import backoff, planner, service, tokens
-from controller.agent import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.desired import Desired
 from controller.http import start_site
 from controller.models import Attempt, Phase, Policy, utcnow

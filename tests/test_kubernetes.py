@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 import yaml
 
-from controller.agent import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.tokens import runtime_secret_for
 
 from . import kube

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from freezegun import freeze_time
 
-from controller.agent import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.desired import Desired
 from controller.driver import RuntimeDriver
 from controller.models import RUNTIME_KEY, ActionKind, Phase, Plugin, Policy, utcnow

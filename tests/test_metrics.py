@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.agent import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.models import Plugin
 from controller.registry import issue_token
 from controller.store import make_engine, make_sessions, upgrade

@@ -57,12 +57,12 @@ async def test_the_driver_refuses_addresses_outside_the_allow_list(
 ) -> None:
     url = f"http://{host}:{runtime_port}"
     async with RuntimeDriver(timeout=2) as driver:
-        assert await driver.list_plugins(url) == []  # default: loopback is fine
+        assert (await driver.list_plugins(url))[0] == []  # default: loopback is fine
     async with RuntimeDriver(timeout=2, networks=LOOPBACK_ONLY_ELSEWHERE) as driver:
         with pytest.raises(RuntimeCallError, match="outside the allowed runtime networks"):
             await driver.list_plugins(url)
     async with RuntimeDriver(timeout=2, networks=RuntimeNetworks.parse("127.0.0.0/8")) as driver:
-        assert await driver.list_plugins(url) == []
+        assert (await driver.list_plugins(url))[0] == []
 
 
 async def test_the_registry_refuses_a_register_outside_the_allow_list(

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from controller import plans
-from controller.agent import Faults
+from controller.agent.simulated import Faults
 from controller.driver import RuntimeDriver
 from controller.models import Policy
 from controller.reconciler import reconcile_once

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,75 +29,232 @@ from controller.cli.base import (
 from controller.models import InvalidSpec, Plugin, derive_plugin_name
 from controller.render import table
 
+if TYPE_CHECKING:
+    from controller.agent.runtime import AgentServer as AgentServerType
+
 log = logging.getLogger("pluginctl")
 
 
-# --- the reference runtime -------------------------------------------------------------------
+# --- the agent --------------------------------------------------------------------------------
+
+def _source_roots(values: Sequence[str]) -> dict[str, str]:
+    from controller.agent.sources import DEFAULT_ROOTS
+
+    roots = dict(DEFAULT_ROOTS)
+    for value in values:
+        scheme, sep, url = value.partition("=")
+        if not sep or not scheme or not url or not scheme.isalnum():
+            raise click.BadParameter(f"expected SCHEME=URL, got {value!r}",
+                                     param_hint="--source-root")
+        if scheme == "local":
+            raise click.BadParameter("local:// sources come from --local-root",
+                                     param_hint="--source-root")
+        roots[scheme] = url
+    return roots
+
+
+def read_token(token_file: Path | None) -> str:
+    """The registry token from --token-file (which only its owner may read) or the
+    environment; never from the command line, where `ps` shows it."""
+    import os
+    import stat
+
+    if token_file is None:
+        token = os.environ.get("PLUGINCTL_TOKEN", "").strip()
+        if not token:
+            raise click.UsageError("give the registry token with --token-file FILE or the "
+                                   "environment variable PLUGINCTL_TOKEN")
+        return token
+    try:
+        mode = token_file.stat().st_mode
+    except OSError as error:
+        raise click.BadParameter(f"cannot read {token_file}: {error.strerror}",
+                                 param_hint="--token-file") from error
+    if mode & 0o077:
+        raise click.BadParameter(
+            f"{token_file} can be read or written by other users (mode "
+            f"{stat.S_IMODE(mode):04o}); chmod 600 it", param_hint="--token-file")
+    return read_secret(token_file, "--token-file") or ""
+
 
 @cli.command()
-@click.option("--workspace-id", required=True)
-@click.option("--token", envvar="PLUGINCTL_TOKEN", required=True,
-              help="Registry token (env PLUGINCTL_TOKEN).")
-@click.option("--registry", default="http://127.0.0.1:8080", show_default=True, metavar="URL")
+@click.option("--workspace-id", required=True, envvar="PLUGINCTL_WORKSPACE_ID",
+              help="The workspace this box is (env PLUGINCTL_WORKSPACE_ID).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              envvar="PLUGINCTL_TOKEN_FILE",
+              help="File holding the registry token; must not be readable by other users. "
+                   "Or set PLUGINCTL_TOKEN. Never on the command line.")
+@click.option("--registry", default="http://127.0.0.1:8080", show_default=True, metavar="URL",
+              envvar="PLUGINCTL_REGISTRY")
 @click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
-              help="Address of this runtime's API (port 0: any free port).")
+              help="Address of this agent's runtime API (port 0: any free port).")
+@click.option("--advertise-url", default=None, metavar="URL", envvar="PLUGINCTL_ADVERTISE_URL",
+              help="The URL the controller calls this agent at (default: http://HOST:PORT "
+                   "of --listen), e.g. http://$(POD_IP):9090 in a pod.")
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=10.0,
               show_default=True)
-@click.option("--register-only", is_flag=True,
-              help="Register, then never heartbeat (the boot path that broke edge triggers).")
-@click.option("--no-report", is_flag=True, help="Do not send the plugin list with calls.")
-@click.option("--lose-plugins-on-restart", is_flag=True,
-              help="Forget every plugin on POST /restart, like a re-created box.")
-@click.option("--install-delay", type=click.FloatRange(min=0), default=0.0,
-              help="Seconds each install takes.")
-@click.option("--fail-plugin", multiple=True, metavar="NAME", help="Installs of NAME fail.")
-@click.option("--plugin", "preinstalled", multiple=True, metavar="SOURCE",
-              help="A plugin installed by the user before the controller came.")
+@click.option("--plugins-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="PLUGINCTL_PLUGINS_DIR",
+              help="Install plugins here for real (DIR/<name>/ + .complete, as the platform's "
+                   "runtimes read them). Without it: a simulated runtime, in memory.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="PLUGINCTL_CACHE_DIR",
+              help="Fetched repositories and trees (default: $XDG_CACHE_HOME/pluginctl/agent, "
+                   "or ~/.cache/pluginctl/agent).")
+@click.option("--source-root", "source_roots", multiple=True, metavar="SCHEME=URL",
+              help="Where SCHEME://OWNER/REPO sources live: ROOT/OWNER/REPO.git (https://, "
+                   "http://, git:// or file://). Repeatable; github=https://github.com is "
+                   "built in.")
+@click.option("--local-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The plugin library local://NAME[/SUB] sources are copied from.")
+@click.option("--fetch-timeout", type=click.FloatRange(min=1), default=120.0,
+              show_default=True, help="Seconds one plugin's fetch may take.")
+@click.option("--max-plugin-bytes", type=click.IntRange(min=1), default=100 * 1024 * 1024,
+              show_default=True, help="Largest plugin (sum of file sizes).")
+@click.option("--max-plugin-files", type=click.IntRange(min=1), default=10_000,
+              show_default=True, help="Most files and directories in one plugin.")
+@click.option("--restart-command", default=None, metavar="COMMAND",
+              help="Run on POST /restart (split like a shell would, run without one, with "
+                   "PLUGINCTL_WORKSPACE_ID set). Without it a restart is a logged no-op.")
+@click.option("--restart-timeout", type=click.FloatRange(min=1), default=60.0,
+              show_default=True)
 @click.option("--controller-secret-file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, envvar="PLUGINCTL_CONTROLLER_SECRET_FILE",
               help="Refuse runtime calls (401) that do not carry this secret (the "
                    "controller's --runtime-secret-file).")
-def agent(workspace_id: str, token: str, registry: str, listen: str, heartbeat_interval: float,
-          register_only: bool, no_report: bool, lose_plugins_on_restart: bool,
-          install_delay: float, fail_plugin: Sequence[str], preinstalled: Sequence[str],
-          controller_secret_file: Path | None) -> None:
-    """Run the reference workspace runtime: serves the runtime API, registers, heartbeats."""
-    from controller.agent import Faults, ReferenceRuntime
+@click.option("--register-only", is_flag=True,
+              help="Register, then never heartbeat (the boot path that broke edge "
+                   "triggers; for trying the loop out).")
+@click.option("--no-report", is_flag=True,
+              help="Simulation: do not send the plugin list with calls.")
+@click.option("--lose-plugins-on-restart", is_flag=True,
+              help="Simulation: forget every plugin on POST /restart, like a re-created box.")
+@click.option("--install-delay", type=click.FloatRange(min=0), default=0.0,
+              help="Simulation: seconds each install takes.")
+@click.option("--fail-plugin", multiple=True, metavar="NAME",
+              help="Simulation: installs of NAME fail.")
+@click.option("--plugin", "preinstalled", multiple=True, metavar="SOURCE",
+              help="Simulation: a plugin installed by the user before the controller came.")
+def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str,
+          advertise_url: str | None, heartbeat_interval: float, plugins_dir: Path | None,
+          cache_dir: Path | None, source_roots: Sequence[str], local_root: Path | None,
+          fetch_timeout: float, max_plugin_bytes: int, max_plugin_files: int,
+          restart_command: str | None, restart_timeout: float,
+          controller_secret_file: Path | None, register_only: bool, no_report: bool,
+          lose_plugins_on_restart: bool, install_delay: float, fail_plugin: Sequence[str],
+          preinstalled: Sequence[str]) -> None:
+    """Run a workspace box's agent: registers and heartbeats for the workspace, serves the
+    runtime API, and installs plugins into --plugins-dir (without it: a simulated runtime
+    that keeps plugins in memory, for trying things out)."""
+    import shlex
+
+    from controller.agent.runtime import AgentServer
 
     host, port = parse_listen(listen)
+    workspace_id = workspace_id_arg(workspace_id)
+    token = read_token(token_file)
+    secret = read_secret(controller_secret_file, "--controller-secret-file")
+    options: dict[str, Any] = dict(
+        registry_url=registry, token=token, host=host, port=port,
+        heartbeat_interval=heartbeat_interval, controller_secret=secret,
+        advertise_url=advertise_url)
+    server: AgentServer
+    if plugins_dir is None:
+        from controller.agent.simulated import Faults, ReferenceRuntime
+
+        try:
+            plugins = [Plugin(derive_plugin_name(s), s) for s in preinstalled]
+        except InvalidSpec as error:
+            raise click.BadParameter(str(error), param_hint="--plugin") from error
+        log.warning("no --plugins-dir: a simulated runtime that keeps plugins in memory")
+        server = ReferenceRuntime(
+            workspace_id, plugins=plugins, report=not no_report,
+            faults=Faults(lose_plugins_on_restart=lose_plugins_on_restart,
+                          install_delay=install_delay, failing_plugins=set(fail_plugin)),
+            **options)
+    else:
+        used = [flag for flag, value in [
+            ("--no-report", no_report), ("--lose-plugins-on-restart", lose_plugins_on_restart),
+            ("--install-delay", install_delay), ("--fail-plugin", fail_plugin),
+            ("--plugin", preinstalled)] if value]
+        if used:
+            raise click.UsageError(f"{', '.join(used)}: only for the simulated runtime "
+                                   "(without --plugins-dir)")
+        try:
+            argv = tuple(shlex.split(restart_command)) if restart_command else ()
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--restart-command") from error
+        if restart_command is not None and not argv:
+            raise click.BadParameter("empty command", param_hint="--restart-command")
+        server = _real(workspace_id, options, plugins_dir=plugins_dir, cache_dir=cache_dir,
+                       roots=_source_roots(source_roots), local_root=local_root,
+                       fetch_timeout=fetch_timeout, max_bytes=max_plugin_bytes,
+                       max_files=max_plugin_files,
+                       restart=(argv, restart_timeout) if argv else None)
+    asyncio.run(_serve_agent(server, registry, heartbeats=not register_only))
+
+
+def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
+          cache_dir: Path | None, roots: dict[str, str], local_root: Path | None,
+          fetch_timeout: float, max_bytes: int, max_files: int,
+          restart: tuple[tuple[str, ...], float] | None) -> AgentServerType:
+    import os
+
+    from controller.agent.box import DiskBox, RestartCommand
+    from controller.agent.disk import PluginsDir
+    from controller.agent.runtime import AgentServer
+    from controller.agent.sources import SourceConfig, Sources
+    from controller.agent.tree import Limits
+
+    if cache_dir is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        cache_dir = Path(base) / "pluginctl" / "agent"
     try:
-        plugins = [Plugin(derive_plugin_name(s), s) for s in preinstalled]
-    except InvalidSpec as error:
-        raise click.BadParameter(str(error), param_hint="--plugin") from error
-    runtime = ReferenceRuntime(
-        workspace_id_arg(workspace_id), registry_url=registry, token=token, host=host, port=port,
-        plugins=plugins, report=not no_report, heartbeat_interval=heartbeat_interval,
-        controller_secret=read_secret(controller_secret_file, "--controller-secret-file"),
-        faults=Faults(lose_plugins_on_restart=lose_plugins_on_restart,
-                      install_delay=install_delay, failing_plugins=set(fail_plugin)),
-    )
+        plugins = PluginsDir(plugins_dir)
+        plugins.prepare()
+        sources = Sources(SourceConfig(cache_dir=cache_dir, roots=roots, local_root=local_root,
+                                       fetch_timeout=fetch_timeout,
+                                       limits=Limits(max_bytes=max_bytes, max_files=max_files)))
+    except OSError as error:
+        raise Failure(f"cannot prepare {error.filename}: {error.strerror}") from error
+    box = DiskBox(plugins, sources, workspace_id,
+                  RestartCommand(*restart) if restart is not None else None)
+    log.info("plugins directory %s, cache %s", plugins_dir, cache_dir)
+    return AgentServer(workspace_id, box, **options)
 
-    async def main() -> None:
-        import aiohttp
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, stop.set)
-        async with runtime:
-            log.info("runtime %s serving on %s", workspace_id, runtime.url)
-            try:
-                await runtime.register()
-            except (aiohttp.ClientError, OSError) as error:
-                raise Failure(f"cannot register with {registry}: {error}") from error
-            log.info("registered with %s", registry)
-            beats = None if register_only else asyncio.create_task(runtime.heartbeat_forever())
-            await stop.wait()
-            if beats is not None:
-                beats.cancel()
+async def _serve_agent(server: AgentServerType, registry: str, *, heartbeats: bool) -> None:
+    import aiohttp
 
-    asyncio.run(main())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    async with server:
+        log.info("agent for %s serving the runtime API on %s", server.workspace_id, server.url)
+        try:
+            await server.register()
+        except (aiohttp.ClientError, OSError) as error:
+            raise Failure(f"cannot register with {registry}: {error}") from error
+        log.info("registered with %s", registry)
+        beats = asyncio.create_task(server.heartbeat_forever()) if heartbeats else None
+        await stop.wait()
+        if beats is not None:
+            beats.cancel()
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def digest(directory: Path) -> None:
+    """Print the canonical digest of a plugin tree (sha256:<64 hex>), as the agent reports
+    it and as a declared `digest` pins it."""
+    from controller.agent import tree
+
+    try:
+        click.echo(tree.digest(directory))
+    except (OSError, tree.TreeError) as error:
+        raise Failure(f"cannot digest {directory}: {error}") from error
 
 
 # --- bench -------------------------------------------------------------------------------------

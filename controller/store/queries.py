@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ColumnElement,
     Connection,
@@ -37,15 +38,14 @@ from controller.store.tables import (
 )
 
 
-def _report_json(plugins: Iterable[Plugin]) -> list[dict[str, str]]:
+def _report_json(plugins: Iterable[Plugin]) -> list[dict[str, str | bool]]:
     return [plugin.to_json() for plugin in sorted(plugins, key=lambda p: p.name)]
 
 
-def _report(data: list[dict[str, str]] | None) -> dict[str, Plugin] | None:
+def _report(data: list[dict[str, str | bool]] | None) -> dict[str, Plugin] | None:
     if data is None:
         return None
-    return {item["name"]: Plugin(item["name"], item["source"], item.get("digest"))
-            for item in data}
+    return {str(item["name"]): Plugin.from_json(item) for item in data}
 
 
 # --- registry: facts reported by runtimes --------------------------------------------------
@@ -427,7 +427,8 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
     restarts: list[dict[str, object]] = []
     for changes, now in records:
         workspace_id = changes.workspace_id
-        row: dict[str, object] = {"b_id": workspace_id, "b_pending": changes.restart_pending}
+        row: dict[str, object] = {"b_id": workspace_id, "b_pending": changes.restart_pending,
+                                  "b_seq": changes.report_seq}
         if (changes.report_replace is not None or changes.report_put or changes.report_drop
                 or changes.report_forget):
             report = _report(current[workspace_id])
@@ -466,6 +467,7 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
     # (booleans cast the same on every backend; datetimes and JSON would not on SQLite).
     touch = bindparam("b_touch", type_=Boolean())
     pending = cast(bindparam("b_pending", type_=Boolean()), Boolean())
+    seq = cast(bindparam("b_seq", type_=BigInteger()), BigInteger())
     session.execute(
         update(table).where(table.c.workspace_id == bindparam("b_id"))
         .values(
@@ -478,6 +480,12 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                                else_=table.c.report_digest),
             report_at=case((touch, bindparam("b_at", type_=table.c.report_at.type)),
                            else_=table.c.report_at),
+            # The runtime's seq of what was done: a report it built earlier (lower seq) and
+            # that arrives later is then ignored instead of undoing these changes.
+            report_seq=case((seq.is_(None), table.c.report_seq),
+                            (table.c.report_seq.is_(None), seq),
+                            (table.c.report_seq < seq, seq),
+                            else_=table.c.report_seq),
         ), rows)
     _replace_rows(session, owned_table, "name", owned_gone, owned_new)
     _replace_rows(session, attempt_table, "key", attempts_gone, attempts_new)

@@ -68,7 +68,7 @@ class WorkspaceRow(Base):
     dormant: Mapped[bool] = mapped_column(Boolean, default=False)
     # The runtime's full plugin set as last reported: [{"name", "source", "digest"?}], or NULL
     # when nothing is known since the last register (the loop then asks the runtime).
-    report: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    report: Mapped[list[dict[str, str | bool]] | None] = mapped_column(JSON)
     report_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     restart_pending: Mapped[bool] = mapped_column(Boolean, default=False)
     # Digest of `report` (NULL with it), and the digest of (desired, report) that the last

@@ -1,0 +1,106 @@
+"""The real box: plugins fetched from their sources (`sources`) into the plugins directory
+(`disk`), digests checked, and restarts run through the command the box's operator gave."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from controller.agent.disk import DiskError, PluginsDir
+from controller.agent.runtime import BoxError, Installed
+from controller.agent.sources import Failure, FetchError, Sources
+from controller.agent.tree import is_digest
+from controller.models import Plugin
+
+log = logging.getLogger("pluginctl.agent")
+
+#: The runtime API's answer to each way a fetch can fail.
+_STATUS = {
+    Failure.BAD_SOURCE: 422,
+    Failure.NOT_FOUND: 422,
+    Failure.REFUSED: 422,
+    Failure.TIMEOUT: 504,
+    Failure.FETCH_FAILED: 502,
+}
+
+
+@dataclass(frozen=True)
+class RestartCommand:
+    """`--restart-command`, split like a shell would, run without one."""
+
+    argv: tuple[str, ...]
+    timeout: float = 60.0
+
+
+class DiskBox:
+    def __init__(self, plugins: PluginsDir, sources: Sources, workspace_id: str,
+                 restart: RestartCommand | None = None) -> None:
+        self.plugins = plugins
+        self.sources = sources
+        self.workspace_id = workspace_id
+        self.restart_command = restart
+
+    async def inventory(self) -> list[Plugin]:
+        return await asyncio.to_thread(self.plugins.inventory)
+
+    async def install(self, name: str, source: str, digest: str | None) -> Installed:
+        if digest is not None and not is_digest(digest):
+            raise BoxError(422, "BadDigest", f"digest {digest!r} is not sha256:<64 hex> "
+                                             "(see `pluginctl digest`)")
+        problem = await asyncio.to_thread(self.plugins.owner_problem, name)
+        if problem is not None:
+            raise BoxError(409, "NotOwned", problem)
+        try:
+            fetched = await self.sources.fetch(source)
+        except FetchError as error:
+            raise BoxError(_STATUS[error.reason], error.reason.value, str(error)) from error
+        if digest is not None and digest != fetched.digest:
+            raise BoxError(422, "DigestMismatch",
+                           f"{source} has digest {fetched.digest}, but {digest} was declared; "
+                           "nothing was changed")
+        try:
+            changed = await asyncio.to_thread(self.plugins.install, name, source, fetched)
+        except DiskError as error:
+            raise BoxError(409 if error.conflict else 422, "NotOwned", str(error)) from error
+        except OSError as error:
+            raise BoxError(500, "DiskError", f"cannot install {name}: {error}") from error
+        return Installed(changed, fetched.digest)
+
+    async def remove(self, name: str) -> bool:
+        try:
+            return await asyncio.to_thread(self.plugins.remove, name)
+        except DiskError as error:
+            raise BoxError(409, "NotOwned", str(error)) from error
+        except OSError as error:
+            raise BoxError(500, "DiskError", f"cannot remove {name}: {error}") from error
+
+    async def restart(self) -> str | None:
+        command = self.restart_command
+        if command is None:
+            log.info("%s: restart asked for; no --restart-command, so nothing to do",
+                     self.workspace_id)
+            return None
+        log.info("%s: restarting: %s", self.workspace_id, " ".join(command.argv))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command.argv, env={**os.environ, "PLUGINCTL_WORKSPACE_ID": self.workspace_id},
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as error:
+            return f"restart command {command.argv[0]!r} could not start: {error.strerror}"
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), command.timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            return f"restart command timed out after {command.timeout:g}s (--restart-timeout)"
+        if process.returncode != 0:
+            tail = " ".join(output.decode("utf-8", "replace").split())[-300:]
+            return (f"restart command exited with {process.returncode}"
+                    + (f": {tail}" if tail else ""))
+        return None

@@ -1,0 +1,356 @@
+"""Where plugin files come from: `gitea://`, `github://` (any scheme given a `--source-root`)
+git repositories at a tag or commit, and `local://` plugin libraries on the box. Fetches run
+the `git` command line, hardened and time-limited, into a cache keyed by (repository,
+commit, subpath); every tree is checked (size, files, symlinks) before it is used."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from controller.agent import tree
+from controller.models import LOCAL_SCHEME
+
+#: Roots known without a flag; `--source-root SCHEME=URL` adds or overrides.
+DEFAULT_ROOTS = {"github": "https://github.com"}
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
+_COMMIT = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
+#: Transports git may use at all; `ext::` (runs a command) and `ssh` (prompts) are not here.
+_PROTOCOLS = "file:git:http:https"
+
+
+class Failure(enum.StrEnum):
+    """Why a plugin could not be fetched; each maps to one answer of the runtime API."""
+
+    BAD_SOURCE = "BadSource"  # the source string cannot be used here
+    NOT_FOUND = "NotFound"  # no such repository, ref, subpath or library entry
+    TIMEOUT = "Timeout"  # the fetch outlasted --fetch-timeout
+    REFUSED = "Refused"  # the tree breaks a limit or a safety rule
+    FETCH_FAILED = "FetchFailed"  # git failed for another reason
+
+
+class FetchError(Exception):
+    def __init__(self, reason: Failure, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class GitSource:
+    """`SCHEME://OWNER/REPO[/SUBPATH]#REF`: SUBPATH's contents at REF of ROOT/OWNER/REPO.git."""
+
+    scheme: str
+    owner: str
+    repo: str
+    subpath: tuple[str, ...]
+    ref: str | None
+
+    def url(self, roots: Mapping[str, str]) -> str:
+        root = roots.get(self.scheme)
+        if root is None:
+            raise FetchError(Failure.BAD_SOURCE,
+                             f"no repository root for {self.scheme}:// sources: start the "
+                             f"agent with --source-root {self.scheme}=URL")
+        return f"{root.rstrip('/')}/{self.owner}/{self.repo}.git"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSource:
+    """`local://NAME[/SUB]`: a directory of the box's plugin library (`--local-root`)."""
+
+    parts: tuple[str, ...]
+
+
+def parse(source: str) -> GitSource | LocalSource:
+    scheme, separator, rest = source.partition("://")
+    if not separator:
+        raise FetchError(Failure.BAD_SOURCE, f"source {source!r} is not scheme://path")
+    path, _, ref = rest.partition("#")
+    parts = tuple(path.split("/"))
+    for part in parts:
+        if not _SEGMENT.match(part):
+            raise FetchError(Failure.BAD_SOURCE,
+                             f"source {source!r}: path segment {part!r} is not allowed (letters, "
+                             "digits, '.', '_', '-'; no empty, '.' or '..' segments)")
+    if scheme == LOCAL_SCHEME:
+        if ref:
+            raise FetchError(Failure.BAD_SOURCE, f"source {source!r}: local:// takes no #ref")
+        return LocalSource(parts)
+    if len(parts) < 2:
+        raise FetchError(Failure.BAD_SOURCE,
+                         f"source {source!r}: expected {scheme}://OWNER/REPO[/SUBPATH]#REF")
+    if ref and (not _REF.match(ref) or ".." in ref or ref.endswith((".lock", "/"))):
+        raise FetchError(Failure.BAD_SOURCE, f"source {source!r}: {ref!r} is not a ref name")
+    return GitSource(scheme, parts[0], parts[1], parts[2:], ref or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A checked tree ready to be copied in, and what it is."""
+
+    path: Path
+    digest: str
+    commit: str | None  # git sources: the commit the ref resolved to
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """How the agent reaches sources (flags of `pluginctl agent`)."""
+
+    cache_dir: Path
+    roots: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ROOTS))
+    local_root: Path | None = None
+    fetch_timeout: float = 120.0
+    limits: tree.Limits = field(default_factory=tree.Limits)
+
+
+class Sources:
+    """Fetches sources into the cache; one instance per agent (one agent per cache dir)."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self._git_dir = config.cache_dir / "git"
+        self._trees = config.cache_dir / "trees"
+        self._home = config.cache_dir / "home"  # an empty HOME: no user git config is read
+        for directory in (self._git_dir, self._trees, self._home):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self._home),
+            "LC_ALL": "C",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ASKPASS": "",
+            "SSH_ASKPASS": "",
+            "GIT_ALLOW_PROTOCOL": _PROTOCOLS,
+            "GIT_PROTOCOL_FROM_USER": "0",
+            "GIT_NO_REPLACE_OBJECTS": "1",
+        }
+
+    async def fetch(self, source: str) -> Fetched:
+        """A checked copy of `source` (cached for git sources), or FetchError."""
+        parsed = parse(source)
+        try:
+            if isinstance(parsed, LocalSource):
+                return await asyncio.wait_for(asyncio.to_thread(self._local, parsed),
+                                              self.config.fetch_timeout)
+            return await asyncio.wait_for(self._git(parsed), self.config.fetch_timeout)
+        except TimeoutError as error:
+            raise FetchError(Failure.TIMEOUT, f"fetching {source} took longer than "
+                                              f"{self.config.fetch_timeout:g}s "
+                                              "(--fetch-timeout)") from error
+
+    # --- local:// --------------------------------------------------------------------------
+
+    def _local(self, source: LocalSource) -> Fetched:
+        root = self.config.local_root
+        if root is None:
+            raise FetchError(Failure.BAD_SOURCE, "local:// sources need the agent's "
+                                                 "--local-root")
+        base = root.resolve()
+        wanted = base.joinpath(*source.parts)
+        resolved = wanted.resolve()
+        if resolved != base and base not in resolved.parents:
+            raise FetchError(Failure.REFUSED, f"local://{'/'.join(source.parts)} leads "
+                                              f"outside --local-root")
+        if not resolved.is_dir():
+            raise FetchError(Failure.NOT_FOUND, f"local://{'/'.join(source.parts)}: no such "
+                                                f"directory in the plugin library")
+        _check(resolved, self.config.limits)
+        return Fetched(resolved, tree.digest(resolved), None)
+
+    # --- git --------------------------------------------------------------------------------
+
+    async def _git(self, source: GitSource) -> Fetched:
+        url = source.url(self.config.roots)
+        shown = _redact(url)
+        if source.ref is None:
+            raise FetchError(Failure.BAD_SOURCE, f"{shown}: no #ref: the agent fetches a tag "
+                                                 "or a commit, never whatever is newest")
+        key = hashlib.sha256(url.encode()).hexdigest()[:32]
+        repo = self._git_dir / f"{key}.git"
+        if not repo.is_dir():
+            scratch = self._git_dir / f".{key}.{os.getpid()}.new"
+            shutil.rmtree(scratch, ignore_errors=True)
+            await self._run(["init", "--bare", "-q", str(scratch)], shown)
+            scratch.rename(repo)
+        commit = await self._commit(repo, url, source.ref)
+        subpath = "/".join(source.subpath)
+        cached = self._trees / hashlib.sha256(f"{url}\0{commit}\0{subpath}".encode()).hexdigest()
+        digest_file = cached / "digest"
+        if digest_file.is_file():  # written last: the tree beside it is complete
+            return Fetched(cached / "tree", digest_file.read_text().strip(), commit)
+        where = f"{shown} at {commit[:12]}" + (f", {subpath}" if subpath else "")
+        listing = await self._run(["--git-dir", str(repo), "ls-tree", "-r", "-l", "--full-tree",
+                                   f"{commit}:{subpath}" if subpath else commit], shown,
+                                  missing=f"{where}: no such directory")
+        _check_listing(listing, self.config.limits, where)
+        shutil.rmtree(cached, ignore_errors=True)
+        cached.mkdir(parents=True)
+        archive = cached / "tree.tar"
+        await self._run(["--git-dir", str(repo), "archive", "--format=tar", "-o", str(archive),
+                         f"{commit}:{subpath}" if subpath else commit], shown)
+        await asyncio.to_thread(_extract, archive, cached / "tree", self.config.limits, where)
+        archive.unlink()
+        digest = await asyncio.to_thread(tree.digest, cached / "tree")
+        _write_atomically(digest_file, digest + "\n")
+        return Fetched(cached / "tree", digest, commit)
+
+    async def _commit(self, repo: Path, url: str, ref: str) -> str:
+        """The commit `ref` names, fetched into `repo` (shallow, that one commit only). Tags
+        and commit ids are pins: once resolved they are not asked for again; any other ref
+        (a branch) is looked up every time."""
+        shown = _redact(url)
+        known_file = repo / "pluginctl-refs.json"
+        known: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError):
+            known = dict(json.loads(known_file.read_text()))
+        if _COMMIT.match(ref):
+            commit = ref
+        elif ref in known and await self._has_commit(repo, known[ref]):
+            return known[ref]
+        else:
+            listed = await self._run(["ls-remote", "--", url, f"refs/tags/{ref}",
+                                      f"refs/tags/{ref}^{{}}", f"refs/heads/{ref}"], shown)
+            found: dict[str, str] = {}
+            for line in listed.splitlines():
+                commit_id, _, name = line.partition("\t")
+                found[name] = commit_id
+            commit = (found.get(f"refs/tags/{ref}^{{}}") or found.get(f"refs/tags/{ref}")
+                      or found.get(f"refs/heads/{ref}") or "")
+            if not commit:
+                raise FetchError(Failure.NOT_FOUND, f"{shown}: no tag or branch {ref!r}")
+            if f"refs/tags/{ref}" in found:
+                known[ref] = commit
+        if not await self._has_commit(repo, commit):
+            await self._run(["--git-dir", str(repo), "fetch", "-q", "--depth=1", "--no-tags",
+                             "--no-write-fetch-head", "--", url, commit], shown,
+                            missing=f"{shown}: no commit {commit}")
+            if not await self._has_commit(repo, commit):
+                raise FetchError(Failure.NOT_FOUND, f"{shown}: {ref} is not a commit")
+        if known.get(ref) == commit:
+            _write_atomically(known_file, json.dumps(known, sort_keys=True))
+        return commit
+
+    async def _has_commit(self, repo: Path, commit: str) -> bool:
+        try:
+            await self._run(["--git-dir", str(repo), "cat-file", "-e", f"{commit}^{{commit}}"],
+                            "")
+        except FetchError:
+            return False
+        return True
+
+    async def _run(self, args: list[str], shown: str, missing: str | None = None) -> str:
+        """Run git hardened (no prompts, hooks, submodules, system or user config, `ext::`);
+        stdout on success, FetchError naming `shown` (never a credential) otherwise. The
+        caller's time limit kills the whole process group."""
+        process = await asyncio.create_subprocess_exec(
+            "git", "-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never",
+            "-c", "submodule.recurse=false", "-c", "fetch.recurseSubmodules=false",
+            "-c", "transfer.fsckObjects=true", "-c", "credential.helper=",
+            "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-c", "core.askPass=",
+            *args, env=self._env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True)
+        try:
+            out, err = await process.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            detail = " ".join(_redact_text(err.decode("utf-8", "replace")).split())[-300:]
+            if missing and ("not a valid object" in detail or "not a tree object" in detail
+                            or "couldn't find remote ref" in detail
+                            or "not our ref" in detail or "does not exist" in detail):
+                raise FetchError(Failure.NOT_FOUND, missing)
+            if "does not appear to be a git repository" in detail or "not found" in detail:
+                raise FetchError(Failure.NOT_FOUND, f"{shown}: no such repository ({detail})")
+            verb = args[2] if args[0] == "--git-dir" else args[0]
+            raise FetchError(Failure.FETCH_FAILED, f"git {verb} {shown}: {detail or 'failed'}")
+        return out.decode("utf-8", "replace")
+
+
+def _check(root: Path, limits: tree.Limits) -> None:
+    try:
+        tree.check(root, limits)
+    except tree.TreeError as error:
+        raise FetchError(Failure.REFUSED, str(error)) from error
+
+
+def _check_listing(listing: str, limits: tree.Limits, where: str) -> None:
+    """Refuse before anything is written: too many files or bytes, from `git ls-tree -r -l`
+    (`<mode> <type> <id> <size>\\t<path>`)."""
+    files = size = 0
+    for line in listing.splitlines():
+        meta = line.split("\t", 1)[0].split()
+        if len(meta) != 4:
+            continue
+        files += 1
+        if files > limits.max_files:
+            raise FetchError(Failure.REFUSED, f"{where}: more than {limits.max_files} files "
+                                              "(--max-plugin-files)")
+        if meta[1] == "blob" and meta[3].isdigit():
+            size += int(meta[3])
+            if size > limits.max_bytes:
+                raise FetchError(Failure.REFUSED, f"{where}: larger than {limits.max_bytes} "
+                                                  "bytes (--max-plugin-bytes)")
+
+
+def _extract(archive: Path, destination: Path, limits: tree.Limits, where: str) -> None:
+    """Unpack git's tar with the standard library's `data` filter (no absolute paths, no
+    `..`, no devices, no links leaving the tree), then check the tree as a whole."""
+    destination.mkdir()
+    try:
+        with tarfile.open(archive) as bundle:
+            for member in bundle:
+                if member.name in ("pax_global_header",) or member.type == tarfile.XGLTYPE:
+                    continue
+                bundle.extract(member, destination, filter="data")
+    except (tarfile.TarError, OSError) as error:
+        raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
+    try:
+        tree.check(destination, limits)
+    except tree.TreeError as error:
+        raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
+                                     prefix=f".{path.name}.") as stream:
+        stream.write(text)
+    os.replace(stream.name, path)
+
+
+def _redact(url: str) -> str:
+    """A URL fit for logs and answers: any user or password replaced."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def _redact_text(text: str) -> str:
+    return _CREDENTIALS.sub(r"\1***@", text)
