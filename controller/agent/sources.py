@@ -276,11 +276,12 @@ class Sources:
             raise
         if process.returncode != 0:
             detail = " ".join(_redact_text(err.decode("utf-8", "replace")).split())[-300:]
-            if missing and ("not a valid object" in detail or "not a tree object" in detail
-                            or "couldn't find remote ref" in detail
-                            or "not our ref" in detail or "does not exist" in detail):
+            lowered = detail.lower()
+            if missing and any(sign in lowered for sign in (
+                    "not a valid object", "not a tree object", "couldn't find remote ref",
+                    "not our ref", "does not exist")):
                 raise FetchError(Failure.NOT_FOUND, missing)
-            if "does not appear to be a git repository" in detail or "not found" in detail:
+            if "does not appear to be a git repository" in lowered or "not found" in lowered:
                 raise FetchError(Failure.NOT_FOUND, f"{shown}: no such repository ({detail})")
             verb = args[2] if args[0] == "--git-dir" else args[0]
             raise FetchError(Failure.FETCH_FAILED, f"git {verb} {shown}: {detail or 'failed'}")
