@@ -81,6 +81,17 @@ RuntimeUrl = Annotated[
 ]
 
 
+def _with_report(error: str | None, info: pydantic.ValidationInfo) -> str | None:
+    if error is not None and info.data.get("plugins") is None:
+        raise ValueError("is part of a report: send it with plugins")
+    return error
+
+
+#: The runtime's own trouble (a restart command that failed), one line; part of the report.
+RuntimeTrouble = Annotated[
+    str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$"),
+]
+
 #: An optional counter a runtime increases with every call it makes; a call with a lower
 #: one than the stored report's never overwrites it (replayed or late heartbeats).
 Seq = Annotated[int, pydantic.Field(ge=0, le=2**63 - 1)]
@@ -91,6 +102,9 @@ class RegisterRequest(_Strict):
     url: RuntimeUrl
     plugins: Report | None = None
     seq: Seq | None = None
+    error: RuntimeTrouble | None = None
+
+    _error_with_report = pydantic.field_validator("error")(_with_report)
 
     def report(self) -> list[Plugin] | None:
         return None if self.plugins is None else [p.to_plugin() for p in self.plugins]
@@ -100,6 +114,9 @@ class HeartbeatRequest(_Strict):
     workspace_id: WorkspaceId
     plugins: Report | None = None
     seq: Seq | None = None
+    error: RuntimeTrouble | None = None
+
+    _error_with_report = pydantic.field_validator("error")(_with_report)
 
     def report(self) -> list[Plugin] | None:
         return None if self.plugins is None else [p.to_plugin() for p in self.plugins]

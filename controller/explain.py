@@ -115,7 +115,8 @@ def explain(desired: DesiredWorkspace | None, observed: Observed | None, now: da
         registered_at=observed.registered_at if observed is not None else None,
         last_seen_at=state.last_seen_at, report_at=state.report_at,
         plugins=tuple(plugins),
-        runtime_error=runtime_attempt.last_error if runtime_attempt else None,
+        runtime_error=(runtime_attempt.last_error if runtime_attempt else
+                       observed.runtime_error if observed is not None else None),
         runtime_next_retry_at=runtime_attempt.next_retry_at if runtime_attempt else None,
         restart_pending=state.restart_pending, restarts_used=len(restarts),
         restart_budget=policy.restart_budget,

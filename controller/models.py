@@ -155,6 +155,13 @@ def plugins_digest(plugins: Iterable[Plugin]) -> str:
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
+def report_digest(plugins: Iterable[Plugin], error: str | None = None) -> str:
+    """The digest of a runtime's report: its plugins, and the trouble it reported if any."""
+    if error is None:
+        return plugins_digest(plugins)
+    return plugins_digest([*plugins, Plugin("@error", error)])
+
+
 def sync_digest(desired_digest: str, report_digest: str) -> str:
     """The marker of "found in sync with this desired state and this report": both digests
     side by side (64 characters). Not hashed: every pass compares it for every workspace."""
@@ -218,6 +225,7 @@ class Observed:
     attempts: Mapping[str, Attempt]
     restarts: tuple[datetime, ...]  # restarts within the budget window, oldest first
     restart_pending: bool  # a call asked for a restart that has not happened yet
+    runtime_error: str | None = None  # the runtime's own trouble, sent with its report
 
     def is_online(self, now: datetime, offline_after: timedelta) -> bool:
         return (

@@ -118,7 +118,8 @@ def plan(
         elif not runtime_due:
             propose(Action(ActionKind.RESTART, "requested by an earlier install"))
         else:
-            until = restarts[0] + policy.restart_window
+            # With a budget of 0 no restart ever frees one: held until the policy changes.
+            until = restarts[0] + policy.restart_window if restarts else None
             waits.append(Wait(WaitKind.RESTART_BUDGET, RUNTIME_KEY, until,
                               f"restart budget spent ({policy.restart_budget} per "
                               f"{_human(policy.restart_window)})"))

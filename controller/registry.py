@@ -22,7 +22,7 @@ from aiohttp import web
 from controller import api, tokens
 from controller.http import GUARD, LIMITS, ConnectionGuard, Limits, request_limits
 from controller.metrics import CONTENT_TYPE_LATEST, Metrics
-from controller.models import Plugin, plugins_digest, utcnow
+from controller.models import Plugin, report_digest, utcnow
 from controller.networks import RuntimeNetworks
 from controller.store import DatabaseError, PinnedReader, Sessions, queries, transaction
 
@@ -46,6 +46,7 @@ class _Waiting:
     answer: asyncio.Future[bool]  # registered?
     url: str | None = None  # set for a register
     seq: int | None = None
+    error: str | None = None  # the runtime's own trouble, part of its report
 
 
 class Ingest:
@@ -92,16 +93,17 @@ class Ingest:
         return owner
 
     async def heartbeat(self, workspace_id: str, report: list[Plugin] | None,
-                        seq: int | None = None) -> bool:
+                        seq: int | None = None, error: str | None = None) -> bool:
         """Record a heartbeat; False when the workspace never registered."""
         return await self._queue(_Waiting(workspace_id, report,
-                                          asyncio.get_running_loop().create_future(), None, seq))
+                                          asyncio.get_running_loop().create_future(), None, seq,
+                                          error))
 
     async def register(self, workspace_id: str, url: str, report: list[Plugin] | None,
-                       seq: int | None = None) -> None:
+                       seq: int | None = None, error: str | None = None) -> None:
         """Record a register (durable when this returns)."""
         await self._queue(_Waiting(workspace_id, report,
-                                   asyncio.get_running_loop().create_future(), url, seq))
+                                   asyncio.get_running_loop().create_future(), url, seq, error))
 
     async def _queue(self, waiting: _Waiting) -> bool:
         self._waiting.append(waiting)
@@ -138,7 +140,7 @@ class Ingest:
         if registers:
             with transaction(self.sessions) as session:
                 queries.record_registers(session, [(w.workspace_id, w.url or "", w.report,
-                                                    w.seq) for w in registers], now)
+                                                    w.seq, w.error) for w in registers], now)
         changed = {waiting.workspace_id for waiting in registers}  # a register always hints
         ids = {waiting.workspace_id for waiting in batch if waiting.url is None}
         stored = self.reader.run(
@@ -160,7 +162,7 @@ class Ingest:
             earlier = differ.get(workspace_id)
             if earlier is not None and (waiting.seq or 0) < (earlier.seq or 0):
                 continue  # the same burst holds a newer one
-            if stored_digest != plugins_digest(waiting.report):
+            if stored_digest != report_digest(waiting.report, waiting.error):
                 differ[workspace_id] = waiting
             else:
                 differ.pop(workspace_id, None)
@@ -169,7 +171,8 @@ class Ingest:
                 for workspace_id, waiting in differ.items():
                     # Conditional: whatever another writer stored meanwhile is compared again.
                     if queries.record_changed_report(session, workspace_id,
-                                                     waiting.report or [], now, waiting.seq):
+                                                     waiting.report or [], now, waiting.seq,
+                                                     waiting.error):
                         changed.add(workspace_id)
         return answers, changed
 
@@ -317,7 +320,8 @@ async def register(request: web.Request) -> web.Response:
     reason = request.app[NETWORKS].host_refusal(urlsplit(parsed.url).hostname or "")
     if reason is not None:
         raise RequestError(422, f"url: {reason}")
-    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report(), parsed.seq)
+    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report(), parsed.seq,
+                                       parsed.error)
     log.info("registered %s at %s", workspace_id, parsed.url)
     return _ok(b"online")
 
@@ -325,7 +329,7 @@ async def register(request: web.Request) -> web.Response:
 async def heartbeat(request: web.Request) -> web.Response:
     parsed: api.HeartbeatRequest = await _authorized(request, api.HeartbeatRequest)
     if not await request.app[INGEST].heartbeat(parsed.workspace_id, parsed.report(),
-                                               parsed.seq):
+                                               parsed.seq, parsed.error):
         raise RequestError(409, f"workspace {parsed.workspace_id!r} has not registered: "
                                 "POST /registry/register first")
     return _ok(b"ok")

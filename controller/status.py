@@ -96,7 +96,8 @@ def build(
 
     runtime_attempt = attempts.get(RUNTIME_KEY)
     latest = max(attempts.values(), key=lambda a: a.last_attempt_at, default=None)
-    error = desired.error if desired and desired.error else (latest.last_error if latest else None)
+    error = desired.error if desired and desired.error else (
+        latest.last_error if latest else observed.runtime_error if observed else None)
     retries = [a.next_retry_at for a in attempts.values()]
     installed = sum(1 for p in plugins if p.state in (PluginState.INSTALLED, PluginState.HELD))
     in_sync = (

@@ -324,6 +324,15 @@ def _extract(archive: Path, destination: Path, limits: tree.Limits, where: str) 
                 if member.name in ("pax_global_header",) or member.type == tarfile.XGLTYPE:
                     continue
                 bundle.extract(member, destination, filter="data")
+    except tarfile.FilterError as error:
+        name = error.tarinfo.name
+        if isinstance(error, (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError)):
+            problem = f"symlink {name} -> {error.tarinfo.linkname} points outside the plugin"
+        elif isinstance(error, tarfile.SpecialFileError):
+            problem = f"{name}: not a file, directory or symlink"
+        else:
+            problem = f"{name}: leaves the plugin"
+        raise FetchError(Failure.REFUSED, f"{where}: {problem}") from error
     except (tarfile.TarError, OSError) as error:
         raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
     try:

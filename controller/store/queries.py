@@ -26,7 +26,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from controller.models import Attempt, Observed, Plugin, plugins_by_name, plugins_digest
+from controller.models import (
+    Attempt,
+    Observed,
+    Plugin,
+    plugins_by_name,
+    plugins_digest,
+    report_digest,
+)
 from controller.outcomes import Changes
 from controller.store.tables import (
     AttemptRow,
@@ -118,24 +125,25 @@ def revoke_tokens(session: Session, token_hashes: Collection[str], now: datetime
 
 def record_register(
     session: Session, workspace_id: str, url: str, report: list[Plugin] | None, now: datetime,
-    seq: int | None = None,
+    seq: int | None = None, error: str | None = None,
 ) -> None:
     """A runtime (re)started: where it is, and what it has if it said so. Without a report the
     old one is dropped, because a restarted box may have lost what it had. The report's seq
     starts again from the register's."""
-    record_registers(session, [(workspace_id, url, report, seq)], now)
+    record_registers(session, [(workspace_id, url, report, seq, error)], now)
 
 
-def record_registers(
-    session: Session, registers: list[tuple[str, str, list[Plugin] | None, int | None]],
-    now: datetime,
-) -> None:
+Register = tuple[str, str, list[Plugin] | None, int | None, str | None]
+
+
+def record_registers(session: Session, registers: list[Register], now: datetime) -> None:
     """record_register for many at once: one query, one batched INSERT for workspaces not
     known yet, one batched UPDATE (a later register of the same workspace wins)."""
     if not registers:
         return
     table = Base.metadata.tables[WorkspaceRow.__tablename__]
-    latest = {workspace_id: (url, report, seq) for workspace_id, url, report, seq in registers}
+    latest = {workspace_id: (url, report, seq, error)
+              for workspace_id, url, report, seq, error in registers}
     known = set(session.connection().execute(
         select(table.c.workspace_id).where(table.c.workspace_id.in_(list(latest)))).scalars())
     missing = [{"workspace_id": w, "dormant": False, "restart_pending": False}
@@ -147,12 +155,13 @@ def record_registers(
             url=bindparam("b_url"), registered_at=bindparam("b_now"),
             last_seen_at=bindparam("b_now"), report=bindparam("b_report"),
             report_digest=bindparam("b_digest"), report_at=bindparam("b_report_at"),
-            report_seq=bindparam("b_seq")),
+            report_seq=bindparam("b_seq"), runtime_error=bindparam("b_error")),
         [{"b_id": workspace_id, "b_url": url, "b_now": now, "b_seq": seq,
           "b_report": None if report is None else _report_json(report),
-          "b_digest": None if report is None else plugins_digest(report),
-          "b_report_at": None if report is None else now}
-         for workspace_id, (url, report, seq) in latest.items()])
+          "b_digest": None if report is None else report_digest(report, error),
+          "b_report_at": None if report is None else now,
+          "b_error": None if report is None else error}
+         for workspace_id, (url, report, seq, error) in latest.items()])
 
 
 def record_heartbeat(
@@ -175,16 +184,16 @@ def record_heartbeat(
 
 def record_changed_report(
     session: Session, workspace_id: str, report: list[Plugin], now: datetime,
-    seq: int | None = None,
+    seq: int | None = None, error: str | None = None,
 ) -> bool:
     """Store a reported plugin set if it differs from the stored one (and mark the workspace
     seen), unless `seq` is not above the stored report's. False when nothing was written:
     the same report, a stale seq, or a workspace that never registered."""
-    digest = plugins_digest(report)
+    digest = report_digest(report, error)
     conditions = [WorkspaceRow.workspace_id == workspace_id, WorkspaceRow.url.is_not(None),
                   WorkspaceRow.report_digest.is_(None) | (WorkspaceRow.report_digest != digest)]
     values: dict[str, object] = {"report": _report_json(report), "report_digest": digest,
-                                 "report_at": now, "last_seen_at": now}
+                                 "report_at": now, "last_seen_at": now, "runtime_error": error}
     if seq is not None:
         conditions.append(WorkspaceRow.report_seq.is_(None) | (WorkspaceRow.report_seq < seq))
         values["report_seq"] = seq
@@ -343,7 +352,7 @@ def load_observed(
     rows = session.execute(select(
         WorkspaceRow.workspace_id, WorkspaceRow.url, WorkspaceRow.registered_at,
         WorkspaceRow.last_seen_at, WorkspaceRow.dormant, WorkspaceRow.report,
-        WorkspaceRow.report_at, WorkspaceRow.restart_pending,
+        WorkspaceRow.report_at, WorkspaceRow.restart_pending, WorkspaceRow.runtime_error,
     ).where(selected)).all()
 
     owned: dict[str, dict[str, Plugin]] = defaultdict(dict)
@@ -394,6 +403,7 @@ def load_observed(
             attempts=attempts.get(row.workspace_id, {}),
             restarts=tuple(restarts.get(row.workspace_id, ())),
             restart_pending=row.restart_pending,
+            runtime_error=row.runtime_error,
         )
         for row in rows
     }
@@ -412,8 +422,9 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
     ids = sorted({changes.workspace_id for changes, _ in records})
     # Lock the rows (in a fixed order, so that two writers never deadlock) and read the
     # reports that patches apply to.
-    current = {row.workspace_id: row.report for row in session.execute(
-        select(table.c.workspace_id, table.c.report).where(table.c.workspace_id.in_(ids))
+    current = {row.workspace_id: (row.report, row.runtime_error) for row in session.execute(
+        select(table.c.workspace_id, table.c.report, table.c.runtime_error)
+        .where(table.c.workspace_id.in_(ids))
         .order_by(table.c.workspace_id).with_for_update())}
     records = [(changes, now) for changes, now in records if changes.workspace_id in current]
     if not records:
@@ -431,7 +442,8 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                                   "b_seq": changes.report_seq}
         if (changes.report_replace is not None or changes.report_put or changes.report_drop
                 or changes.report_forget):
-            report = _report(current[workspace_id])
+            stored, error = current[workspace_id]
+            report = _report(stored)
             if changes.report_replace is not None:
                 report = plugins_by_name(list(changes.report_replace))
             if report is not None:
@@ -443,7 +455,8 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                 report = None
             row.update(b_touch=True, b_at=now,
                        b_report=None if report is None else _report_json(report.values()),
-                       b_digest=None if report is None else plugins_digest(report.values()))
+                       b_digest=None if report is None else report_digest(report.values(),
+                                                                           error))
         else:
             row.update(b_touch=False, b_at=None, b_report=None, b_digest=None)
         rows.append(row)

@@ -78,6 +78,9 @@ class WorkspaceRow(Base):
     # The highest `seq` a runtime sent with the stored report (NULL: none); a register
     # resets it, since a restarted runtime may count from zero again.
     report_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # What the runtime reported as its own trouble with that report (a failed restart
+    # command); NULL: none. Part of the report's digest.
+    runtime_error: Mapped[str | None] = mapped_column(Text)
     # The replica acting on this workspace, and until when its claim holds (see claim()).
     claimed_by: Mapped[str | None] = mapped_column(String(253))
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,546 @@
+"""The real agent: plugins fetched from real git repositories (file:// and smart HTTP) and
+local libraries, checked, digested, staged and swapped into a real plugins directory; the
+disk is the inventory; restarts through the configured command; refusals change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controller.agent import tree
+from controller.agent.box import DiskBox, RestartCommand
+from controller.agent.disk import PluginsDir
+from controller.agent.runtime import AgentServer
+from controller.agent.sources import SourceConfig, Sources
+from controller.driver import RuntimeCallError, RuntimeDriver
+from controller.models import Plugin, Policy
+from controller.reconciler import reconcile_once
+from controller.store import Sessions, queries, transaction
+
+from .conftest import Registry, desired_from, wait_for
+from .gitrepos import Repo, http_server
+
+V1 = {"web-search/plugin.json": '{"version": "1"}\n', "web-search/bin/run": "#!/bin/sh\n",
+      "web-search/README.md": "v1\n", "other/x.txt": "not part of web-search\n"}
+V2 = {"web-search/plugin.json": '{"version": "2"}\n', "web-search/README.md": "v2\n"}
+WEB_V1 = "gitea://agents/skills/web-search#v1"
+WEB_V2 = "gitea://agents/skills/web-search#v2"
+
+
+class Box:
+    """An agent on loopback over a real plugins directory, and a driver to call it."""
+
+    def __init__(self, tmp: Path, roots: dict[str, str], **config: Any) -> None:
+        self.dir = tmp / "box" / "plugins"
+        self.dir.mkdir(parents=True)
+        self.plugins = PluginsDir(self.dir)
+        self.plugins.prepare()
+        self.sources = Sources(SourceConfig(cache_dir=tmp / "cache", roots=roots,
+                                            local_root=tmp / "library", **config))
+        self.restart: RestartCommand | None = None
+        self.disk = DiskBox(self.plugins, self.sources, "ws-1")
+        self.server = AgentServer("ws-1", self.disk)
+        self.driver = RuntimeDriver(timeout=30)
+
+    async def put(self, name: str, source: str, digest: str | None = None) -> Any:
+        return await self.driver.install(self.server.url, Plugin(name, source, digest))
+
+    async def inventory(self) -> dict[str, Plugin]:
+        return {p.name: p for p in (await self.driver.list_plugins(self.server.url))[0]}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    skills = Repo(tmp_path / "git", "agents", "skills")
+    skills.commit(V1, tag="v1", symlinks={"web-search/docs": "README.md"},
+                  executable=("web-search/bin/run",))
+    skills.commit(V2, tag="v2")
+    return skills
+
+
+@pytest.fixture
+async def make_box(tmp_path: Path, repo: Repo) -> AsyncIterator[Callable[..., Awaitable[Box]]]:
+    boxes: list[Box] = []
+
+    async def make(root: str | None = None, **config: Any) -> Box:
+        box = Box(tmp_path / f"b{len(boxes)}",
+                  {"gitea": root or (tmp_path / "git").as_uri()}, **config)
+        await box.server.start()
+        await box.driver.__aenter__()
+        boxes.append(box)
+        return box
+
+    yield make
+    for box in boxes:
+        await box.driver.__aexit__(None, None, None)
+        await box.server.stop()
+
+
+def files(directory: Path) -> dict[str, str]:
+    """Every entry under `directory` with its content ('->target' for links, '/' for dirs)."""
+    found = {}
+    for path in sorted(directory.rglob("*")):
+        relative = str(path.relative_to(directory))
+        if path.is_symlink():
+            found[relative] = "->" + os.readlink(path)
+        elif path.is_dir():
+            found[relative] = "/"
+        else:
+            found[relative] = path.read_text()
+    return found
+
+
+# --- the digest ----------------------------------------------------------------------------------
+
+def test_digest_follows_the_documented_recipe_and_ignores_what_it_says(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("hello\n")
+    (root / "sub" / "run").write_text("#!/bin/sh\n")
+    (root / "sub" / "run").chmod(0o755)
+    (root / "link").symlink_to("a.txt")
+    records = [
+        b"file 644 a.txt\0" + hashlib.sha256(b"hello\n").hexdigest().encode() + b"\n",
+        b"link link\0a.txt\n",
+        b"dir sub\0\n",
+        b"file 755 sub/run\0" + hashlib.sha256(b"#!/bin/sh\n").hexdigest().encode() + b"\n",
+    ]
+    expected = "sha256:" + hashlib.sha256(b"".join(records)).hexdigest()
+    assert tree.digest(root) == expected
+
+    (root / ".complete").write_text("anything")
+    os.utime(root / "a.txt", (1, 1))
+    (root / "a.txt").chmod(0o600)  # no execute bit: still 644
+    assert tree.digest(root) == expected
+    (root / "a.txt").chmod(0o700)
+    assert tree.digest(root) != expected
+
+
+async def test_digest_command_prints_the_digest(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "f").write_text("x")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "digest", str(tmp_path / "p"),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    assert out.decode().strip() == tree.digest(tmp_path / "p")
+
+
+# --- installing ----------------------------------------------------------------------------------
+
+async def test_install_from_git_puts_the_subpath_only_with_a_marker(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    result = await box.put("web-search", WEB_V1)
+
+    assert result.restart_required is True
+    installed = files(box.dir / "web-search")
+    assert installed == {".complete": result.digest + "\n", "README.md": "v1\n", "bin": "/",
+                         "bin/run": "#!/bin/sh\n", "docs": "->README.md",
+                         "plugin.json": '{"version": "1"}\n'}
+    assert os.access(box.dir / "web-search" / "bin" / "run", os.X_OK)
+    assert result.digest == tree.digest(box.dir / "web-search")
+    assert (await box.inventory())["web-search"] == Plugin("web-search", WEB_V1, result.digest)
+    assert result.seq is not None and result.seq > 0
+
+
+async def test_install_over_smart_http(tmp_path: Path,
+                                       make_box: Callable[..., Awaitable[Box]]) -> None:
+    async with http_server(tmp_path / "git") as url:
+        box = await make_box(url)
+        result = await box.put("web-search", WEB_V2)
+    assert files(box.dir / "web-search")["README.md"] == "v2\n"
+    assert result.digest == tree.digest(box.dir / "web-search")
+
+
+async def test_install_by_commit_id_and_from_the_local_library(
+        tmp_path: Path, repo: Repo, make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    commit = repo.commit({"web-search/README.md": "v3\n"})
+    await box.put("web-search", f"gitea://agents/skills/web-search#{commit}")
+    assert files(box.dir / "web-search")["README.md"] == "v3\n"
+
+    library = tmp_path / "b0" / "library" / "plugins" / "translator"
+    library.mkdir(parents=True)
+    (library / "dict.txt").write_text("hola\n")
+    await box.put("translator", "local://plugins/translator")
+    assert files(box.dir / "translator") == {".complete": tree.digest(library) + "\n",
+                                             "dict.txt": "hola\n"}
+
+
+async def test_an_install_of_what_is_there_changes_nothing(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    first = await box.put("web-search", WEB_V1)
+    inode = (box.dir / "web-search").stat().st_ino
+    again = await box.put("web-search", WEB_V1, first.digest)
+    assert again.restart_required is False and again.digest == first.digest
+    assert (box.dir / "web-search").stat().st_ino == inode  # not even swapped
+    assert again.seq is not None and first.seq is not None and again.seq > first.seq
+
+
+async def test_a_warm_cache_fetches_nothing(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    await box.put("web-search", WEB_V1)
+    (tmp_path / "git").rename(tmp_path / "git-gone")  # the origin is unreachable now
+    for leftover in box.dir.iterdir():  # a wiped box
+        if leftover.name != ".pluginctl":
+            shutil.rmtree(leftover)
+    box.plugins.prepare()
+    result = await box.put("web-search", WEB_V1)
+    assert result.restart_required is True
+    assert files(box.dir / "web-search")["README.md"] == "v1\n"
+
+
+async def test_a_version_swap_is_never_seen_half_done(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    """A reader looking at the plugin all the time sees v1 or v2 whole, never a mix, never
+    a missing directory, never a tree without its marker."""
+    box = await make_box()
+    await box.put("web-search", WEB_V1)
+    target = box.dir / "web-search"
+    seen: list[str] = []
+    broken: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        """Read the tree DIR/web-search is; a sample the swap overtook (the directory read
+        is no longer DIR/web-search afterwards: an old tree on its way out) is not counted."""
+        while not stop.is_set():
+            try:
+                fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    names = set(os.listdir(fd))
+                    readme = open(f"/proc/self/fd/{fd}/README.md").read()  # noqa: SIM115
+                    version = open(f"/proc/self/fd/{fd}/plugin.json").read()  # noqa: SIM115
+                    still_current = os.fstat(fd).st_ino == os.stat(target).st_ino
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                if os.path.isdir(target):
+                    continue  # a file of a tree swapped out (and being deleted) under us
+                broken.append("DIR/web-search missing")
+                continue
+            if not still_current:
+                continue
+            if ".complete" not in names or f'"{readme.strip()[1:]}"' not in version:
+                broken.append(f"mixed tree: {sorted(names)} {readme!r} {version!r}")
+            seen.append(readme.strip())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(15):
+            await box.put("web-search", WEB_V2)
+            await box.put("web-search", WEB_V1)
+    finally:
+        stop.set()
+        reader.join()
+    assert not broken, broken[:3]
+    assert {"v1", "v2"} <= set(seen)
+
+
+async def test_a_declared_digest_that_differs_is_refused_and_nothing_changes(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    first = await box.put("web-search", WEB_V1)
+    before = files(box.dir)
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(RuntimeCallError) as refused:
+        await box.put("web-search", WEB_V2, wrong)
+    assert "HTTP 422" in str(refused.value) and wrong in str(refused.value)
+    assert "sha256:" in str(refused.value).replace(wrong, "")  # the fetched digest is named
+    assert files(box.dir) == before
+    assert (await box.inventory())["web-search"].digest == first.digest
+
+
+async def test_a_users_directory_is_reported_as_theirs_and_never_touched(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    mine = box.dir / "web-search"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine\n")
+    (box.dir / "scratchpad").mkdir()
+    (box.dir / "scratchpad" / "x").write_text("keep\n")
+    before = files(box.dir)
+
+    assert await box.inventory() == {
+        "scratchpad": Plugin("scratchpad", "user://scratchpad"),
+        "web-search": Plugin("web-search", "user://web-search")}
+    with pytest.raises(RuntimeCallError, match=r"HTTP 409.*not installed by pluginctl"):
+        await box.put("web-search", WEB_V1)  # install
+    with pytest.raises(RuntimeCallError, match="HTTP 409"):
+        await box.driver.remove(box.server.url, "scratchpad")  # removal
+    await box.put("other", "gitea://agents/skills/other#v1")  # an install beside them
+    await box.put("other", "gitea://agents/skills/other#v2")  # an upgrade beside them
+    await box.driver.remove(box.server.url, "other")  # a removal beside them
+    assert files(box.dir) == before
+
+
+async def test_removal_takes_the_tree_and_its_record(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    await box.put("web-search", WEB_V1)
+    seq = await box.driver.remove(box.server.url, "web-search")
+    assert seq is not None
+    assert not (box.dir / "web-search").exists()
+    assert box.plugins.record("web-search") is None
+    assert await box.inventory() == {}
+    await box.driver.remove(box.server.url, "web-search")  # 404 counts as already removed
+
+
+async def test_a_tree_edited_by_hand_is_reported_modified_and_put_back(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    first = await box.put("web-search", WEB_V1)
+    (box.dir / "web-search" / "README.md").write_text("edited\n")
+    reported = (await box.inventory())["web-search"]
+    assert reported.modified and reported.digest != first.digest
+    assert not reported.satisfies(Plugin("web-search", WEB_V1))  # the loop installs again
+    again = await box.put("web-search", WEB_V1)
+    assert again.restart_required is True
+    assert files(box.dir / "web-search")["README.md"] == "v1\n"
+    assert not (await box.inventory())["web-search"].modified
+
+
+# --- refusals: a clear error, nothing written outside (or inside) DIR ----------------------------
+
+@pytest.mark.parametrize(("source", "files_", "config", "status", "words"), [
+    ("gitea://agents/evil/p#v1", {"p/ok": "x"}, {}, 422, "points outside"),
+    ("gitea://agents/skills/../../etc#v1", {}, {}, 422, "not allowed"),
+    ("gitea://agents/big/p#v1", {"p/blob": "x" * 5000}, {"max_bytes": 4096}, 422,
+     "larger than 4096 bytes"),
+    ("gitea://agents/many/p#v1", {f"p/{i}": "x" for i in range(12)}, {"max_files": 10}, 422,
+     "more than 10 files"),
+    ("gitea://agents/skills/web-search#v9", {}, {}, 422, "no tag or branch 'v9'"),
+    ("gitea://agents/skills/nowhere#v1", {}, {}, 422, "no such directory"),
+    ("ftp://agents/skills/web-search#v1", {}, {}, 422, "no repository root for ftp"),
+])
+async def test_bad_sources_are_refused_and_nothing_is_written(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]], source: str,
+        files_: dict[str, str], config: dict[str, int], status: int, words: str) -> None:
+    if files_:
+        owner_repo = source.split("://")[1].split("/")
+        evil = Repo(tmp_path / "git", owner_repo[0], owner_repo[1])
+        evil.commit(files_, tag="v1", symlinks={"p/escape": "../../../../etc/passwd"}
+                    if "evil" in source else None)
+    from controller.agent.tree import Limits
+    box = await make_box(limits=Limits(**config)) if config else await make_box()
+    outside = sorted(p.name for p in box.dir.parent.parent.iterdir())
+    with pytest.raises(RuntimeCallError) as refused:
+        await box.put("p", source)
+    assert f"HTTP {status}" in str(refused.value) and words in str(refused.value)
+    assert files(box.dir) == {".pluginctl": "/", ".pluginctl/records": "/",
+                              ".pluginctl/staging": "/"}
+    assert sorted(p.name for p in box.dir.parent.parent.iterdir()) == outside
+
+
+async def test_a_fetch_that_hangs_is_cut_at_the_time_limit(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    async with http_server(tmp_path / "git", hang=True) as url:
+        box = await make_box(url, fetch_timeout=1.0)
+        with pytest.raises(RuntimeCallError) as refused:
+            await box.put("web-search", WEB_V1)
+    assert "HTTP 504" in str(refused.value) and "--fetch-timeout" in str(refused.value)
+    assert not (box.dir / "web-search").exists()
+
+
+# --- restarts ------------------------------------------------------------------------------------
+
+async def test_restart_runs_the_configured_command_and_reports_its_failure(
+        tmp_path: Path, registry: Registry, make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    box.server.registry_url, box.server.token = registry.url, registry.token("ws-1")
+    marker = tmp_path / "restarted"
+    box.disk.restart_command = RestartCommand(
+        ("sh", "-c", f'echo "$PLUGINCTL_WORKSPACE_ID" > {marker}'))
+    await box.server.register()
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()
+    assert marker.read_text() == "ws-1\n"
+
+    box.disk.restart_command = RestartCommand(("sh", "-c", "echo no such service >&2; exit 3"))
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()  # the agent heartbeats its report with the error at once
+    with transaction(registry.sessions) as session:
+        seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+    assert seen.runtime_error == "restart command exited with 3: no such service"
+
+    box.disk.restart_command = RestartCommand(("true",))
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()
+    with transaction(registry.sessions) as session:
+        assert queries.load_observed(session, only=["ws-1"])["ws-1"].runtime_error is None
+
+
+# --- against the loop ----------------------------------------------------------------------------
+
+TEMPLATE = """
+apiVersion: pluginctl.dev/v1alpha1
+kind: WorkspaceTemplate
+metadata: {{name: base}}
+spec:
+  plugins:
+    - source: {source}
+---
+apiVersion: pluginctl.dev/v1alpha1
+kind: Workspace
+metadata: {{name: ws-1}}
+spec: {{templateRef: {{name: base}}}}
+"""
+
+
+async def test_a_report_built_before_an_install_never_undoes_it(
+        sessions: Sessions, registry: Registry, make_box: Callable[..., Awaitable[Box]]
+) -> None:
+    """A heartbeat whose report was read from disk before an install, delivered after it,
+    must not make the loop install again: its seq is below the install's."""
+    box = await make_box()
+    box.server.registry_url, box.server.token = registry.url, registry.token("ws-1")
+    # No restart budget: a restart makes the agent send a fresh report at once, which
+    # would hide the stale one.
+    policy = Policy(call_timeout=30, restart_budget=0)
+    desired = desired_from(TEMPLATE.format(source=WEB_V1))
+    await box.server.register()
+    stale = await box.server._body()  # the report as it was: nothing installed
+    async with RuntimeDriver.for_policy(policy) as driver:
+        await reconcile_once(desired, sessions, driver, policy)
+        assert box.server.count("PUT") == 1
+        async with aiohttp.ClientSession() as client, client.post(
+                registry.url + "/registry/heartbeat", json=stale,
+                headers={"Authorization": f"Bearer {box.server.token}"}) as answer:
+            assert answer.status == 200
+        await reconcile_once(desired, sessions, driver, policy)
+    assert box.server.count("PUT") == 1  # installed exactly once
+    with transaction(sessions) as session:
+        seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+    assert seen.report is not None and "web-search" in seen.report
+
+
+async def test_the_loop_converges_a_wiped_box_and_a_template_change(
+        sessions: Sessions, registry: Registry, make_box: Callable[..., Awaitable[Box]]
+) -> None:
+    box = await make_box()
+    box.server.registry_url, box.server.token = registry.url, registry.token("ws-1")
+    policy = Policy(call_timeout=30)
+    policy = Policy(call_timeout=30, restart_budget=10)  # one restart per change here
+    await box.server.register()
+    async with RuntimeDriver.for_policy(policy) as driver:
+        async def converge(source: str) -> None:
+            """Passes until in sync (an install asks for a restart, after which the loop
+            waits for the box's next report): at most three."""
+            for _ in range(3):
+                report = await reconcile_once(desired_from(TEMPLATE.format(source=source)),
+                                              sessions, driver, policy)
+                await box.server.restarted()
+                if report.in_sync:
+                    return
+            raise AssertionError([(r.workspace_id, r.outcomes) for r in report.results])
+
+        await converge(WEB_V1)
+        assert files(box.dir / "web-search")["README.md"] == "v1\n"
+        await converge(WEB_V2)  # the template moved to the next tag
+        assert files(box.dir / "web-search")["README.md"] == "v2\n"
+
+        for entry in list(box.dir.iterdir()):  # the box is wiped and comes back
+            shutil.rmtree(entry)
+        box.plugins.prepare()
+        await box.server.register()
+        await converge(WEB_V2)
+        assert files(box.dir / "web-search")["README.md"] == "v2\n"
+
+        await converge("gitea://agents/skills/other#v1")  # web-search no longer declared
+        assert not (box.dir / "web-search").exists()
+        assert (box.dir / "other" / "x.txt").exists()
+
+
+# --- the agent process ---------------------------------------------------------------------------
+
+async def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("plc_secret\n")
+    token.chmod(0o644)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "agent", "--workspace-id", "ws-1",
+        "--token-file", str(token), "--plugins-dir", str(tmp_path / "plugins"),
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PLUGINCTL_TOKEN": ""})
+    _, err = await process.communicate()
+    assert process.returncode == 1  # could not run: a bad flag
+    assert "can be read or written by other users (mode 0644)" in err.decode()
+
+    token.chmod(0o600)  # now accepted: the agent gets as far as the (absent) registry
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "agent", "--workspace-id", "ws-1",
+        "--token-file", str(token), "--plugins-dir", str(tmp_path / "plugins"),
+        "--cache-dir", str(tmp_path / "cache"), "--registry", "http://127.0.0.1:9",
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await process.communicate()
+    assert process.returncode == 1 and "cannot register with http://127.0.0.1:9" in err.decode()
+
+
+async def test_sigkill_mid_install_leaves_the_old_tree_and_a_restart_cleans_up(
+        tmp_path: Path, registry: Registry) -> None:
+    """Kill the agent while it copies a large plugin over an installed one: the old version
+    is whole in place, and the next start throws the staged copy away."""
+    library = tmp_path / "library"
+    for version, count in (("small", 3), ("large", 8000)):
+        for i in range(count):
+            path = library / version / f"d{i % 50}" / f"f{i}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{version} {i}\n")
+    plugins = tmp_path / "plugins"
+    env = {**os.environ, "PLUGINCTL_TOKEN": registry.token("ws-1")}
+
+    async def start_agent(previous: str | None = None
+                          ) -> tuple[asyncio.subprocess.Process, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", "agent", "--workspace-id", "ws-1",
+            "--registry", registry.url, "--plugins-dir", str(plugins),
+            "--cache-dir", str(tmp_path / "cache"), "--local-root", str(library),
+            "--max-plugin-files", "100000", env=env, stderr=asyncio.subprocess.PIPE)
+
+        async def url() -> str | None:
+            with transaction(registry.sessions) as session:
+                seen = queries.load_observed(session, only=["ws-1"]).get("ws-1")
+            return seen.url if seen is not None and seen.url != previous else None
+
+        return process, await wait_for(url, "the agent registered")
+
+    process, url = await start_agent()
+    async with RuntimeDriver(timeout=60) as driver:
+        await driver.install(url, Plugin("p", "local://small"))
+        before = files(plugins / "p")
+        install = asyncio.create_task(driver.install(url, Plugin("p", "local://large")))
+        staging = plugins / ".pluginctl" / "staging"
+        await wait_for(lambda: any(staging.iterdir()) and any(
+            any(d.iterdir()) for d in staging.iterdir() if d.is_dir()), "copying under way")
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        with pytest.raises(RuntimeCallError):
+            await install
+        assert files(plugins / "p") == before  # the old version, whole
+        assert any(staging.iterdir())  # the half copy, beside it
+
+        process, url = await start_agent(previous=url)
+        try:
+            assert not any(staging.iterdir())
+            assert files(plugins / "p") == before
+            result = await driver.install(url, Plugin("p", "local://large"))
+            assert result.restart_required
+            assert len(list((plugins / "p").rglob("f*"))) == 8000
+        finally:
+            process.terminate()
+            await process.wait()
