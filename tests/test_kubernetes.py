@@ -704,3 +704,114 @@ async def test_reconcile_once_against_the_cluster(
 
     code, output = await once("--context", "no-such-context")
     assert code == 1 and "error: cannot load Kubernetes configuration" in output, output
+
+
+# --- the native-sidecar example (manifests/examples/sidecar/) --------------------------------
+
+SIDECAR_EXAMPLE = ROOT / "manifests" / "examples" / "sidecar" / "workspace-pod.yaml"
+
+
+def _flags(args: list[str]) -> dict[str, list[str]]:
+    """`--flag=value` and `--flag value` arguments, by flag."""
+    flags: dict[str, list[str]] = {}
+    for index, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        flag, equals, value = arg.partition("=")
+        if not equals and index + 1 < len(args) and not args[index + 1].startswith("--"):
+            value = args[index + 1]
+        flags.setdefault(flag, []).append(value)
+    return flags
+
+
+def test_sidecar_example_is_admitted_as_a_restricted_native_sidecar(
+    plane: kube.ControlPlane, namespace: str,
+) -> None:
+    """The example workspace Pod passes the API server's own validation (a server-side dry
+    run) in a namespace that enforces the `restricted` Pod Security Standard, and, as the
+    server returns it: the agent is a native sidecar sharing the plugins volume with the
+    workspace container at /configs/plugins, non-root with a read-only root filesystem, its
+    token comes from the operator's token Secret and never from its command line, and it
+    reaches the registry Service of manifests/base."""
+    from controller import manifests, mirror
+    from controller.tokens import PREFIX
+
+    restricted = ("pod-security.kubernetes.io/enforce=restricted",
+                  "pod-security.kubernetes.io/warn=restricted")
+    plane.kubectl("label", "namespace", namespace, *restricted)
+    # The Pod's ServiceAccount must exist even for a dry run; a real cluster's
+    # controller-manager makes `default` in every namespace, this bare API server does not.
+    # The token Secret need not exist: only the kubelet resolves secretKeyRef.
+    plane.kubectl("create", "serviceaccount", "default", "-n", namespace)
+
+    result = plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-o", "json",
+                           "-f", str(SIDECAR_EXAMPLE))
+    assert "Warning" not in result.stderr, result.stderr  # PodSecurity warns on stderr
+    # The namespace really enforces `restricted`: the same Pod without seccomp is refused.
+    document = yaml.safe_load(SIDECAR_EXAMPLE.read_text())
+    del document["spec"]["securityContext"]["seccompProfile"]
+    refused = plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                            input=yaml.safe_dump(document), check=False)
+    assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused
+
+    pod = json.loads(result.stdout)
+    assert pod["kind"] == "Pod" and pod["metadata"]["namespace"] == namespace
+    spec = pod["spec"]
+    pod_security = spec.get("securityContext") or {}
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+
+    agents = [c for c in spec.get("initContainers", [])  # `pluginctl agent`, or `agent`
+              if "agent" in [*c.get("command", []), *c.get("args", [])][:2]]
+    assert len(agents) == 1, spec.get("initContainers")
+    agent = agents[0]
+    assert agent.get("restartPolicy") == "Always", "the agent must be a native sidecar"
+    args = [*agent.get("command", []), *agent.get("args", [])]
+    flags = _flags(args)
+
+    # The plugins volume: written by the agent, read by the workspace at /configs/plugins.
+    assert flags.get("--plugins-dir") == ["/configs/plugins"], args
+    agent_mounts = {m["mountPath"]: m for m in agent.get("volumeMounts", [])}
+    plugins = agent_mounts["/configs/plugins"]
+    assert not plugins.get("readOnly") and "emptyDir" in volumes[plugins["name"]]
+    assert spec["containers"], "no workspace container"
+    for container in spec["containers"]:
+        mounts = [m for m in container.get("volumeMounts", []) if m["name"] == plugins["name"]]
+        assert [m["mountPath"] for m in mounts] == ["/configs/plugins"], container["name"]
+    # A writable cache beside the read-only root filesystem.
+    cache = flags.get("--cache-dir", [""])[0]
+    assert cache in agent_mounts and not agent_mounts[cache].get("readOnly"), args
+    assert "emptyDir" in volumes[agent_mounts[cache]["name"]]
+
+    security = agent.get("securityContext") or {}
+    assert security.get("readOnlyRootFilesystem") is True
+    assert security.get("allowPrivilegeEscalation") is False
+    assert security.get("capabilities", {}).get("drop") == ["ALL"]
+    assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True
+    assert security.get("runAsUser", pod_security.get("runAsUser", 0)) != 0
+    for container in spec["containers"]:
+        assert (container.get("securityContext") or {}).get(
+            "runAsNonRoot", pod_security.get("runAsNonRoot")) is True, container["name"]
+
+    # The token: from the Workspace's token Secret, never on the command line.
+    env = {variable["name"]: variable for variable in agent.get("env", [])}
+    assert "value" not in env["PLUGINCTL_TOKEN"], "a literal token in the Pod"
+    workspace_id = env["PLUGINCTL_WORKSPACE_ID"]["value"]
+    desired = manifests.load(ROOT / "manifests" / "examples")
+    assert workspace_id in desired.workspaces, "not a Workspace of manifests/examples"
+    assert env["PLUGINCTL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": mirror.token_secret_name(workspace_id), "key": mirror.TOKEN_KEY}
+    assert not any(flag in flags for flag in ("--token", "--token-file")), args
+    assert not any(PREFIX in arg or "token" in arg.lower() for arg in args), args
+    for container in (*spec.get("initContainers", []), *spec["containers"]):
+        for arg in (*container.get("command", []), *container.get("args", [])):
+            assert PREFIX not in arg, f"a token in {container['name']}'s command line"
+
+    # Reachable by the controller at the Pod IP, on the port it listens on.
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    port = flags["--listen"][0].rpartition(":")[2]
+    assert flags["--advertise-url"] == [f"http://$(POD_IP):{port}"], args
+    assert {"containerPort": int(port), "name": "agent", "protocol": "TCP"} in agent["ports"]
+    # And it reaches the registry through the Service of manifests/base.
+    service = yaml.safe_load((ROOT / "manifests" / "base" / "service.yaml").read_text())
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert flags["--registry"][0].split("/")[2].split(":")[0] in (host, f"{host}.cluster.local")
