@@ -8,7 +8,11 @@ so that every figure is also a ratio (these machines are shared and noisy):
 - converge: K workspaces registering at once, each missing 3 plugins, on simulated runtimes
   with 20 ms installs, vs issuing the same installs directly with the same concurrency;
 - memory: peak RSS of a process holding N workspaces' state through a pass, vs the same
-  process before it loaded anything."""
+  process before it loaded anything;
+- agent_install: the agent installing 3 plugins (40 files each) from a local git repository
+  into a plugins directory with a cold cache, a warm cache (a wiped box) and when already
+  installed, vs the naive way (a shallow clone of the tag, then copying the three
+  directories)."""
 
 from __future__ import annotations
 
@@ -524,6 +528,73 @@ class Sizes:
     memory_workspaces: int
 
 
+AGENT_PLUGINS = ("web-search", "seo-all", "notebook")
+
+
+def _git(*args: str, cwd: Path | None = None) -> None:
+    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@pluginctl.invalid",
+                    "-c", "init.defaultBranch=main", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+async def agent_install(scratch: Path, say: Say) -> dict[str, Any]:
+    import shutil
+
+    from controller.agent.disk import PluginsDir
+    from controller.agent.sources import SourceConfig, Sources
+
+    base = scratch / "agent"
+    work, root = base / "work", base / "git"
+    work.mkdir(parents=True)
+    for name in AGENT_PLUGINS:
+        for i in range(40):
+            path = work / name / f"part{i % 4}" / f"file{i}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{name} {i}\n" * 100)
+    _git("init", "-q", str(work))
+    _git("add", "-A", cwd=work)
+    _git("commit", "-q", "-m", "v1", cwd=work)
+    _git("tag", "v1", cwd=work)
+    _git("clone", "-q", "--bare", str(work), str(root / "agents" / "skills.git"))
+    url = (root / "agents" / "skills.git").as_uri()
+
+    def naive(target: Path) -> None:
+        clone = target / "clone"
+        _git("clone", "-q", "--depth", "1", "--branch", "v1", url, str(clone))
+        for name in AGENT_PLUGINS:
+            shutil.copytree(clone / name, target / "plugins" / name)
+
+    started = time.perf_counter()
+    await asyncio.to_thread(naive, base / "naive")
+    naive_seconds = time.perf_counter() - started
+
+    sources = Sources(SourceConfig(cache_dir=base / "cache", roots={"gitea": root.as_uri()}))
+    plugins = PluginsDir(base / "plugins")
+    plugins.prepare()
+
+    async def install_all() -> float:
+        began = time.perf_counter()
+        for name in AGENT_PLUGINS:
+            source = f"gitea://agents/skills/{name}#v1"
+            await asyncio.to_thread(plugins.install, name, source, await sources.fetch(source))
+        return time.perf_counter() - began
+
+    cold = await install_all()
+    for name in AGENT_PLUGINS:  # a wiped box: the cache stays
+        shutil.rmtree(base / "plugins" / name)
+    plugins.prepare()
+    warm = await install_all()
+    noop = await install_all()
+    say(f"agent_install: 3 plugins cold {cold:.3f}s, warm {warm:.3f}s, already there "
+        f"{noop:.3f}s; naive clone+copy {naive_seconds:.3f}s")
+    return {"plugins": len(AGENT_PLUGINS), "files_per_plugin": 40,
+            "cold_cache_seconds": round(cold, 4), "warm_cache_seconds": round(warm, 4),
+            "already_installed_seconds": round(noop, 4),
+            "baseline": {"naive_clone_and_copy_seconds": round(naive_seconds, 4)},
+            "cold_ratio_to_naive": _ratio(cold, naive_seconds),
+            "warm_ratio_to_naive": _ratio(warm, naive_seconds)}
+
+
 async def run(sizes: Sizes, postgres_url: str | None, scratch: Path, say: Say
               ) -> dict[str, Any]:
     targets = [Target("sqlite", lambda label: f"sqlite:///{scratch / (label + '.db')}")]
@@ -539,6 +610,7 @@ async def run(sizes: Sizes, postgres_url: str | None, scratch: Path, say: Say
                                                    say))
         result["converge"].append(await converge(target, sizes.converge_workspaces, 0.02, say))
         result["memory"].append(await memory(target, sizes.memory_workspaces, say))
+    result["agent_install"] = await agent_install(scratch, say)
     if not postgres_url:
         result["postgresql"] = "not measured: pass --postgres URL (a server you own)"
     return result

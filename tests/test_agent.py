@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -544,3 +545,108 @@ async def test_sigkill_mid_install_leaves_the_old_tree_and_a_restart_cleans_up(
         finally:
             process.terminate()
             await process.wait()
+
+
+async def test_run_with_agent_processes_installs_upgrades_and_removes_real_files(
+        tmp_path: Path, repo: Repo) -> None:
+    """What the README promises a new user, as processes: `pluginctl run` and a `pluginctl
+    agent --plugins-dir`; plugin files from a real git repository appear, are upgraded by
+    editing the template, and are removed when no longer declared."""
+    from controller.http import free_port
+
+    from .test_cli import pluginctl
+
+    repo.commit({"seo-all/rules.txt": "seo\n", "notebook/nb.txt": "nb\n"}, tag="v3")
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+
+    def declare(*sources: str) -> None:
+        (manifests / "fleet.yaml").write_text(
+            "apiVersion: pluginctl.dev/v1alpha1\nkind: WorkspaceTemplate\n"
+            "metadata: {name: base}\nspec:\n  plugins:\n"
+            + "".join(f"    - source: {source}\n" for source in sources)
+            + "---\napiVersion: pluginctl.dev/v1alpha1\nkind: Workspace\n"
+              "metadata: {name: ws-1}\nspec: {templateRef: {name: base}}\n")
+
+    declare(WEB_V1, "gitea://agents/skills/seo-all#v3", "gitea://agents/skills/notebook#v3")
+    db = f"sqlite:///{tmp_path / 'pluginctl.db'}"
+    code, token, _ = await pluginctl("token", "create", "ws-1", "--db", db)
+    assert code == 0
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    port = free_port()
+    plugins = tmp_path / "plugins"
+    processes = []
+    try:
+        for args in (
+            ["run", "--manifests", str(manifests), "--db", db, "--listen",
+             f"127.0.0.1:{port}", "--interval", "1"],
+            ["agent", "--workspace-id", "ws-1", "--token-file", str(token_file),
+             "--registry", f"http://127.0.0.1:{port}", "--plugins-dir", str(plugins),
+             "--cache-dir", str(tmp_path / "cache"), "--heartbeat-interval", "0.5",
+             "--source-root", f"gitea={(tmp_path / 'git').as_uri()}"],
+        ):
+            processes.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "controller", *args,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            if args[0] == "run":
+                await wait_for(lambda: _listening(port), "the registry")
+
+        def on_disk() -> dict[str, str]:
+            return {path.parent.name: (path.parent / "README.md").read_text()
+                    if (path.parent / "README.md").exists() else ""
+                    for path in plugins.glob("*/.complete")}
+
+        await wait_for(lambda: on_disk() == {"web-search": "v1\n", "seo-all": "",
+                                             "notebook": ""}, "three plugins on disk")
+        declare(WEB_V2, "gitea://agents/skills/seo-all#v3", "gitea://agents/skills/notebook#v3")
+        await wait_for(lambda: on_disk().get("web-search") == "v2\n", "the upgrade")
+        declare(WEB_V2, "gitea://agents/skills/seo-all#v3")
+        await wait_for(lambda: set(on_disk()) == {"web-search", "seo-all"}, "the removal")
+        assert not (plugins / "notebook").exists()
+
+        async def in_sync() -> bool:
+            _, out, _ = await pluginctl("status", "--db", db, "--manifests", str(manifests),
+                                        "-o", "json")
+            return bool(json.loads(out)["workspaces"][0]["in_sync"])
+
+        await wait_for(in_sync, "status in sync")
+    finally:
+        for process in processes:
+            process.terminate()
+            await process.wait()
+
+
+async def _listening(port: int) -> bool:
+    try:
+        async with aiohttp.ClientSession() as client, \
+                client.get(f"http://127.0.0.1:{port}/healthz") as answer:
+            return answer.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+def test_a_restart_forgets_the_report_unless_the_box_reported_since(sessions: Sessions) -> None:
+    from controller.models import utcnow
+    from controller.outcomes import Changes
+
+    plugin = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
+    now = utcnow()
+    with transaction(sessions) as session:
+        queries.record_register(session, "ws-1", "http://127.0.0.1:1", [], now, seq=5)
+        queries.record_changed_report(session, "ws-1", [plugin], now, seq=11)
+
+    def after_restart(seq: int) -> dict[str, Plugin] | None:
+        with transaction(sessions) as session:
+            queries.apply_many(session, [(Changes("ws-1", report_put=(plugin,),
+                                                  report_forget=True, report_seq=seq,
+                                                  restarted_at=now), now)])
+        with transaction(sessions) as session:
+            report = queries.load_observed(session, only=["ws-1"])["ws-1"].report
+        return None if report is None else dict(report)
+
+    # The install answered seq 10; the box reported (seq 11) after it: that report stands.
+    assert after_restart(10) == {"web-search": plugin}
+    # The install answered seq 12: the stored report is older, so it is forgotten.
+    assert after_restart(12) is None

@@ -36,3 +36,6 @@ def test_bench_reports_all_sections_with_baselines(postgres_url: str) -> None:
         assert entry["ratio_to_direct"] > 0
     for entry in report["memory"]:
         assert entry["online"] == 200 and entry["peak_rss_mb"] >= entry["baseline_rss_mb"] > 0
+    agent = report["agent_install"]
+    assert agent["plugins"] == 3 and agent["baseline"]["naive_clone_and_copy_seconds"] > 0
+    assert agent["cold_cache_seconds"] > 0 and agent["warm_cache_seconds"] > 0

@@ -308,31 +308,87 @@ async def test_progress_is_shown_on_a_terminal_only(
 
 async def test_demo_converges_every_example_workspace() -> None:
     examples = Path(__file__).parent.parent / "manifests" / "examples"
+    before = {path.name: path.read_text() for path in examples.glob("*.yaml")}
     code, out, err = await pluginctl("demo", "--manifests", str(examples), "--seconds", "30")
     assert code == 0, out + err
+    assert {path.name: path.read_text() for path in examples.glob("*.yaml")} == before
     lines = out.splitlines()
-    assert "registered without a report and never heartbeats" in out
-    assert "all 4 workspaces converged" in out and "converged again" in out
-    assert "scratchpad still there" in out
-    # The broken plugin: fails, backs off (retried as a retry), then converges once fixed.
     story = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
-    broken = next(line.split()[0] for line in story if "(a broken plugin)" in line)
-    failed = [line for line in story if line.startswith(broken) and "-> failed" in line]
-    assert len(failed) == 3 and all("[retry]" in line for line in failed[1:])
-    assert sum(line.startswith(f"{broken}  ") and "backing off: " in line
+
+    def said(who: str, text: str) -> int:
+        """The index of the first line `who` said containing `text`."""
+        return next(i for i, line in enumerate(story)
+                    if line.split()[0] == who and text in line)
+
+    # The publisher: real tags in real bare repositories, one of them held back.
+    assert said("publisher", "gitea://agents/skills: pushed tags v1 (seo-all), v1.4.0 "
+                             "(web-search); tagged v1.5.0 (web-search), not pushed yet") >= 0
+    assert said("publisher", "github://example/notebook-plugin: pushed tag v2.0.0") >= 0
+    assert said("publisher", "plugin library: local://plugins/translator") >= 0
+    assert "registered without a report and never heartbeats" in story[said("alpha", "")]
+    assert "scratchpad/, a plugin directory its user made by hand" in story[said("beta", "")]
+    assert "box will be re-created later" in story[said("delta", "")]
+    assert "pins web-search v1.5.0, a tag its publisher has not pushed yet" in story[
+        said("gamma", "")]
+    # The unpublished tag: the real fetch fails 3 times (backing off, then retried), the
+    # publisher pushes the tag, the next retry installs it.
+    failed = [line for line in story if line.startswith("gamma ") and "install web-search "
+              "(missing) -> failed: PUT /plugins/web-search: HTTP 422:" in line]
+    assert len(failed) == 3 and all("no tag or branch 'v1.5.0'" in line for line in failed)
+    # (A pass is narrated when it ends: on a busy machine the first retry, run by a later
+    # pass, may be told before the first attempt.)
+    assert sorted(line.rsplit(" ", 1)[1] for line in failed) == ["[registry]", "[retry]",
+                                                                  "[retry]"]
+    assert sum(line.startswith("gamma ") and "backing off: web-search failed" in line
                for line in story) == 3
-    fixed = story.index(next(line for line in story if "ships a fix" in line))
-    assert any(line.startswith(broken) and "-> ok [retry]" in line for line in story[fixed:])
-    # The box re-created: every plugin installed again.
-    recreated = next(line.split()[0] for line in story if "box re-created" in line)
-    after = story[story.index(next(line for line in story if "box re-created" in line)):]
-    assert sum(line.startswith(recreated) and "-> ok" in line and "install" in line
-               for line in after) == 3
+    pushed = said("publisher", "pushed tag v1.5.0 of gitea://agents/skills")
+    assert said("gamma", "install web-search (missing) -> ok [retry]") > pushed
+    converged = said("controller", "all 4 workspaces converged: every plugin on disk")
+    # The box re-created: every plugin installed again, from the agent's own cache.
+    recreated = said("delta", "box re-created: its plugins directory emptied (.pluginctl/ "
+                              "too); its agent registers again")
+    again = said("controller", "converged again (delta's plugins copied from its agent's "
+                               "cache: nothing fetched again)")
+    assert converged < recreated < again
+    assert sum(line.startswith("delta ") and "install" in line and "(missing) -> ok" in line
+               for line in story[recreated:again]) == 3
+    # The template moves web-search to v1.5.0: swapped in wherever the template gives it.
+    moved = said("manifests", "template.yaml: web-search #v1.4.0 -> #v1.5.0")
+    upgraded = said("controller", "web-search v1.4.0 -> v1.5.0 swapped in on alpha, beta, "
+                                  "delta")
+    assert again < moved < upgraded
+    for workspace in ("alpha", "beta", "delta"):
+        assert moved < said(workspace, "install web-search (source gitea://agents/skills/"
+                                       "web-search#v1.4.0 -> gitea://agents/skills/"
+                                       "web-search#v1.5.0) -> ok") < upgraded
+    assert said("beta", "user-installed scratchpad still there, byte for byte") > upgraded
+
     rows = [line.split() for line in lines if line.startswith(("alpha", "beta", "gamma",
                                                                 "delta"))]
     assert [row[:4] for row in rows if len(row) == 5] == [
         ["alpha", "Online", "3/3", "yes"], ["beta", "Online", "3/3", "yes"],
         ["delta", "Online", "3/3", "yes"], ["gamma", "Online", "3/3", "yes"]]
+    # The listing of beta's plugins directory, read from disk at the end: every file with
+    # its size, the .complete markers, the user's own directory, and v1.5.0's content.
+    listing = lines[lines.index("beta's plugins directory (boxes/beta/plugins/), every file "
+                                "and its size:") + 1:]
+    files = {}
+    for line in listing:
+        if not line.strip():
+            break
+        size, unit, path = line.split()
+        assert unit == "B"
+        files[path] = int(size)
+    assert set(files) == {
+        f"{name}/{file}" for name in ("notebook", "translator", "web-search")
+        for file in (".complete", "README.md", "plugin.json")
+    } | {f".pluginctl/records/{name}.json" for name in ("notebook", "translator", "web-search")
+         } | {"scratchpad/notes.md"}
+    assert all(files[f"{name}/.complete"] == len("sha256:") + 64 + 1
+               for name in ("notebook", "translator", "web-search"))
+    assert files["web-search/plugin.json"] == len('{"name": "web-search", "version": "1.5.0"}\n')
+    assert lines[-2:] == ["web-search/plugin.json:",
+                          '  {"name": "web-search", "version": "1.5.0"}']
 
 
 async def test_token_rotation_without_downtime_and_revocation(

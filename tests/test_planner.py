@@ -128,6 +128,21 @@ def test_a_clock_that_jumped_back_does_not_wedge_backoff() -> None:
     assert kinds(plan) == [("install", "a")]
 
 
+def test_a_modified_tree_is_installed_again_even_without_a_pin() -> None:
+    edited = replace(A1, digest="sha256:2", modified=True)
+    assert kinds(planner.plan(desired(A1), observed([edited]), NOW, POLICY)) == [
+        ("install", "a")]
+    assert "modified on the box" in planner.plan(desired(A1), observed([edited]), NOW,
+                                                 POLICY).actions[0].reason
+
+
+def test_a_restart_budget_of_zero_holds_restarts_for_good() -> None:
+    off = replace(POLICY, restart_budget=0)
+    held = planner.plan(desired(), observed([], restart_pending=True), NOW, off)
+    assert held.actions == () and held.waits[0].kind is WaitKind.RESTART_BUDGET
+    assert held.waits[0].until is None
+
+
 def test_restart_budget() -> None:
     recent = tuple(NOW - timedelta(minutes=m) for m in (50, 30, 10))
     held = planner.plan(desired(), observed([], restarts=recent, restart_pending=True), NOW,

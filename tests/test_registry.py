@@ -360,3 +360,33 @@ async def test_the_openapi_document_matches_the_models_and_the_running_server(
     for method, path in documented:
         async with http.request(method, registry.url + path) as answer:
             assert answer.status not in (404, 405), (method, path)
+
+
+async def test_a_reported_error_and_modified_plugin_are_stored_with_the_report(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    token = registry.token("ws-1")
+    await post(http, registry, "/registry/register",
+               {"workspace_id": "ws-1", "url": "http://10.0.0.7:8080", "plugins": []}, token)
+    before = snapshot(registry.sessions)
+    status, body = await post(http, registry, "/registry/heartbeat",
+                              {"workspace_id": "ws-1", "error": "restart failed"}, token)
+    assert status == 422 and "error: Value error, is part of a report" in body["error"]
+    assert snapshot(registry.sessions) == before  # refused: nothing written
+
+    edited = [{**PLUGINS[0], "modified": True}]
+    status, _ = await post(http, registry, "/registry/heartbeat",
+                           {"workspace_id": "ws-1", "plugins": edited,
+                            "error": "restart command exited with 1"}, token)
+    assert status == 200
+    with transaction(registry.sessions) as session:
+        seen = queries.load_observed(session)["ws-1"]
+    assert seen.runtime_error == "restart command exited with 1"
+    assert seen.report is not None and seen.report["seo-all"].modified
+
+    # The same plugins without the error: a changed report, the error is gone.
+    status, _ = await post(http, registry, "/registry/heartbeat",
+                           {"workspace_id": "ws-1", "plugins": edited}, token)
+    assert status == 200
+    with transaction(registry.sessions) as session:
+        assert queries.load_observed(session)["ws-1"].runtime_error is None

@@ -143,7 +143,11 @@ class AgentServer:
 
     async def _list(self, _request: web.Request) -> web.Response:
         async with self._lock:
-            plugins = await self.box.inventory()
+            try:
+                plugins = await self.box.inventory()
+            except OSError as error:
+                return web.json_response(
+                    {"error": f"cannot read the plugins on the box: {error}"}, status=500)
             seq = self._next_seq()
         return web.json_response({"plugins": [p.to_json() for p in plugins], "seq": seq})
 
@@ -246,9 +250,16 @@ class AgentServer:
         body: dict[str, Any] = {"workspace_id": self.workspace_id, **fields}
         async with self._lock:
             if self.report:
-                body["plugins"] = [p.to_json() for p in await self.box.inventory()]
-                if self.error is not None:
-                    body["error"] = self.error
+                try:
+                    body["plugins"] = [p.to_json() for p in await self.box.inventory()]
+                except OSError as error:
+                    # Still alive, but what is installed is unknown: no report this time
+                    # (the registry keeps the last one).
+                    log.error("%s: cannot read the plugins on the box: %s", self.workspace_id,
+                              error)
+                else:
+                    if self.error is not None:
+                        body["error"] = self.error
             body["seq"] = self._next_seq()
         return body
 

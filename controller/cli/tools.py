@@ -325,6 +325,13 @@ def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: 
         rows.append([f"memory/{entry['database']}", f"{entry['workspaces']} ws",
                      f"peak {entry['peak_rss_mb']} MB",
                      f"{entry['ratio_to_baseline']}x empty"])
+    agent_figures = result["agent_install"]
+    rows.append(["agent_install", f"{agent_figures['plugins']} plugins",
+                 f"cold {agent_figures['cold_cache_seconds']} s, warm "
+                 f"{agent_figures['warm_cache_seconds']} s, no-op "
+                 f"{agent_figures['already_installed_seconds']} s",
+                 f"{agent_figures['cold_ratio_to_naive']}x / "
+                 f"{agent_figures['warm_ratio_to_naive']}x naive"])
     click.echo(table(["MEASURE", "SIZE", "RESULT", "RATIO"], rows))
 
 
@@ -367,9 +374,11 @@ def soak(profile: str, workspaces: int | None, rate: float | None, seconds: floa
 @click.option("--db", default=None, metavar="URL",
               help="Database URL (default: a fresh SQLite file in a temporary directory).")
 def demo(manifests: Path | None, seconds: float, db: str | None) -> None:
-    """Start the registry, the loop and one reference runtime per example workspace, and
-    show them converge: one registers and never heartbeats, one had a plugin installed by
-    its user, one loses its plugins when restarted."""
+    """Publish the example plugins in real git repositories, start the registry, the loop
+    and one real agent per example workspace (each on its own plugins directory in a
+    temporary folder), and show them converge: one registers and never heartbeats, one has a
+    plugin directory its user made, one has its box re-created, one waits for its publisher
+    to push a tag; then the template moves web-search to v1.5.0."""
     from controller.demo import run_demo
 
     if logging.getLogger().level > logging.DEBUG:  # the demo tells its own story on stdout

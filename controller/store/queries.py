@@ -422,8 +422,9 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
     ids = sorted({changes.workspace_id for changes, _ in records})
     # Lock the rows (in a fixed order, so that two writers never deadlock) and read the
     # reports that patches apply to.
-    current = {row.workspace_id: (row.report, row.runtime_error) for row in session.execute(
-        select(table.c.workspace_id, table.c.report, table.c.runtime_error)
+    current = {row.workspace_id: (row.report, row.runtime_error, row.report_seq)
+               for row in session.execute(
+        select(table.c.workspace_id, table.c.report, table.c.runtime_error, table.c.report_seq)
         .where(table.c.workspace_id.in_(ids))
         .order_by(table.c.workspace_id).with_for_update())}
     records = [(changes, now) for changes, now in records if changes.workspace_id in current]
@@ -442,7 +443,7 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                                   "b_seq": changes.report_seq}
         if (changes.report_replace is not None or changes.report_put or changes.report_drop
                 or changes.report_forget):
-            stored, error = current[workspace_id]
+            stored, error, stored_seq = current[workspace_id]
             report = _report(stored)
             if changes.report_replace is not None:
                 report = plugins_by_name(list(changes.report_replace))
@@ -451,7 +452,12 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                     report[plugin.name] = plugin
                 for name in changes.report_drop:
                     report.pop(name, None)
-            if changes.report_forget:
+            # After a restart what the box has is unknown, unless the stored report was built
+            # after these actions (a higher seq: the box reported since, e.g. right after
+            # the restart); forgetting that would only cost another GET /plugins.
+            newer = (changes.report_seq is not None and stored_seq is not None
+                     and stored_seq > changes.report_seq)
+            if changes.report_forget and not newer:
                 report = None
             row.update(b_touch=True, b_at=now,
                        b_report=None if report is None else _report_json(report.values()),
