@@ -353,8 +353,13 @@ async def test_a_fetch_that_hangs_is_cut_at_the_time_limit(
         tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
     async with http_server(tmp_path / "git", hang=True) as url:
         box = await make_box(url, fetch_timeout=1.0)
+        install = asyncio.create_task(box.put("web-search", WEB_V1))
+        await asyncio.sleep(0.2)  # the fetch is under way (and hangs)...
+        assert not install.done()
+        # ...and reports (what heartbeats send) are answered meanwhile, not held up by it.
+        assert await asyncio.wait_for(box.inventory(), 0.5) == {}
         with pytest.raises(RuntimeCallError) as refused:
-            await box.put("web-search", WEB_V1)
+            await install
     assert "HTTP 504" in str(refused.value) and "--fetch-timeout" in str(refused.value)
     assert not (box.dir / "web-search").exists()
 

@@ -11,8 +11,8 @@ import signal
 from dataclasses import dataclass
 
 from controller.agent.disk import DiskError, PluginsDir
-from controller.agent.runtime import BoxError, Installed
-from controller.agent.sources import Failure, FetchError, Sources
+from controller.agent.runtime import BoxError, Installed, Prepared
+from controller.agent.sources import Failure, Fetched, FetchError, Sources
 from controller.agent.tree import is_digest
 from controller.models import Plugin
 
@@ -47,7 +47,9 @@ class DiskBox:
     async def inventory(self) -> list[Plugin]:
         return await asyncio.to_thread(self.plugins.inventory)
 
-    async def install(self, name: str, source: str, digest: str | None) -> Installed:
+    async def prepare(self, name: str, source: str, digest: str | None) -> Prepared:
+        """Fetch and check (nothing on the box changes): the digest declared, if any, must be
+        the fetched tree's."""
         if digest is not None and not is_digest(digest):
             raise BoxError(422, "BadDigest", f"digest {digest!r} is not sha256:<64 hex> "
                                              "(see `pluginctl digest`)")
@@ -62,6 +64,12 @@ class DiskBox:
             raise BoxError(422, "DigestMismatch",
                            f"{source} has digest {fetched.digest}, but {digest} was declared; "
                            "nothing was changed")
+        return Prepared(name, source, fetched.digest, fetched)
+
+    async def install(self, prepared: Prepared) -> Installed:
+        name, source, fetched = prepared.name, prepared.source, prepared.payload
+        if not isinstance(fetched, Fetched):
+            raise BoxError(500, "NotPrepared", f"{name}: not prepared by this box")
         try:
             changed = await asyncio.to_thread(self.plugins.install, name, source, fetched)
         except DiskError as error:

@@ -43,12 +43,25 @@ class Installed:
     digest: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A plugin fetched and checked, ready to be put in place; `payload` is the box's own."""
+
+    name: str
+    source: str
+    digest: str | None
+    payload: object = None
+
+
 class Box(Protocol):
-    """Where plugins live on one workspace box."""
+    """Where plugins live on one workspace box. `prepare` may take long (a fetch) and
+    changes nothing on the box; `install` makes the change and is quick."""
 
     async def inventory(self) -> list[Plugin]: ...
 
-    async def install(self, name: str, source: str, digest: str | None) -> Installed: ...
+    async def prepare(self, name: str, source: str, digest: str | None) -> Prepared: ...
+
+    async def install(self, prepared: Prepared) -> Installed: ...
 
     async def remove(self, name: str) -> bool: ...  # False: it was not there
 
@@ -164,15 +177,17 @@ class AgentServer:
             check_plugin_name(name)
         except (ValueError, KeyError, TypeError, InvalidSpec) as error:
             return web.json_response({"error": f"bad install request: {error}"}, status=400)
-        async with self._lock:
-            try:
-                installed = await self.box.install(name, source, digest)
-            except BoxError as error:
-                log.warning("%s: install of %s from %s refused: %s", self.workspace_id, name,
-                            source, error)
-                return web.json_response({"error": str(error), "reason": error.reason},
-                                         status=error.status)
-            seq = self._next_seq()
+        try:
+            # The fetch runs outside the lock: a slow source never holds up heartbeats.
+            prepared = await self.box.prepare(name, source, digest)
+            async with self._lock:
+                installed = await self.box.install(prepared)
+                seq = self._next_seq()
+        except BoxError as error:
+            log.warning("%s: install of %s from %s refused: %s", self.workspace_id, name,
+                        source, error)
+            return web.json_response({"error": str(error), "reason": error.reason},
+                                     status=error.status)
         if installed.changed:
             log.info("%s: installed %s from %s (%s)", self.workspace_id, name, source,
                      installed.digest)

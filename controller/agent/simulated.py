@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from controller.agent.runtime import AgentServer, BoxError, Installed
+from controller.agent.runtime import AgentServer, BoxError, Installed, Prepared
 from controller.models import Plugin
 
 
@@ -41,11 +41,15 @@ class MemoryBox:
     async def inventory(self) -> list[Plugin]:
         return sorted(self.plugins.values(), key=lambda p: p.name)
 
-    async def install(self, name: str, source: str, digest: str | None) -> Installed:
+    async def prepare(self, name: str, source: str, digest: str | None) -> Prepared:
         if self.faults.install_delay:
             await asyncio.sleep(self.faults.install_delay)
         if name in self.faults.failing_plugins:
             raise BoxError(500, "Broken", f"install of {name} failed: broken plugin")
+        return Prepared(name, source, digest)
+
+    async def install(self, prepared: Prepared) -> Installed:
+        name, source, digest = prepared.name, prepared.source, prepared.digest
         plugin = Plugin(name, source, digest or _digest_of(source))
         previous = self.plugins.get(name)
         changed = previous is None or previous.source != source or (

@@ -126,6 +126,7 @@ class Sources:
         self._git_dir = config.cache_dir / "git"
         self._trees = config.cache_dir / "trees"
         self._home = config.cache_dir / "home"  # an empty HOME: no user git config is read
+        self._busy: dict[str, asyncio.Lock] = {}  # one fetch per repository at a time
         for directory in (self._git_dir, self._trees, self._home):
             directory.mkdir(parents=True, exist_ok=True)
         self._env = {
@@ -183,13 +184,18 @@ class Sources:
             raise FetchError(Failure.BAD_SOURCE, f"{shown}: no #ref: the agent fetches a tag "
                                                  "or a commit, never whatever is newest")
         key = hashlib.sha256(url.encode()).hexdigest()[:32]
+        async with self._busy.setdefault(key, asyncio.Lock()):
+            return await self._git_locked(source, source.ref, url, key)
+
+    async def _git_locked(self, source: GitSource, ref: str, url: str, key: str) -> Fetched:
+        shown = _redact(url)
         repo = self._git_dir / f"{key}.git"
         if not repo.is_dir():
             scratch = self._git_dir / f".{key}.{os.getpid()}.new"
             shutil.rmtree(scratch, ignore_errors=True)
             await self._run(["init", "--bare", "-q", str(scratch)], shown)
             scratch.rename(repo)
-        commit = await self._commit(repo, url, source.ref)
+        commit = await self._commit(repo, url, ref)
         subpath = "/".join(source.subpath)
         cached = self._trees / hashlib.sha256(f"{url}\0{commit}\0{subpath}".encode()).hexdigest()
         digest_file = cached / "digest"
