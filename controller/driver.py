@@ -25,7 +25,9 @@ class RuntimeCallError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class InstallResult:
+class ChangeResult:
+    """What a runtime answered to an install or a removal."""
+
     restart_required: bool
     digest: str | None = None  # what the runtime installed, if it says
     seq: int | None = None  # the runtime's seq of this change, if it counts
@@ -146,7 +148,7 @@ class RuntimeDriver:
         return plugins, _seq(data)
 
     async def install(self, base_url: str, plugin: Plugin, workspace_id: str | None = None
-                      ) -> InstallResult:
+                      ) -> ChangeResult:
         body: dict[str, Any] = {"source": plugin.source}
         if plugin.digest is not None:
             body["digest"] = plugin.digest
@@ -156,17 +158,17 @@ class RuntimeDriver:
         if not isinstance(restart, bool):
             raise RuntimeCallError(f"PUT /plugins/{plugin.name}: restart_required is not a bool")
         digest = data.get("digest") if isinstance(data, dict) else None
-        return InstallResult(restart_required=restart,
+        return ChangeResult(restart_required=restart,
                              digest=digest if isinstance(digest, str) and digest else None,
                              seq=_seq(data))
 
     async def remove(self, base_url: str, name: str, workspace_id: str | None = None
-                     ) -> int | None:
-        """Remove a plugin; the runtime's seq of the change, if it counts."""
+                     ) -> ChangeResult:
         # 404 counts as already removed: the end state is what we wanted.
-        _, data = await self._call("DELETE", _join(base_url, "plugins", name),
-                                   ok=(200, 204, 404), workspace_id=workspace_id)
-        return _seq(data)
+        status, data = await self._call("DELETE", _join(base_url, "plugins", name),
+                                        ok=(200, 204, 404), workspace_id=workspace_id)
+        restart = data.get("restart_required") if isinstance(data, dict) else None
+        return ChangeResult(restart_required=status != 404 and restart is True, seq=_seq(data))
 
     async def restart(self, base_url: str, workspace_id: str | None = None) -> None:
         await self._call("POST", _join(base_url, "restart"), ok=(200, 202, 204),

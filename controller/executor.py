@@ -20,8 +20,9 @@ async def perform(driver: RuntimeDriver, url: str, action: Action,
                 return Outcome(action, ok=True, restart_required=result.restart_required,
                                digest=result.digest, seq=result.seq)
             case ActionKind.REMOVE if action.plugin is not None:
-                seq = await driver.remove(url, action.plugin.name, workspace_id)
-                return Outcome(action, ok=True, seq=seq)
+                removed = await driver.remove(url, action.plugin.name, workspace_id)
+                return Outcome(action, ok=True, restart_required=removed.restart_required,
+                               seq=removed.seq)
             case ActionKind.DISOWN:
                 return Outcome(action, ok=True)
             case ActionKind.RESTART:

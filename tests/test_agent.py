@@ -295,8 +295,8 @@ async def test_removal_takes_the_tree_and_its_record(
         make_box: Callable[..., Awaitable[Box]]) -> None:
     box = await make_box()
     await box.put("web-search", WEB_V1)
-    seq = await box.driver.remove(box.server.url, "web-search")
-    assert seq is not None
+    removed = await box.driver.remove(box.server.url, "web-search")
+    assert removed.seq is not None and removed.restart_required  # to unload it
     assert not (box.dir / "web-search").exists()
     assert box.plugins.record("web-search") is None
     assert await box.inventory() == {}

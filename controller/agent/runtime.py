@@ -63,7 +63,8 @@ class Box(Protocol):
 
     async def install(self, prepared: Prepared) -> Installed: ...
 
-    async def remove(self, name: str) -> bool: ...  # False: it was not there
+    async def remove(self, name: str) -> bool: ...  # False: it was not there; a running
+    # workspace still has a removed plugin loaded until it restarts
 
     async def restart(self) -> str | None: ...  # the failure, if it failed
 
@@ -213,7 +214,12 @@ class AgentServer:
             return web.json_response({"error": f"plugin {name} not installed", "seq": seq},
                                      status=404)
         log.info("%s: removed %s", self.workspace_id, name)
-        return web.json_response({"seq": seq})
+        return web.json_response({"restart_required": self.restart_after_removal(),
+                                  "seq": seq})
+
+    def restart_after_removal(self) -> bool:
+        """A running workspace keeps a removed plugin loaded until it restarts."""
+        return True
 
     async def _restart(self, _request: web.Request) -> web.Response:
         self.counters.restarts += 1

@@ -92,6 +92,9 @@ class ReferenceRuntime(AgentServer):
     def heartbeats(self) -> int:
         return self.counters.heartbeats
 
+    def restart_after_removal(self) -> bool:
+        return self.faults.restart_required
+
     def middlewares(self) -> list[Any]:
         return [*super().middlewares(), self._misbehave]
 
