@@ -165,10 +165,10 @@ class RuntimeDriver:
     async def remove(self, base_url: str, name: str, workspace_id: str | None = None
                      ) -> ChangeResult:
         # 404 counts as already removed: the end state is what we wanted.
-        status, data = await self._call("DELETE", _join(base_url, "plugins", name),
-                                        ok=(200, 204, 404), workspace_id=workspace_id)
+        _, data = await self._call("DELETE", _join(base_url, "plugins", name),
+                                   ok=(200, 204, 404), workspace_id=workspace_id)
         restart = data.get("restart_required") if isinstance(data, dict) else None
-        return ChangeResult(restart_required=status != 404 and restart is True, seq=_seq(data))
+        return ChangeResult(restart_required=restart is True, seq=_seq(data))
 
     async def restart(self, base_url: str, workspace_id: str | None = None) -> None:
         await self._call("POST", _join(base_url, "restart"), ok=(200, 202, 204),

@@ -16,6 +16,9 @@ from controller.networks import RuntimeNetworks
 API_GROUP = "pluginctl.dev"
 API_VERSION = "v1alpha1"
 
+# The patterns below are shared with pydantic and the OpenAPI document; Python code checks
+# them with fullmatch(), since a Python `$` also matches before a final newline.
+
 #: Plugin names travel in URL paths (`PUT /plugins/{name}`) and in Kubernetes list-map keys.
 PLUGIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 #: Workspace ids are chosen by the platform (often a UUID or an object name).
@@ -49,7 +52,7 @@ class InvalidSpec(ValueError):
 
 
 def check_plugin_name(name: str) -> str:
-    if not _PLUGIN_NAME.match(name):
+    if not _PLUGIN_NAME.fullmatch(name):
         raise InvalidSpec(
             f"invalid plugin name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -58,7 +61,7 @@ def check_plugin_name(name: str) -> str:
 
 
 def check_workspace_id(workspace_id: str) -> str:
-    if not _WORKSPACE_ID.match(workspace_id):
+    if not _WORKSPACE_ID.fullmatch(workspace_id):
         raise InvalidSpec(
             f"invalid workspace id {workspace_id!r}: use 1-253 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -67,7 +70,7 @@ def check_workspace_id(workspace_id: str) -> str:
 
 
 def check_source(source: str) -> str:
-    if len(source) > MAX_SOURCE_LENGTH or not _SOURCE.match(source):
+    if len(source) > MAX_SOURCE_LENGTH or not _SOURCE.fullmatch(source):
         raise InvalidSpec(
             f"invalid plugin source {source!r}: expected scheme://path[#ref], "
             "e.g. gitea://org/repo/skills/seo#v1"

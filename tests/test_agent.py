@@ -113,7 +113,7 @@ def test_digest_follows_the_documented_recipe_and_ignores_what_it_says(tmp_path:
     (root / "link").symlink_to("a.txt")
     records = [
         b"file 644 a.txt\0" + hashlib.sha256(b"hello\n").hexdigest().encode() + b"\n",
-        b"link link\0a.txt\n",
+        b"link link\0a.txt\0\n",
         b"dir sub\0\n",
         b"file 755 sub/run\0" + hashlib.sha256(b"#!/bin/sh\n").hexdigest().encode() + b"\n",
     ]
@@ -185,6 +185,8 @@ async def test_an_install_of_what_is_there_changes_nothing(
         make_box: Callable[..., Awaitable[Box]]) -> None:
     box = await make_box()
     first = await box.put("web-search", WEB_V1)
+    await box.driver.restart(box.server.url)  # the restart the install asked for
+    await box.server.restarted()
     inode = (box.dir / "web-search").stat().st_ino
     again = await box.put("web-search", WEB_V1, first.digest)
     assert again.restart_required is False and again.digest == first.digest
@@ -192,15 +194,39 @@ async def test_an_install_of_what_is_there_changes_nothing(
     assert again.seq is not None and first.seq is not None and again.seq > first.seq
 
 
+async def test_a_restart_owed_is_asked_for_again_until_it_happens(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    """An install whose answer was lost (the controller timed out during a slow fetch) left
+    the files in place; the retry finds them there and must still ask for the restart, or
+    the workspace never loads them. The debt survives the agent, and a restart pays it."""
+    box = await make_box()
+    await box.put("web-search", WEB_V1)  # pretend this answer never reached the controller
+    retry = await box.put("web-search", WEB_V1)
+    assert retry.restart_required is True
+    again = PluginsDir(box.dir)  # a new agent process on the same box
+    assert again.restart_pending()
+    removal = await box.driver.remove(box.server.url, "nothing-here")  # 404, debt still owed
+    assert removal.restart_required is True
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()
+    assert (await box.put("web-search", WEB_V1)).restart_required is False
+
+    failing = tmp_path / "fail.sh"
+    failing.write_text("exit 1\n")
+    box.disk.restart_command = RestartCommand(("sh", str(failing)))
+    await box.put("web-search", WEB_V2)
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()  # the restart failed: still owed
+    assert (await box.put("web-search", WEB_V2)).restart_required is True
+
+
 async def test_a_warm_cache_fetches_nothing(
         tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
     box = await make_box()
     await box.put("web-search", WEB_V1)
     (tmp_path / "git").rename(tmp_path / "git-gone")  # the origin is unreachable now
-    for leftover in box.dir.iterdir():  # a wiped box
-        if leftover.name != ".pluginctl":
-            shutil.rmtree(leftover)
-    box.plugins.prepare()
+    for leftover in box.dir.iterdir():  # a wiped box, pluginctl's records too
+        shutil.rmtree(leftover)
     result = await box.put("web-search", WEB_V1)
     assert result.restart_required is True
     assert files(box.dir / "web-search")["README.md"] == "v1\n"
@@ -276,7 +302,12 @@ async def test_a_users_directory_is_reported_as_theirs_and_never_touched(
     (mine / "notes.md").write_text("mine\n")
     (box.dir / "scratchpad").mkdir()
     (box.dir / "scratchpad" / "x").write_text("keep\n")
-    before = files(box.dir)
+
+    def theirs() -> dict[str, str]:
+        return {path: content for path, content in files(box.dir).items()
+                if not path.startswith(".pluginctl")}
+
+    before = theirs()
 
     assert await box.inventory() == {
         "scratchpad": Plugin("scratchpad", "user://scratchpad"),
@@ -288,7 +319,7 @@ async def test_a_users_directory_is_reported_as_theirs_and_never_touched(
     await box.put("other", "gitea://agents/skills/other#v1")  # an install beside them
     await box.put("other", "gitea://agents/skills/other#v2")  # an upgrade beside them
     await box.driver.remove(box.server.url, "other")  # a removal beside them
-    assert files(box.dir) == before
+    assert theirs() == before
 
 
 async def test_removal_takes_the_tree_and_its_record(
@@ -461,9 +492,8 @@ async def test_the_loop_converges_a_wiped_box_and_a_template_change(
         await converge(WEB_V2)  # the template moved to the next tag
         assert files(box.dir / "web-search")["README.md"] == "v2\n"
 
-        for entry in list(box.dir.iterdir()):  # the box is wiped and comes back
+        for entry in list(box.dir.iterdir()):  # the box is wiped while the agent runs
             shutil.rmtree(entry)
-        box.plugins.prepare()
         await box.server.register()
         await converge(WEB_V2)
         assert files(box.dir / "web-search")["README.md"] == "v2\n"
@@ -655,3 +685,179 @@ def test_a_restart_forgets_the_report_unless_the_box_reported_since(sessions: Se
     assert after_restart(10) == {"web-search": plugin}
     # The install answered seq 12: the stored report is older, so it is forgotten.
     assert after_restart(12) is None
+
+
+# --- what the review of the first version found ---------------------------------------------------
+
+def test_hostile_directory_names_and_too_many_directories_never_silence_the_box(
+        tmp_path: Path) -> None:
+    from controller import api
+
+    plugins = PluginsDir(tmp_path / "plugins")
+    plugins.prepare()
+    (tmp_path / "plugins" / "foo\n").mkdir()  # `$` would let this pass for a plugin name
+    for i in range(api.MAX_PLUGINS + 1):
+        (tmp_path / "plugins" / f"user-{i:03d}").mkdir()
+    report = plugins.inventory()
+    assert len(report) == api.MAX_PLUGINS and all("\n" not in p.name for p in report)
+    api.HeartbeatRequest.model_validate({"workspace_id": "ws-1",
+                                         "plugins": [p.to_json() for p in report]})
+
+
+def test_a_directory_made_during_an_install_is_the_users_and_survives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.agent import disk
+    from controller.agent.disk import DiskError
+    from controller.agent.sources import Fetched
+
+    library = tmp_path / "library" / "p"
+    library.mkdir(parents=True)
+    (library / "f").write_text("ours\n")
+    plugins = PluginsDir(tmp_path / "plugins")
+    plugins.prepare()
+    copy = disk._copy_file
+
+    def copy_while_the_user_works(source: str, destination: str) -> str:
+        (tmp_path / "plugins" / "p").mkdir(exist_ok=True)
+        (tmp_path / "plugins" / "p" / "mine.txt").write_text("mine\n")
+        return copy(source, destination)
+
+    monkeypatch.setattr(disk, "_copy_file", copy_while_the_user_works)
+    with pytest.raises(DiskError, match="not installed by pluginctl") as refused:
+        plugins.install("p", "local://p", Fetched(library, tree.digest(library), None))
+    assert refused.value.conflict
+    assert files(tmp_path / "plugins" / "p") == {"mine.txt": "mine\n"}
+    assert plugins.record("p") is None
+    assert plugins.inventory() == [Plugin("p", "user://p")]
+
+
+def test_a_swap_killed_between_its_two_renames_is_put_back(tmp_path: Path) -> None:
+    """Where RENAME_EXCHANGE is missing the swap is two renames; a kill between them leaves
+    the old tree aside, and the next start puts it back."""
+    plugins = PluginsDir(tmp_path / "plugins")
+    plugins.prepare()
+    aside = tmp_path / "plugins" / ".pluginctl" / "staging" / "my.plugin.1a2b3c4d.old"
+    aside.mkdir()
+    (aside / "f").write_text("old\n")
+    (tmp_path / "plugins" / ".pluginctl" / "staging" / "my.plugin.1a2b3c4d").mkdir()
+    plugins.prepare()
+    assert files(tmp_path / "plugins" / "my.plugin") == {"f": "old\n"}
+    assert list((tmp_path / "plugins" / ".pluginctl" / "staging").iterdir()) == []
+
+
+async def test_a_record_whose_tree_is_gone_is_forgotten(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    await box.put("web-search", WEB_V1)
+    shutil.rmtree(box.dir / "web-search")  # deleted by hand
+    assert await box.inventory() == {}
+    (box.dir / "web-search").mkdir()  # a directory of the user's, under the same name
+    assert (await box.inventory())["web-search"].source == "user://web-search"
+
+
+async def test_gitattributes_never_change_what_is_installed(
+        tmp_path: Path, repo: Repo, make_box: Callable[..., Awaitable[Box]]) -> None:
+    """Installed bytes are the repository's bytes: no export-subst, export-ignore or
+    line-ending filter applies (git archive would apply them)."""
+    repo.commit({".gitattributes": "* export-subst\nskipped export-ignore\n*.txt eol=crlf\n",
+                 "web-search/.gitattributes": "* export-subst\nskipped export-ignore\n",
+                 "web-search/version": "$Format:%H$\n", "web-search/skipped": "kept\n",
+                 "web-search/lines.txt": "a\nb\n"}, tag="v5")
+    box = await make_box()
+    result = await box.put("web-search", "gitea://agents/skills/web-search#v5")
+    installed = files(box.dir / "web-search")
+    assert installed["version"] == "$Format:%H$\n"
+    assert installed["skipped"] == "kept\n" and installed["lines.txt"] == "a\nb\n"
+    # The publisher's own files give the same digest (`pluginctl digest` on their tree).
+    assert result.digest == tree.digest(repo.work / "web-search")
+
+
+def test_the_digest_tells_link_targets_from_names(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "a").symlink_to("x\nlink b")
+    (first / "c").symlink_to("y")
+    (second / "a").symlink_to("x")
+    (second / "b\nlink c").symlink_to("y")
+    assert tree.digest(first) != tree.digest(second)
+
+
+@pytest.mark.parametrize(("links", "escapes"), [
+    ({"b": ".", "a": "b/../../x"}, True),  # through a link to "." ... and out
+    ({"b": "sub", "a": "b/../x"}, False),
+    ({"loop1": "loop2", "loop2": "loop1"}, True),
+    ({"deep": "sub/../sub/f"}, False),
+    ({"abs": "/etc/passwd"}, True),
+])
+def test_symlinks_are_resolved_through_the_trees_own_links(
+        tmp_path: Path, links: dict[str, str], escapes: bool) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f").write_text("x")
+    for name, target in links.items():
+        (tmp_path / name).symlink_to(target)
+    if escapes:
+        with pytest.raises(tree.TreeError, match="points outside the plugin"):
+            tree.check(tmp_path, tree.Limits())
+    else:
+        tree.check(tmp_path, tree.Limits())
+
+
+async def test_a_symlink_chain_out_of_a_git_plugin_is_refused(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    chain = Repo(tmp_path / "git", "agents", "chain")
+    chain.commit({"p/f": "x"}, tag="v1", symlinks={"p/b": ".", "p/a": "b/../../../etc"})
+    box = await make_box()
+    with pytest.raises(RuntimeCallError, match=r"HTTP 422.*points outside the plugin"):
+        await box.put("p", "gitea://agents/chain/p#v1")
+    assert not (box.dir / "p").exists()
+
+
+async def test_local_sources_may_not_leave_the_library(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    library = tmp_path / "b0" / "library"
+    (library / "escaping").mkdir(parents=True)
+    (library / "escaping" / "passwd").symlink_to("/etc/passwd")
+    (library / "elsewhere").symlink_to(tmp_path)  # a library entry that is a link out
+    with pytest.raises(RuntimeCallError, match=r"HTTP 422.*points outside the plugin"):
+        await box.put("escaping", "local://escaping")
+    with pytest.raises(RuntimeCallError, match=r"HTTP 422.*outside --local-root"):
+        await box.put("elsewhere", "local://elsewhere")
+    assert sorted(p.name for p in box.dir.iterdir()) == [".pluginctl"]
+
+
+async def test_limits_are_checked_before_anything_is_written(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    from controller.agent.tree import Limits
+
+    big = Repo(tmp_path / "git", "agents", "big")
+    big.commit({"p/blob": "x" * 5000}, tag="v1")
+    box = await make_box(limits=Limits(max_bytes=4096))
+    with pytest.raises(RuntimeCallError, match="larger than 4096 bytes"):
+        await box.put("p", "gitea://agents/big/p#v1")
+    assert list((tmp_path / "b0" / "cache" / "trees").iterdir()) == []  # not even cached
+
+
+async def test_the_restart_command_never_sees_the_token(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    monkeypatch.setenv("PLUGINCTL_TOKEN", "plc_secret")
+    box = await make_box()
+    seen = tmp_path / "env"
+    box.disk.restart_command = RestartCommand(("sh", "-c", f"env > {seen}"))
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()
+    assert "PLUGINCTL_WORKSPACE_ID=ws-1" in seen.read_text()
+    assert "plc_secret" not in seen.read_text()
+
+
+async def test_an_agent_on_a_public_address_needs_the_controllers_secret(
+        tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "agent", "--workspace-id", "ws-1",
+        "--plugins-dir", str(tmp_path / "plugins"), "--listen", "0.0.0.0:0",
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PLUGINCTL_TOKEN": "plc_x"})
+    _, err = await process.communicate()
+    assert process.returncode == 1
+    assert "--controller-secret-file" in err.decode() and "--allow-any-caller" in err.decode()

@@ -792,6 +792,24 @@ def test_sidecar_example_is_admitted_as_a_restricted_native_sidecar(
         assert (container.get("securityContext") or {}).get(
             "runAsNonRoot", pod_security.get("runAsNonRoot")) is True, container["name"]
 
+    # Only the controller may call the agent: its secret, or a policy admitting it alone.
+    if "--controller-secret-file" not in flags:
+        assert "--allow-any-caller" in args, args
+        policy_file = SIDECAR_EXAMPLE.parent / "networkpolicy.yaml"
+        applied = plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-o", "json",
+                                "-f", str(policy_file))
+        policy = json.loads(applied.stdout)["spec"]
+        assert all(pod["metadata"]["labels"].get(key) == value
+                   for key, value in policy["podSelector"]["matchLabels"].items())
+        [rule] = policy["ingress"]
+        assert [p["port"] for p in rule["ports"]] == [9090]
+        deployment = yaml.safe_load((ROOT / "manifests" / "base" / "deployment.yaml")
+                                    .read_text())
+        controller_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        [source] = rule["from"]
+        assert all(controller_labels.get(k) == v
+                   for k, v in source["podSelector"]["matchLabels"].items())
+
     # The token: from the Workspace's token Secret, never on the command line.
     env = {variable["name"]: variable for variable in agent.get("env", [])}
     assert "value" not in env["PLUGINCTL_TOKEN"], "a literal token in the Pod"

@@ -28,6 +28,11 @@ _STATUS = {
 }
 
 
+#: Never handed to the restart command.
+_SECRETS = frozenset({"PLUGINCTL_TOKEN", "PLUGINCTL_TOKEN_FILE",
+                      "PLUGINCTL_CONTROLLER_SECRET_FILE"})
+
+
 @dataclass(frozen=True)
 class RestartCommand:
     """`--restart-command`, split like a shell would, run without one."""
@@ -73,20 +78,35 @@ class DiskBox:
         try:
             changed = await asyncio.to_thread(self.plugins.install, name, source, fetched)
         except DiskError as error:
-            raise BoxError(409 if error.conflict else 422, "NotOwned", str(error)) from error
+            raise BoxError(409 if error.conflict else 422,
+                           "NotOwned" if error.conflict else "Refused", str(error)) from error
         except OSError as error:
             raise BoxError(500, "DiskError", f"cannot install {name}: {error}") from error
+        if changed:
+            await asyncio.to_thread(self.plugins.mark_restart_pending)
         return Installed(changed, fetched.digest)
 
     async def remove(self, name: str) -> bool:
         try:
-            return await asyncio.to_thread(self.plugins.remove, name)
+            removed = await asyncio.to_thread(self.plugins.remove, name)
         except DiskError as error:
             raise BoxError(409, "NotOwned", str(error)) from error
         except OSError as error:
             raise BoxError(500, "DiskError", f"cannot remove {name}: {error}") from error
+        if removed:
+            await asyncio.to_thread(self.plugins.mark_restart_pending)
+        return removed
+
+    def restart_pending(self) -> bool:
+        return self.plugins.restart_pending()
 
     async def restart(self) -> str | None:
+        failure = await self._run_restart()
+        if failure is None:
+            self.plugins.clear_restart_pending()
+        return failure
+
+    async def _run_restart(self) -> str | None:
         command = self.restart_command
         if command is None:
             log.info("%s: restart asked for; no --restart-command, so nothing to do",
@@ -95,7 +115,9 @@ class DiskBox:
         log.info("%s: restarting: %s", self.workspace_id, " ".join(command.argv))
         try:
             process = await asyncio.create_subprocess_exec(
-                *command.argv, env={**os.environ, "PLUGINCTL_WORKSPACE_ID": self.workspace_id},
+                *command.argv,
+                env={**{k: v for k, v in os.environ.items() if k not in _SECRETS},
+                     "PLUGINCTL_WORKSPACE_ID": self.workspace_id},
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as error:

@@ -19,11 +19,13 @@ from pathlib import Path
 
 from controller.agent import tree
 from controller.agent.sources import Fetched
+from controller.api import MAX_PLUGINS
 from controller.models import InvalidSpec, Plugin, check_plugin_name, utcnow
 
 log = logging.getLogger("pluginctl.agent")
 
 BOOKKEEPING = ".pluginctl"
+RESTART_PENDING = "restart-pending"
 #: Reported as the source of a plugin directory pluginctl did not put there.
 USER_SCHEME = "user"
 
@@ -56,25 +58,57 @@ class PluginsDir:
     """Reads and changes `root` (the box's plugins directory). Blocking: call from a thread,
     one change at a time."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: tree.Limits | None = None) -> None:
         self.root = root
+        self.limits = limits or tree.Limits()
         self._records = root / BOOKKEEPING / "records"
         self._staging = root / BOOKKEEPING / "staging"
         self._digests: dict[str, tuple[object, str]] = {}  # name -> (signature, digest)
         self._ignored: set[str] = set()  # names already logged as unreportable
 
     def prepare(self) -> None:
-        """Create the layout; throw away what a killed install or removal left behind
-        (staged trees, old trees waiting to be deleted, records of trees that are gone)."""
-        self._records.mkdir(parents=True, exist_ok=True)
-        if self._staging.exists():
-            for leftover in self._staging.iterdir():
-                log.info("removing %s left by an interrupted install or removal", leftover.name)
-                _remove_tree(leftover)
-        self._staging.mkdir(exist_ok=True)
-        for record in self._records.glob("*.json"):
-            if not (self.root / record.stem).is_dir():
+        """Create the layout; put back an old tree a killed swap left aside, and throw away
+        what killed installs and removals left (staged trees, trees on their way out,
+        half-written records, records of trees that are gone)."""
+        self._ensure_layout()
+        for leftover in sorted(self._staging.iterdir()):
+            if leftover.name.endswith(".old"):
+                # The two-rename swap was killed between its renames: the old tree is whole.
+                name = leftover.name.removesuffix(".old").rsplit(".", 1)[0]
+                target = self.root / name
+                if not target.exists() and not target.is_symlink():
+                    log.info("putting back %s, left aside by an interrupted swap", name)
+                    leftover.rename(target)
+                    continue
+            log.info("removing %s left by an interrupted install or removal", leftover.name)
+            _remove_tree(leftover)
+        for record in self._records.iterdir():
+            if record.name.startswith(".") or not (self.root / record.stem).is_dir():
                 record.unlink()
+
+    def _ensure_layout(self) -> None:
+        """The bookkeeping directories exist (again, after a wipe) and are directories of
+        ours, not symlinks someone put there."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root / BOOKKEEPING, self._records, self._staging):
+            if directory.is_symlink():
+                raise DiskError(f"{directory} is a symlink; pluginctl keeps its records in "
+                                "a real directory")
+            directory.mkdir(exist_ok=True)
+
+    # --- restarts owed ---------------------------------------------------------------------
+
+    def restart_pending(self) -> bool:
+        """Whether the box changed since its last restart (kept on disk: an answer that was
+        lost, or an agent killed after the change, must not lose the restart)."""
+        return (self.root / BOOKKEEPING / RESTART_PENDING).exists()
+
+    def mark_restart_pending(self) -> None:
+        self._ensure_layout()
+        (self.root / BOOKKEEPING / RESTART_PENDING).touch()
+
+    def clear_restart_pending(self) -> None:
+        (self.root / BOOKKEEPING / RESTART_PENDING).unlink(missing_ok=True)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -100,15 +134,18 @@ class PluginsDir:
         self._digests[name] = (signature, digest)
         return digest
 
-    def inventory(self) -> list[Plugin]:
+    def inventory(self, limit: int = MAX_PLUGINS) -> list[Plugin]:
         """What is on disk now: pluginctl's plugins with their current digest (`modified`
-        when that is not the recorded one, or the `.complete` marker is missing), and every
-        other plugin directory as the user's (`user://NAME`)."""
-        found: list[Plugin] = []
+        when that is not the recorded one, or the `.complete` marker is missing), and other
+        plugin directories as the user's (`user://NAME`), at most `limit` entries in all
+        (pluginctl's first: a report the registry refuses would take the box offline)."""
+        ours: list[Plugin] = []
+        users: list[Plugin] = []
         try:
             entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
         except FileNotFoundError:
-            return found
+            return []
+        present = set()
         for entry in entries:
             name = entry.name
             if name.startswith("."):
@@ -116,24 +153,44 @@ class PluginsDir:
             try:
                 check_plugin_name(name)
             except InvalidSpec:
-                if name not in self._ignored:
-                    self._ignored.add(name)
-                    log.warning("not reporting %s: not a valid plugin name", entry.path)
+                self._ignore(entry.path, "not a valid plugin name")
                 continue
             record = self.record(name)
             if record is None or entry.is_symlink() or not entry.is_dir():
-                found.append(Plugin(name, f"{USER_SCHEME}://{name}"))
+                users.append(Plugin(name, f"{USER_SCHEME}://{name}"))
                 continue
+            present.add(name)
             try:
                 digest = self.current_digest(name)
             except (OSError, tree.TreeError) as error:
                 log.warning("cannot read %s: %s", entry.path, error)
-                found.append(Plugin(name, record.source, None, modified=True))
+                ours.append(Plugin(name, record.source, None, modified=True))
                 continue
             intact = digest == record.digest and (self.root / name / tree.COMPLETE_MARKER
                                                   ).is_file()
-            found.append(Plugin(name, record.source, digest, modified=not intact))
-        return found
+            ours.append(Plugin(name, record.source, digest, modified=not intact))
+        self._forget_records_except(present)
+        for plugin in users[max(0, limit - len(ours)):]:
+            self._ignore(str(self.root / plugin.name), f"more than {limit} plugin directories")
+        return sorted(ours[:limit] + users[:max(0, limit - len(ours))], key=lambda p: p.name)
+
+    def _ignore(self, path: str, why: str) -> None:
+        if path not in self._ignored:
+            self._ignored.add(path)
+            log.warning("not reporting %s: %s", path, why)
+
+    def _forget_records_except(self, present: set[str]) -> None:
+        """A record whose tree is gone (deleted by hand, a wiped box) is dropped at once, so
+        that a directory someone makes later under that name is theirs, not ours."""
+        try:
+            records = list(self._records.iterdir())
+        except FileNotFoundError:
+            return
+        for record in records:
+            if record.suffix == ".json" and not record.name.startswith(".") \
+                    and record.stem not in present and not (self.root / record.stem).is_dir():
+                record.unlink(missing_ok=True)
+                self._digests.pop(record.stem, None)
 
     def owner_problem(self, name: str) -> str | None:
         """Why pluginctl may not touch `DIR/<name>`, or None (absent, or pluginctl's)."""
@@ -156,38 +213,62 @@ class PluginsDir:
     # --- changing --------------------------------------------------------------------------
 
     def install(self, name: str, source: str, fetched: Fetched) -> bool:
-        """Put `fetched` at `DIR/<name>`: copied into a staging directory beside it, the
+        """Put `fetched` at `DIR/<name>`: copied into a staging directory beside it, checked
+        and digested again there (what is swapped in is exactly what was checked), the
         `.complete` marker written last, the record written, then swapped in atomically.
         False when it was already there (nothing changes)."""
         check_plugin_name(name)
+        self._ensure_layout()
         problem = self.owner_problem(name)
         if problem is not None:
             raise DiskError(problem, conflict=True)
         if self.unchanged(name, source, fetched):
             return False
+        before = self.record(name)  # None: a new plugin, which must not replace anything
         staged = self._staging / f"{name}.{uuid.uuid4().hex[:8]}"
+        target = self.root / name
         try:
-            shutil.copytree(fetched.path, staged, symlinks=True, copy_function=shutil.copy)
+            shutil.copytree(fetched.path, staged, symlinks=True, copy_function=_copy_file)
+            tree.check(staged, self.limits)
+            if tree.digest(staged) != fetched.digest:
+                raise DiskError(f"{source} changed while it was being copied; nothing was "
+                                "changed (try again)")
             (staged / tree.COMPLETE_MARKER).write_text(fetched.digest + "\n")
             # The record first: a kill between the two leaves a record whose digest the tree
             # does not match (reported `modified`, installed again), never a tree of ours
             # without a record (which would pass for the user's).
             self._write_record(Record(name, source, fetched.digest, fetched.commit,
                                       utcnow().isoformat()))
-            target = self.root / name
-            if target.is_dir():
-                _exchange(staged, target)  # `staged` now holds the old tree
-            else:
-                _rename_new(staged, target)
+            try:
+                if before is not None and target.is_dir() and not target.is_symlink():
+                    _exchange(staged, target)  # `staged` now holds the old tree
+                else:
+                    _rename_new(staged, target)
+            except FileExistsError as error:
+                self._restore_record(name, before)
+                raise DiskError(self.owner_problem(name) or f"{target} appeared meanwhile",
+                                conflict=True) from error
+            except BaseException:
+                self._restore_record(name, before)
+                raise
+        except tree.TreeError as error:
+            raise DiskError(f"{source}: {error}") from error
         finally:
             _remove_tree(staged)
         self._digests.pop(name, None)
         return True
 
+    def _restore_record(self, name: str, record: Record | None) -> None:
+        if record is None:
+            (self._records / f"{name}.json").unlink(missing_ok=True)
+        else:
+            self._write_record(record)
+
     def remove(self, name: str) -> bool:
         """Take `DIR/<name>` away in one rename, then delete it. False when it was not there;
         DiskError (conflict) when it is the user's."""
         check_plugin_name(name)
+        self._ensure_layout()
         problem = self.owner_problem(name)
         if problem is not None:
             raise DiskError(problem, conflict=True)
@@ -205,6 +286,7 @@ class PluginsDir:
 
     def _write_record(self, record: Record) -> None:
         path = self._records / f"{record.name}.json"
+        self._ensure_layout()
         scratch = self._records / f".{record.name}.json.{uuid.uuid4().hex[:8]}"
         scratch.write_text(json.dumps(asdict(record), sort_keys=True), encoding="utf-8")
         os.replace(scratch, path)
@@ -237,12 +319,26 @@ def _exchange(staged: Path, target: Path) -> None:
 
 
 def _rename_new(staged: Path, target: Path) -> None:
+    """Move a new plugin in; FileExistsError if anything is at `target` (never replaced)."""
     try:
         _rename2(staged, target, _RENAME_NOREPLACE)
     except OSError as error:
+        if error.errno == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from error
         if error.errno not in (errno.EINVAL, errno.ENOSYS):
             raise
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from error
         staged.rename(target)
+
+
+def _copy_file(source: str, destination: str) -> str:
+    """Contents, and an execute bit if any was set: never setuid, group- or world-writable
+    bits from a library."""
+    shutil.copyfile(source, destination, follow_symlinks=False)
+    mode = 0o755 if os.stat(source, follow_symlinks=False).st_mode & 0o111 else 0o644
+    os.chmod(destination, mode)
+    return destination
 
 
 def _remove_tree(path: Path) -> None:

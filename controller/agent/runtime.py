@@ -63,8 +63,9 @@ class Box(Protocol):
 
     async def install(self, prepared: Prepared) -> Installed: ...
 
-    async def remove(self, name: str) -> bool: ...  # False: it was not there; a running
-    # workspace still has a removed plugin loaded until it restarts
+    async def remove(self, name: str) -> bool: ...  # False: it was not there
+
+    def restart_pending(self) -> bool: ...  # changed since its last restart
 
     async def restart(self) -> str | None: ...  # the failure, if it failed
 
@@ -192,7 +193,8 @@ class AgentServer:
         if installed.changed:
             log.info("%s: installed %s from %s (%s)", self.workspace_id, name, source,
                      installed.digest)
-        answer: dict[str, Any] = {"restart_required": installed.changed, "seq": seq}
+        answer: dict[str, Any] = {"restart_required": self.restart_required(installed.changed),
+                                  "seq": seq}
         if installed.digest is not None:
             answer["digest"] = installed.digest
         return web.json_response(answer)
@@ -210,16 +212,19 @@ class AgentServer:
                 return web.json_response({"error": str(error), "reason": error.reason},
                                          status=error.status)
             seq = self._next_seq()
+        answer = {"restart_required": self.restart_required(removed), "seq": seq}
         if not removed:
-            return web.json_response({"error": f"plugin {name} not installed", "seq": seq},
+            return web.json_response({"error": f"plugin {name} not installed", **answer},
                                      status=404)
         log.info("%s: removed %s", self.workspace_id, name)
-        return web.json_response({"restart_required": self.restart_after_removal(),
-                                  "seq": seq})
+        return web.json_response(answer)
 
-    def restart_after_removal(self) -> bool:
-        """A running workspace keeps a removed plugin loaded until it restarts."""
-        return True
+    def restart_required(self, changed: bool) -> bool:
+        """What to answer a PUT or DELETE: whether the workspace must restart to load the
+        box as it is now. Also true when an earlier change was never followed by a
+        restart (its answer was lost: the controller timed out, or the agent was killed),
+        and for removals too (a running workspace keeps a removed plugin loaded)."""
+        return changed or self.box.restart_pending()
 
     async def _restart(self, _request: web.Request) -> web.Response:
         self.counters.restarts += 1

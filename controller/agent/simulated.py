@@ -55,10 +55,13 @@ class MemoryBox:
         changed = previous is None or previous.source != source or (
             digest is not None and previous.digest != digest)
         self.plugins[name] = plugin
-        return Installed(changed and self.faults.restart_required, plugin.digest)
+        return Installed(changed, plugin.digest)
 
     async def remove(self, name: str) -> bool:
         return self.plugins.pop(name, None) is not None
+
+    def restart_pending(self) -> bool:
+        return False
 
     async def restart(self) -> str | None:
         await asyncio.sleep(0.05)
@@ -92,8 +95,8 @@ class ReferenceRuntime(AgentServer):
     def heartbeats(self) -> int:
         return self.counters.heartbeats
 
-    def restart_after_removal(self) -> bool:
-        return self.faults.restart_required
+    def restart_required(self, changed: bool) -> bool:
+        return changed and self.faults.restart_required
 
     def middlewares(self) -> list[Any]:
         return [*super().middlewares(), self._misbehave]

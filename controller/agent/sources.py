@@ -10,19 +10,24 @@ import contextlib
 import enum
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import signal
-import tarfile
+import subprocess
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 from controller.agent import tree
 from controller.models import LOCAL_SCHEME
+
+log = logging.getLogger("pluginctl.agent")
 
 #: Roots known without a flag; `--source-root SCHEME=URL` adds or overrides.
 DEFAULT_ROOTS = {"github": "https://github.com"}
@@ -31,6 +36,16 @@ _REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
 _COMMIT = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
 #: Transports git may use at all; `ext::` (runs a command) and `ssh` (prompts) are not here.
 _PROTOCOLS = "file:git:http:https"
+#: Environment git gets from the agent's own: how to reach the network, nothing else.
+_PASSED_THROUGH = frozenset({"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                             "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy",
+                             "GIT_SSL_CAINFO", "GIT_SSL_CAPATH", "SSL_CERT_FILE",
+                             "SSL_CERT_DIR"})
+#: Given to every git command.
+_HARDENING = ("-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never",
+              "-c", "submodule.recurse=false", "-c", "fetch.recurseSubmodules=false",
+              "-c", "transfer.fsckObjects=true", "-c", "credential.helper=",
+              "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-c", "core.askPass=")
 
 
 class Failure(enum.StrEnum):
@@ -82,7 +97,7 @@ def parse(source: str) -> GitSource | LocalSource:
     path, _, ref = rest.partition("#")
     parts = tuple(path.split("/"))
     for part in parts:
-        if not _SEGMENT.match(part):
+        if not _SEGMENT.fullmatch(part):
             raise FetchError(Failure.BAD_SOURCE,
                              f"source {source!r}: path segment {part!r} is not allowed (letters, "
                              "digits, '.', '_', '-'; no empty, '.' or '..' segments)")
@@ -93,7 +108,7 @@ def parse(source: str) -> GitSource | LocalSource:
     if len(parts) < 2:
         raise FetchError(Failure.BAD_SOURCE,
                          f"source {source!r}: expected {scheme}://OWNER/REPO[/SUBPATH]#REF")
-    if ref and (not _REF.match(ref) or ".." in ref or ref.endswith((".lock", "/"))):
+    if ref and (not _REF.fullmatch(ref) or ".." in ref or ref.endswith((".lock", "/"))):
         raise FetchError(Failure.BAD_SOURCE, f"source {source!r}: {ref!r} is not a ref name")
     return GitSource(scheme, parts[0], parts[1], parts[2:], ref or None)
 
@@ -141,6 +156,8 @@ class Sources:
             "GIT_ALLOW_PROTOCOL": _PROTOCOLS,
             "GIT_PROTOCOL_FROM_USER": "0",
             "GIT_NO_REPLACE_OBJECTS": "1",
+            # How the box reaches the network (proxies, its CA bundle): passed through.
+            **{name: value for name, value in os.environ.items() if name in _PASSED_THROUGH},
         }
 
     async def fetch(self, source: str) -> Fetched:
@@ -198,24 +215,126 @@ class Sources:
         commit = await self._commit(repo, url, ref)
         subpath = "/".join(source.subpath)
         cached = self._trees / hashlib.sha256(f"{url}\0{commit}\0{subpath}".encode()).hexdigest()
-        digest_file = cached / "digest"
-        if digest_file.is_file():  # written last: the tree beside it is complete
-            return Fetched(cached / "tree", digest_file.read_text().strip(), commit)
+        if (cached / "digest").is_file():  # complete: a cached tree is renamed in whole
+            digest = await asyncio.to_thread((cached / "digest").read_text)
+            return Fetched(cached / "tree", digest.strip(), commit)
         where = f"{shown} at {commit[:12]}" + (f", {subpath}" if subpath else "")
-        listing = await self._run(["--git-dir", str(repo), "ls-tree", "-r", "-l", "--full-tree",
-                                   f"{commit}:{subpath}" if subpath else commit], shown,
-                                  missing=f"{where}: no such directory")
-        _check_listing(listing, self.config.limits, where)
-        shutil.rmtree(cached, ignore_errors=True)
-        cached.mkdir(parents=True)
-        archive = cached / "tree.tar"
-        await self._run(["--git-dir", str(repo), "archive", "--format=tar", "-o", str(archive),
-                         f"{commit}:{subpath}" if subpath else commit], shown)
-        await asyncio.to_thread(_extract, archive, cached / "tree", self.config.limits, where)
-        archive.unlink()
-        digest = await asyncio.to_thread(tree.digest, cached / "tree")
-        _write_atomically(digest_file, digest + "\n")
+        scratch = self._trees / f".{cached.name}.{uuid.uuid4().hex[:8]}"
+        processes: list[subprocess.Popen[bytes]] = []
+        try:
+            await asyncio.to_thread(self._export, repo, f"{commit}:{subpath}", scratch, where,
+                                    processes)
+        except asyncio.CancelledError:
+            for process in processes:  # the time limit: stop git; the thread then ends
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            raise
+        digest = (scratch / "digest").read_text().strip()
+        try:
+            scratch.rename(cached)
+        except OSError:  # another agent's fetch got there first: same content
+            shutil.rmtree(scratch, ignore_errors=True)
         return Fetched(cached / "tree", digest, commit)
+
+    def _export(self, repo: Path, treeish: str, scratch: Path, where: str,
+                processes: list[subprocess.Popen[bytes]]) -> None:
+        """Write `treeish` (a commit's subdirectory) into `scratch/tree` blob by blob, as
+        git stores it: no checkout, no `.gitattributes` (no export-subst, export-ignore or
+        line-ending filters), nothing but files, directories and symlinks. The listing is
+        checked against the limits before a byte is written; then the tree is checked as a
+        whole and its digest written beside it. Runs in a thread; removes `scratch` on
+        failure."""
+        try:
+            entries = self._listing(repo, treeish, where, processes)
+            destination = scratch / "tree"
+            destination.mkdir(parents=True)
+            self._write_blobs(repo, entries, destination, processes)
+            tree.check(destination, self.config.limits)
+            (scratch / "digest").write_text(tree.digest(destination) + "\n")
+        except tree.TreeError as error:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+    def _popen(self, args: list[str], processes: list[subprocess.Popen[bytes]],
+               stdin: bool = False) -> subprocess.Popen[bytes]:
+        try:
+            process = subprocess.Popen(
+                ["git", *_HARDENING, *args], env=self._env, start_new_session=True,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError as error:
+            raise FetchError(Failure.FETCH_FAILED, "git is not installed") from error
+        processes.append(process)
+        return process
+
+    def _listing(self, repo: Path, treeish: str, where: str,
+                 processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, bytes, bytes]]:
+        """(mode, object id, path) of every blob under `treeish`, read as git streams it and
+        refused as soon as it passes --max-plugin-files or --max-plugin-bytes."""
+        limits = self.config.limits
+        listing = self._popen(["--git-dir", str(repo), "ls-tree", "-r", "-z", "-l",
+                               "--full-tree", treeish], processes)
+        entries: list[tuple[int, bytes, bytes]] = []
+        size, pending = 0, b""
+        output = _stream(listing.stdout)
+        try:
+            for chunk in iter(lambda: output.read(65536), b""):
+                *items, pending = (pending + chunk).split(b"\0")
+                for item in items:
+                    meta, _, path = item.partition(b"\t")
+                    mode, kind, oid, length = meta.split()
+                    if kind == b"commit":
+                        log.info("%s: %s is a submodule; not fetched", where,
+                                 path.decode(errors="replace"))
+                        continue
+                    if len(entries) >= limits.max_files:
+                        raise FetchError(Failure.REFUSED, f"{where}: more than "
+                                         f"{limits.max_files} files (--max-plugin-files)")
+                    size += int(length) if length.isdigit() else 0
+                    if size > limits.max_bytes:
+                        raise FetchError(Failure.REFUSED, f"{where}: larger than "
+                                         f"{limits.max_bytes} bytes (--max-plugin-bytes)")
+                    entries.append((int(mode, 8), oid, _safe_path(path, where)))
+        finally:
+            listing.kill()
+            _, err = listing.communicate()
+        if listing.returncode not in (0, -signal.SIGKILL) or (not entries and err):
+            detail = " ".join(err.decode("utf-8", "replace").split())[-300:]
+            if any(sign in detail.lower() for sign in ("not a valid object", "not a tree")):
+                raise FetchError(Failure.NOT_FOUND, f"{where}: no such directory")
+            raise FetchError(Failure.FETCH_FAILED, f"git ls-tree {where}: {detail}")
+        return entries
+
+    def _write_blobs(self, repo: Path, entries: list[tuple[int, bytes, bytes]],
+                     destination: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+        """One `git cat-file --batch` for all blobs, asked and answered one at a time."""
+        batch = self._popen(["--git-dir", str(repo), "cat-file", "--batch"], processes,
+                            stdin=True)
+        asking, answers = _stream(batch.stdin), _stream(batch.stdout)
+        try:
+            for mode, oid, path in entries:
+                asking.write(oid + b"\n")
+                asking.flush()
+                header = answers.readline().split()
+                if len(header) != 3 or header[1] != b"blob":
+                    raise FetchError(Failure.FETCH_FAILED, f"git cat-file: no blob {oid!r}")
+                content = answers.read(int(header[2]))
+                answers.read(1)
+                target = destination / os.fsdecode(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if mode == 0o120000:
+                    os.symlink(content, target)
+                    continue
+                descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW, 0o755 if mode & 0o111 else 0o644)
+                with os.fdopen(descriptor, "wb") as stream:
+                    stream.write(content)
+        finally:
+            batch.kill()
+            batch.communicate()
 
     async def _commit(self, repo: Path, url: str, ref: str) -> str:
         """The commit `ref` names, fetched into `repo` (shallow, that one commit only). Tags
@@ -226,7 +345,7 @@ class Sources:
         known: dict[str, str] = {}
         with contextlib.suppress(OSError, ValueError):
             known = dict(json.loads(known_file.read_text()))
-        if _COMMIT.match(ref):
+        if _COMMIT.fullmatch(ref):
             commit = ref
         elif ref in known and await self._has_commit(repo, known[ref]):
             return known[ref]
@@ -265,14 +384,14 @@ class Sources:
         """Run git hardened (no prompts, hooks, submodules, system or user config, `ext::`);
         stdout on success, FetchError naming `shown` (never a credential) otherwise. The
         caller's time limit kills the whole process group."""
-        process = await asyncio.create_subprocess_exec(
-            "git", "-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never",
-            "-c", "submodule.recurse=false", "-c", "fetch.recurseSubmodules=false",
-            "-c", "transfer.fsckObjects=true", "-c", "credential.helper=",
-            "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-c", "core.askPass=",
-            *args, env=self._env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "git", *_HARDENING, *args, env=self._env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        except FileNotFoundError as error:
+            raise FetchError(Failure.FETCH_FAILED, "git is not installed (the agent fetches "
+                                                   "git sources with it)") from error
         try:
             out, err = await process.communicate()
         except asyncio.CancelledError:
@@ -301,50 +420,19 @@ def _check(root: Path, limits: tree.Limits) -> None:
         raise FetchError(Failure.REFUSED, str(error)) from error
 
 
-def _check_listing(listing: str, limits: tree.Limits, where: str) -> None:
-    """Refuse before anything is written: too many files or bytes, from `git ls-tree -r -l`
-    (`<mode> <type> <id> <size>\\t<path>`)."""
-    files = size = 0
-    for line in listing.splitlines():
-        meta = line.split("\t", 1)[0].split()
-        if len(meta) != 4:
-            continue
-        files += 1
-        if files > limits.max_files:
-            raise FetchError(Failure.REFUSED, f"{where}: more than {limits.max_files} files "
-                                              "(--max-plugin-files)")
-        if meta[1] == "blob" and meta[3].isdigit():
-            size += int(meta[3])
-            if size > limits.max_bytes:
-                raise FetchError(Failure.REFUSED, f"{where}: larger than {limits.max_bytes} "
-                                                  "bytes (--max-plugin-bytes)")
+def _safe_path(path: bytes, where: str) -> bytes:
+    """A path from a git tree, refused if any part of it could leave the plugin."""
+    parts = path.split(b"/")
+    if path.startswith(b"/") or any(part in (b"", b".", b"..") or part.lower() == b".git"
+                                    for part in parts):
+        raise FetchError(Failure.REFUSED, f"{where}: path {path!r} leaves the plugin")
+    return path
 
 
-def _extract(archive: Path, destination: Path, limits: tree.Limits, where: str) -> None:
-    """Unpack git's tar with the standard library's `data` filter (no absolute paths, no
-    `..`, no devices, no links leaving the tree), then check the tree as a whole."""
-    destination.mkdir()
-    try:
-        with tarfile.open(archive) as bundle:
-            for member in bundle:
-                if member.name in ("pax_global_header",) or member.type == tarfile.XGLTYPE:
-                    continue
-                bundle.extract(member, destination, filter="data")
-    except tarfile.FilterError as error:
-        name = error.tarinfo.name
-        if isinstance(error, (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError)):
-            problem = f"symlink {name} -> {error.tarinfo.linkname} points outside the plugin"
-        elif isinstance(error, tarfile.SpecialFileError):
-            problem = f"{name}: not a file, directory or symlink"
-        else:
-            problem = f"{name}: leaves the plugin"
-        raise FetchError(Failure.REFUSED, f"{where}: {problem}") from error
-    except (tarfile.TarError, OSError) as error:
-        raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
-    try:
-        tree.check(destination, limits)
-    except tree.TreeError as error:
-        raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
+def _stream(stream: IO[bytes] | None) -> IO[bytes]:
+    if stream is None:
+        raise FetchError(Failure.FETCH_FAILED, "git was started without a pipe")
+    return stream
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -61,7 +61,8 @@ def digest(root: Path) -> str:
     every entry except the root's `.complete`, sorted by its relative path as bytes (`/`
     separated), contributes one record to a SHA-256 stream:
     `dir <path>\\0\\n`, `file <mode> <path>\\0<sha256 of the content, hex>\\n` with mode `755`
-    if any execute bit is set else `644` (as git keeps it), `link <path>\\0<target>\\n`.
+    if any execute bit is set else `644` (as git keeps it), `link <path>\\0<target>\\0\\n`
+    (paths and targets may hold newlines, never NUL: every field ends unambiguously).
     Owners, times and other mode bits do not count; other file types are refused."""
     total = hashlib.sha256()
     for path, info in _entries(root):
@@ -69,7 +70,7 @@ def digest(root: Path) -> str:
             total.update(b"dir " + path + b"\0\n")
         elif stat.S_ISLNK(info.st_mode):
             target = os.readlink(os.path.join(os.fsencode(root), path))
-            total.update(b"link " + path + b"\0" + target + b"\n")
+            total.update(b"link " + path + b"\0" + target + b"\0\n")
         elif stat.S_ISREG(info.st_mode):
             mode = b"755" if info.st_mode & 0o111 else b"644"
             content = hashlib.sha256()

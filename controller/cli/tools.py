@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -43,20 +44,33 @@ def _source_roots(values: Sequence[str]) -> dict[str, str]:
     roots = dict(DEFAULT_ROOTS)
     for value in values:
         scheme, sep, url = value.partition("=")
-        if not sep or not scheme or not url or not scheme.isalnum():
+        if not sep or not scheme or not scheme.isalnum():
             raise click.BadParameter(f"expected SCHEME=URL, got {value!r}",
                                      param_hint="--source-root")
         if scheme == "local":
             raise click.BadParameter("local:// sources come from --local-root",
                                      param_hint="--source-root")
-        roots[scheme] = url
+        if url:
+            roots[scheme] = url
+        else:  # SCHEME= switches a scheme off (e.g. github= on a box that must not use it)
+            roots.pop(scheme, None)
     return roots
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_token(token_file: Path | None) -> str:
     """The registry token from --token-file (which only its owner may read) or the
     environment; never from the command line, where `ps` shows it."""
-    import os
     import stat
 
     if token_file is None:
@@ -122,6 +136,10 @@ def read_token(token_file: Path | None) -> str:
               default=None, envvar="PLUGINCTL_CONTROLLER_SECRET_FILE",
               help="Refuse runtime calls (401) that do not carry this secret (the "
                    "controller's --runtime-secret-file).")
+@click.option("--allow-any-caller", is_flag=True,
+              help="Serve the runtime API on a non-loopback address without "
+                   "--controller-secret-file (only where a NetworkPolicy or firewall admits "
+                   "the controller alone).")
 @click.option("--register-only", is_flag=True,
               help="Register, then never heartbeat (the boot path that broke edge "
                    "triggers; for trying the loop out).")
@@ -140,7 +158,8 @@ def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str
           cache_dir: Path | None, source_roots: Sequence[str], local_root: Path | None,
           fetch_timeout: float, max_plugin_bytes: int, max_plugin_files: int,
           restart_command: str | None, restart_timeout: float,
-          controller_secret_file: Path | None, register_only: bool, no_report: bool,
+          controller_secret_file: Path | None, allow_any_caller: bool, register_only: bool,
+          no_report: bool,
           lose_plugins_on_restart: bool, install_delay: float, fail_plugin: Sequence[str],
           preinstalled: Sequence[str]) -> None:
     """Run a workspace box's agent: registers and heartbeats for the workspace, serves the
@@ -153,7 +172,14 @@ def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str
     host, port = parse_listen(listen)
     workspace_id = workspace_id_arg(workspace_id)
     token = read_token(token_file)
+    os.environ.pop("PLUGINCTL_TOKEN", None)  # nothing the agent starts inherits it
     secret = read_secret(controller_secret_file, "--controller-secret-file")
+    if plugins_dir is not None and secret is None and not allow_any_caller \
+            and not _loopback(host):
+        raise click.UsageError(
+            f"--listen {listen} lets anyone who reaches it install and remove plugins: give "
+            "--controller-secret-file (the controller's secret, so only it may call), or "
+            "--allow-any-caller if something else (a NetworkPolicy) keeps others out")
     options: dict[str, Any] = dict(
         registry_url=registry, token=token, host=host, port=port,
         heartbeat_interval=heartbeat_interval, controller_secret=secret,
@@ -198,7 +224,6 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
           cache_dir: Path | None, roots: dict[str, str], local_root: Path | None,
           fetch_timeout: float, max_bytes: int, max_files: int,
           restart: tuple[tuple[str, ...], float] | None) -> AgentServerType:
-    import os
 
     from controller.agent.box import DiskBox, RestartCommand
     from controller.agent.disk import PluginsDir
@@ -209,12 +234,12 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
     if cache_dir is None:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cache_dir = Path(base) / "pluginctl" / "agent"
+    limits = Limits(max_bytes=max_bytes, max_files=max_files)
     try:
-        plugins = PluginsDir(plugins_dir)
+        plugins = PluginsDir(plugins_dir, limits)
         plugins.prepare()
         sources = Sources(SourceConfig(cache_dir=cache_dir, roots=roots, local_root=local_root,
-                                       fetch_timeout=fetch_timeout,
-                                       limits=Limits(max_bytes=max_bytes, max_files=max_files)))
+                                       fetch_timeout=fetch_timeout, limits=limits))
     except OSError as error:
         raise Failure(f"cannot prepare {error.filename}: {error.strerror}") from error
     box = DiskBox(plugins, sources, workspace_id,
