@@ -861,3 +861,30 @@ async def test_an_agent_on_a_public_address_needs_the_controllers_secret(
     _, err = await process.communicate()
     assert process.returncode == 1
     assert "--controller-secret-file" in err.decode() and "--allow-any-caller" in err.decode()
+
+
+def test_one_agent_per_plugins_directory(tmp_path: Path) -> None:
+    from controller.agent.disk import DiskError
+
+    first = PluginsDir(tmp_path / "plugins")
+    first.lock()
+    with pytest.raises(DiskError, match="another agent uses"):
+        PluginsDir(tmp_path / "plugins").lock()
+
+
+def test_a_report_sent_after_an_observe_is_not_replaced_by_it(sessions: Sessions) -> None:
+    from controller.models import utcnow
+    from controller.outcomes import Changes
+
+    newer = Plugin("web-search", WEB_V2, "sha256:" + "2" * 64)
+    older = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
+    now = utcnow()
+    with transaction(sessions) as session:
+        queries.record_register(session, "ws-1", "http://127.0.0.1:1", None, now, seq=5)
+        queries.record_changed_report(session, "ws-1", [newer], now, seq=12)
+        # A GET /plugins answered with seq 10, recorded after the heartbeat of seq 12.
+        queries.apply_many(session, [(Changes("ws-1", report_replace=(older,),
+                                              report_seq=10), now)])
+    with transaction(sessions) as session:
+        report = queries.load_observed(session, only=["ws-1"])["ws-1"].report
+    assert report is not None and report["web-search"] == newer

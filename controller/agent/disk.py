@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from controller.agent import tree
 from controller.agent.sources import Fetched
@@ -65,6 +67,7 @@ class PluginsDir:
         self._staging = root / BOOKKEEPING / "staging"
         self._digests: dict[str, tuple[object, str]] = {}  # name -> (signature, digest)
         self._ignored: set[str] = set()  # names already logged as unreportable
+        self._lock: IO[str] | None = None
 
     def prepare(self) -> None:
         """Create the layout; put back an old tree a killed swap left aside, and throw away
@@ -85,6 +88,21 @@ class PluginsDir:
         for record in self._records.iterdir():
             if record.name.startswith(".") or not (self.root / record.stem).is_dir():
                 record.unlink()
+
+    def lock(self) -> None:
+        """Hold `DIR/.pluginctl/lock` for as long as this process lives: one agent per
+        plugins directory (a second would throw away the first one's staged installs)."""
+        if self._lock is not None:
+            return
+        self._ensure_layout()
+        handle = (self.root / BOOKKEEPING / "lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            handle.close()
+            raise DiskError(f"another agent uses {self.root} (it holds "
+                            f"{BOOKKEEPING}/lock)") from error
+        self._lock = handle
 
     def _ensure_layout(self) -> None:
         """The bookkeeping directories exist (again, after a wipe) and are directories of

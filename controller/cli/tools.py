@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -226,7 +227,7 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
           restart: tuple[tuple[str, ...], float] | None) -> AgentServerType:
 
     from controller.agent.box import DiskBox, RestartCommand
-    from controller.agent.disk import PluginsDir
+    from controller.agent.disk import DiskError, PluginsDir
     from controller.agent.runtime import AgentServer
     from controller.agent.sources import SourceConfig, Sources
     from controller.agent.tree import Limits
@@ -235,11 +236,16 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cache_dir = Path(base) / "pluginctl" / "agent"
     limits = Limits(max_bytes=max_bytes, max_files=max_files)
+    if shutil.which("git") is None:
+        log.warning("git is not on the PATH: only local:// sources can be installed")
     try:
         plugins = PluginsDir(plugins_dir, limits)
+        plugins.lock()
         plugins.prepare()
         sources = Sources(SourceConfig(cache_dir=cache_dir, roots=roots, local_root=local_root,
                                        fetch_timeout=fetch_timeout, limits=limits))
+    except DiskError as error:
+        raise Failure(str(error)) from error
     except OSError as error:
         raise Failure(f"cannot prepare {error.filename}: {error.strerror}") from error
     box = DiskBox(plugins, sources, workspace_id,

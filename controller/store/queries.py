@@ -445,18 +445,19 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                 or changes.report_forget):
             stored, error, stored_seq = current[workspace_id]
             report = _report(stored)
-            if changes.report_replace is not None:
+            # A stored report the runtime built after every answer of these actions (a
+            # higher seq: it reported since, e.g. right after a restart) already holds their
+            # effects: what they saw (a GET /plugins) does not replace it, and a restart does
+            # not make it unknown (forgetting it would only cost another GET /plugins).
+            newer = (changes.report_seq is not None and stored_seq is not None
+                     and stored_seq > changes.report_seq)
+            if changes.report_replace is not None and not newer:
                 report = plugins_by_name(list(changes.report_replace))
             if report is not None:
                 for plugin in changes.report_put:
                     report[plugin.name] = plugin
                 for name in changes.report_drop:
                     report.pop(name, None)
-            # After a restart what the box has is unknown, unless the stored report was built
-            # after these actions (a higher seq: the box reported since, e.g. right after
-            # the restart); forgetting that would only cost another GET /plugins.
-            newer = (changes.report_seq is not None and stored_seq is not None
-                     and stored_seq > changes.report_seq)
             if changes.report_forget and not newer:
                 report = None
             row.update(b_touch=True, b_at=now,
