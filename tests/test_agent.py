@@ -888,3 +888,46 @@ def test_a_report_sent_after_an_observe_is_not_replaced_by_it(sessions: Sessions
     with transaction(sessions) as session:
         report = queries.load_observed(session, only=["ws-1"])["ws-1"].report
     assert report is not None and report["web-search"] == newer
+
+
+async def test_the_same_files_from_another_source_change_only_the_record(
+        repo: Repo, make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    await box.put("web-search", WEB_V2)
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()
+    inode = (box.dir / "web-search").stat().st_ino
+    commit = git_rev(repo, "v2")
+    by_id = f"gitea://agents/skills/web-search#{commit}"
+    result = await box.put("web-search", by_id)
+    assert result.restart_required is False
+    assert (box.dir / "web-search").stat().st_ino == inode
+    assert (await box.inventory())["web-search"].source == by_id
+
+
+@pytest.mark.parametrize(("source", "url", "subpath"), [
+    ("gitea://agents/skills/.claude/web-search#v1", "https://g/agents/skills.git",
+     (".claude", "web-search")),
+    ("gitea://agents/skills.git/web-search#v1", "https://g/agents/skills.git",
+     ("web-search",)),
+    ("gitea://agents/skills/.git/web-search#v1", None, None),
+    ("gitea://agents/skills/-x#v1", None, None),  # never an option to git
+    ("gitea://agents/skills/web-search#-upload-pack=x", None, None),
+])
+def test_source_paths_and_refs(source: str, url: str | None,
+                               subpath: tuple[str, ...] | None) -> None:
+    from controller.agent.sources import FetchError, GitSource, parse
+
+    if url is None:
+        with pytest.raises(FetchError):
+            parse(source)
+        return
+    parsed = parse(source)
+    assert isinstance(parsed, GitSource)
+    assert parsed.url({"gitea": "https://g"}) == url and parsed.subpath == subpath
+
+
+def git_rev(repo: Repo, ref: str) -> str:
+    from .gitrepos import git
+
+    return git("rev-parse", f"{ref}^{{commit}}", cwd=repo.work)

@@ -221,12 +221,18 @@ class PluginsDir:
         return None
 
     def unchanged(self, name: str, source: str, fetched: Fetched) -> bool:
-        """Whether `DIR/<name>` already is exactly this plugin (so an install is a no-op)."""
+        """Whether `DIR/<name>` already holds exactly these files (so an install changes
+        nothing on disk). The same files from another source (a tag, then the same commit by
+        its id) only get their record rewritten."""
         record = self.record(name)
-        return (record is not None and record.source == source
-                and record.digest == fetched.digest
+        same = (record is not None and record.digest == fetched.digest
                 and (self.root / name / tree.COMPLETE_MARKER).is_file()
                 and self.current_digest(name) == fetched.digest)
+        if same and record is not None and (record.source, record.commit) != (
+                source, fetched.commit):
+            self._write_record(Record(name, source, fetched.digest, fetched.commit,
+                                      utcnow().isoformat()))
+        return same
 
     # --- changing --------------------------------------------------------------------------
 

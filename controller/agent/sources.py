@@ -31,7 +31,9 @@ log = logging.getLogger("pluginctl.agent")
 
 #: Roots known without a flag; `--source-root SCHEME=URL` adds or overrides.
 DEFAULT_ROOTS = {"github": "https://github.com"}
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9._-]{0,127}$")
+#: Segments that are never a plugin's path, whatever the pattern allows.
+_FORBIDDEN_SEGMENTS = frozenset({".", "..", ".git"})
 _REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,199}$")
 _COMMIT = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
 #: Transports git may use at all; `ext::` (runs a command) and `ssh` (prompts) are not here.
@@ -80,7 +82,7 @@ class GitSource:
             raise FetchError(Failure.BAD_SOURCE,
                              f"no repository root for {self.scheme}:// sources: start the "
                              f"agent with --source-root {self.scheme}=URL")
-        return f"{root.rstrip('/')}/{self.owner}/{self.repo}.git"
+        return f"{root.rstrip('/')}/{self.owner}/{self.repo.removesuffix('.git')}.git"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +99,10 @@ def parse(source: str) -> GitSource | LocalSource:
     path, _, ref = rest.partition("#")
     parts = tuple(path.split("/"))
     for part in parts:
-        if not _SEGMENT.fullmatch(part):
+        if not _SEGMENT.fullmatch(part) or part.lower() in _FORBIDDEN_SEGMENTS:
             raise FetchError(Failure.BAD_SOURCE,
                              f"source {source!r}: path segment {part!r} is not allowed (letters, "
-                             "digits, '.', '_', '-'; no empty, '.' or '..' segments)")
+                             "digits, '.', '_', '-'; no empty, '.', '..' or '.git' segments)")
     if scheme == LOCAL_SCHEME:
         if ref:
             raise FetchError(Failure.BAD_SOURCE, f"source {source!r}: local:// takes no #ref")
