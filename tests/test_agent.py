@@ -931,3 +931,45 @@ def git_rev(repo: Repo, ref: str) -> str:
     from .gitrepos import git
 
     return git("rev-parse", f"{ref}^{{commit}}", cwd=repo.work)
+
+
+def test_a_register_committed_while_a_pass_records_is_not_overwritten(
+        sessions: Sessions, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process (the registry) stores a register between the loop's read of the
+    report and its write: the register must survive (SQLite has no FOR UPDATE)."""
+    from controller.models import utcnow
+    from controller.outcomes import Changes
+    from controller.store import make_engine, make_sessions
+
+    plugin = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
+    now = utcnow()
+    with transaction(sessions) as session:
+        queries.record_register(session, "ws-1", "http://127.0.0.1:1", [], now, seq=5)
+    other = make_engine(db_url)  # another process's connection
+    registry_sessions = make_sessions(other)
+
+    def register_again() -> None:
+        with registry_sessions.begin() as session:
+            queries.record_register(session, "ws-1", "http://127.0.0.1:2", [plugin], utcnow(),
+                                    seq=20)
+
+    real_report = queries._report
+    racer: list[threading.Thread] = []
+
+    def report_then_race(data: Any) -> Any:
+        if not racer:  # between the read and the write: the registry commits a register
+            racer.append(threading.Thread(target=register_again))
+            racer[0].start()
+            racer[0].join(timeout=1.0)  # done at once without the write lock; else it waits
+        return real_report(data)
+
+    monkeypatch.setattr(queries, "_report", report_then_race)
+    with transaction(sessions) as session:  # the restart's forget, recorded late
+        queries.apply_many(session, [(Changes("ws-1", report_forget=True, report_seq=10,
+                                              restarted_at=now), now)])
+    racer[0].join(timeout=30)
+    other.dispose()
+    with transaction(sessions) as session:
+        seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+    assert seen.url == "http://127.0.0.1:2"
+    assert seen.report == {"web-search": plugin}

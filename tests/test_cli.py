@@ -74,6 +74,7 @@ async def test_reconcile_reports_failures_with_exit_2(
                                    "--db", db_url)
     assert code == 2
     assert "install notes (missing): FAILED" in out and "failed 1" in out
+    await broken.restarted()  # the box is back and has reported (not a race with status)
 
     code, out, _ = await pluginctl("status", "--db", db_url, "--manifests",
                                    str(manifest_dir), "-o", "json")
@@ -104,6 +105,7 @@ async def test_unpinned_source_is_refused_unless_allowed(
 
     code, out, err = await pluginctl(*base)
     assert code == 2, (out, err)
+    await runtime.restarted()  # the box is back and has reported
     assert "refused tool: source github://example/tool is not pinned" in out
     assert set(runtime.plugins) == {"seo-all", "notes"}  # the rest is installed
     assert runtime.count("PUT", "/plugins/tool") == 0
@@ -494,6 +496,7 @@ async def test_explain_says_why_a_workspace_is_or_is_not_in_sync(
                                    plugins=[user])
     await broken.register()
     await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url)
+    await broken.restarted()  # the box is back and has reported
     explain = ["explain", "--manifests", str(manifest_dir), "--db", db_url]
 
     code, out, err = await pluginctl(*explain, "ws-1", "-o", "json")

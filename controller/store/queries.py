@@ -19,6 +19,7 @@ from sqlalchemy import (
     case,
     cast,
     delete,
+    false,
     insert,
     select,
     true,
@@ -420,6 +421,12 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
     owned_table = Base.metadata.tables[OwnedPluginRow.__tablename__]
     attempt_table = Base.metadata.tables[AttemptRow.__tablename__]
     ids = sorted({changes.workspace_id for changes, _ in records})
+    if session.get_bind().dialect.name == "sqlite":
+        # pysqlite opens its transaction at the first write, so the SELECT below would run
+        # outside it and a register committed by another process in between would be
+        # overwritten. A write that changes nothing takes SQLite's write lock first: the
+        # rows read are then the rows updated (what FOR UPDATE does on PostgreSQL).
+        session.execute(update(table).where(false()).values(dormant=table.c.dormant))
     # Lock the rows (in a fixed order, so that two writers never deadlock) and read the
     # reports that patches apply to.
     current = {row.workspace_id: (row.report, row.runtime_error, row.report_seq)
