@@ -77,6 +77,7 @@ class ReferenceRuntime(AgentServer):
                  plugins: list[Plugin] | None = None, **options: Any) -> None:
         self.faults = faults or Faults()
         self.memory = MemoryBox(plugins, self.faults)
+        self._stopping = asyncio.Event()  # ends hanging answers when the runtime stops
         super().__init__(workspace_id, self.memory, **options)
 
     @property
@@ -112,9 +113,15 @@ class ReferenceRuntime(AgentServer):
                                                   "Content-Length": "1000"})
             await hanging.prepare(request)
             await hanging.write(b'{"plugins": [')
-            await asyncio.Event().wait()  # until the caller gives up and hangs up
+            await self._stopping.wait()  # the caller gives up first; this ends it at stop()
+            return hanging
         response: web.StreamResponse = await handler(request)
         return response
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await super().stop()
+        self._stopping = asyncio.Event()
 
     async def after_restart(self) -> None:
         """A simulated box comes back as a new one would: it registers again."""
