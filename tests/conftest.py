@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -194,3 +196,18 @@ def fleet(*names: str, **spec: Any) -> Desired:
 
 SEO = Plugin("seo-all", "gitea://org/repo/agent-skills/seo-all#v1")
 NOTES = Plugin("notes", "local://plugins/notes")
+
+
+# --- mypy beside the suite ------------------------------------------------------------------
+
+MYPY: pytest.StashKey[subprocess.Popen[str]] = pytest.StashKey()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`mypy --strict` takes most of a minute on its own: when its test is selected, start it
+    now on the other core, and let the test collect the result (tests/test_architecture)."""
+    if any(item.name == "test_mypy_strict_passes" for item in items):
+        mypy = Path(sys.executable).parent / "mypy"
+        config.stash[MYPY] = subprocess.Popen(
+            [str(mypy) if mypy.exists() else "mypy"], cwd=Path(__file__).parent.parent,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
 
@@ -22,9 +24,13 @@ def test_import_contracts_hold() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_strict_passes() -> None:
-    result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_mypy_strict_passes(request: pytest.FixtureRequest) -> None:
+    from .conftest import MYPY
+
+    # Started when the suite was collected (see conftest), so it runs beside other tests.
+    mypy = request.config.stash[MYPY]
+    output, _ = mypy.communicate(timeout=600)
+    assert mypy.returncode == 0, output
 
 
 def test_ruff_passes() -> None:
