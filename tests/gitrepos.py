@@ -60,9 +60,11 @@ class Repo:
 
 
 @asynccontextmanager
-async def http_server(root: Path, *, hang: bool = False) -> AsyncIterator[str]:
+async def http_server(root: Path, *, hang: bool = False, require: str | None = None
+                      ) -> AsyncIterator[str]:
     """Serve every repository under `root` over smart HTTP (`git http-backend`); with
-    `hang`, accept requests and never answer. Yields the root URL."""
+    `hang`, accept requests and never answer; with `require`, answer 401 to requests without
+    that Authorization header (a private repository). Yields the root URL."""
 
     stopping = asyncio.Event()
 
@@ -70,6 +72,8 @@ async def http_server(root: Path, *, hang: bool = False) -> AsyncIterator[str]:
         if hang:
             await stopping.wait()
             raise web.HTTPServiceUnavailable()
+        if require is not None and request.headers.get("Authorization") != require:
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="git"'})
         body = await request.read()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -973,3 +973,46 @@ def test_a_register_committed_while_a_pass_records_is_not_overwritten(
         seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
     assert seen.url == "http://127.0.0.1:2"
     assert seen.report == {"web-search": plugin}
+
+
+async def test_a_private_repository_with_credentials_from_a_file(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    """The header goes to git through its environment, never its command line."""
+    async with http_server(tmp_path / "git", require="Bearer s3cret") as url:
+        without = await make_box(url)
+        with pytest.raises(RuntimeCallError, match="HTTP 502"):
+            await without.put("web-search", WEB_V1)
+        box = await make_box(url, headers={"gitea": "Authorization: Bearer s3cret"})
+        result = await box.put("web-search", WEB_V1)
+    assert result.restart_required and (box.dir / "web-search" / "README.md").exists()
+
+
+async def test_a_fetch_that_brings_too_much_is_cut_and_cleaned(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    mono = Repo(tmp_path / "git", "agents", "mono")
+    mono.commit({"p/f": "x", "elsewhere/big": os.urandom(3_000_000)}, tag="v1")
+    box = await make_box(max_fetch_bytes=500_000)
+    with pytest.raises(RuntimeCallError, match=r"HTTP 422.*more than 500000 bytes"):
+        await box.put("p", "gitea://agents/mono/p#v1")
+    assert not (box.dir / "p").exists()
+    packs = tmp_path / "b0" / "cache" / "git"
+    assert sum(f.stat().st_size for f in packs.rglob("*") if f.is_file()) < 500_000
+
+
+def test_source_credentials_file_is_checked(tmp_path: Path) -> None:
+    import click
+
+    from controller.cli.tools import _source_credentials
+
+    roots = {"gitea": "https://gitea.example.com", "local2": "file:///srv/git"}
+    creds = tmp_path / "creds"
+    creds.write_text("# private hosts\ngitea=Authorization: Bearer abc\n")
+    creds.chmod(0o644)
+    with pytest.raises(click.BadParameter, match="mode 0644"):
+        _source_credentials(creds, roots)
+    creds.chmod(0o600)
+    assert _source_credentials(creds, roots) == {"gitea": "Authorization: Bearer abc"}
+    for bad in ("gitea=no header here\n", "local2=Authorization: x\n", "nope=A: b\n"):
+        creds.write_text(bad)
+        with pytest.raises(click.BadParameter, match="line 1"):
+            _source_credentials(creds, roots)

@@ -133,6 +133,11 @@ class SourceConfig:
     local_root: Path | None = None
     fetch_timeout: float = 120.0
     limits: tree.Limits = field(default_factory=tree.Limits)
+    # What one fetch may bring into the cache (the commit's whole tree, not only the plugin).
+    max_fetch_bytes: int = 1024 * 1024 * 1024
+    # SCHEME -> an HTTP header line git sends to that scheme's root (private repositories),
+    # e.g. "Authorization: Bearer …"; passed to git in its environment, never in argv.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Sources:
@@ -160,6 +165,7 @@ class Sources:
             "GIT_NO_REPLACE_OBJECTS": "1",
             # How the box reaches the network (proxies, its CA bundle): passed through.
             **{name: value for name, value in os.environ.items() if name in _PASSED_THROUGH},
+            **_header_config(config),
         }
 
     async def fetch(self, source: str) -> Fetched:
@@ -365,14 +371,36 @@ class Sources:
             if f"refs/tags/{ref}" in found:
                 known[ref] = commit
         if not await self._has_commit(repo, commit):
-            await self._run(["--git-dir", str(repo), "fetch", "-q", "--depth=1", "--no-tags",
-                             "--no-write-fetch-head", "--", url, commit], shown,
-                            missing=f"{shown}: no commit {commit}")
+            # unpackLimit=1: what a fetch brings stays in packs of its own, so a fetch that
+            # brought too much can be taken back whole.
+            await self._run(["--git-dir", str(repo), "-c", "fetch.unpackLimit=1",
+                             "-c", "transfer.unpackLimit=1", "fetch", "-q", "--depth=1",
+                             "--no-tags", "--no-write-fetch-head", "--", url, commit], shown,
+                            missing=f"{shown}: no commit {commit}", grows=repo)
             if not await self._has_commit(repo, commit):
                 raise FetchError(Failure.NOT_FOUND, f"{shown}: {ref} is not a commit")
         if known.get(ref) == commit:
             _write_atomically(known_file, json.dumps(known, sort_keys=True))
         return commit
+
+    async def _watched(self, process: asyncio.subprocess.Process, directory: Path,
+                       shown: str) -> tuple[bytes, bytes]:
+        """communicate(), while `directory` grows by at most --max-fetch-bytes (checked as it
+        runs, and once more at the end)."""
+        limit = self.config.max_fetch_bytes
+        before = await asyncio.to_thread(_size, directory)
+        talking = asyncio.ensure_future(process.communicate())
+        try:
+            while True:
+                done, _ = await asyncio.wait({talking}, timeout=0.25)
+                if await asyncio.to_thread(_size, directory) - before > limit:
+                    raise FetchError(Failure.REFUSED, f"fetching {shown} brought more than "
+                                                      f"{limit} bytes (--max-fetch-bytes)")
+                if done:
+                    return talking.result()
+        finally:
+            if not talking.done():
+                talking.cancel()
 
     async def _has_commit(self, repo: Path, commit: str) -> bool:
         try:
@@ -382,10 +410,12 @@ class Sources:
             return False
         return True
 
-    async def _run(self, args: list[str], shown: str, missing: str | None = None) -> str:
+    async def _run(self, args: list[str], shown: str, missing: str | None = None,
+                   grows: Path | None = None) -> str:
         """Run git hardened (no prompts, hooks, submodules, system or user config, `ext::`);
         stdout on success, FetchError naming `shown` (never a credential) otherwise. The
-        caller's time limit kills the whole process group."""
+        caller's time limit kills the whole process group, and so does `grows` (a directory)
+        growing by more than --max-fetch-bytes."""
         try:
             process = await asyncio.create_subprocess_exec(
                 "git", *_HARDENING, *args, env=self._env, stdin=asyncio.subprocess.DEVNULL,
@@ -394,12 +424,18 @@ class Sources:
         except FileNotFoundError as error:
             raise FetchError(Failure.FETCH_FAILED, "git is not installed (the agent fetches "
                                                    "git sources with it)") from error
+        undo = _Undo(grows) if grows is not None else None
         try:
-            out, err = await process.communicate()
-        except asyncio.CancelledError:
+            if grows is None:
+                out, err = await process.communicate()
+            else:
+                out, err = await self._watched(process, grows, shown)
+        except (asyncio.CancelledError, FetchError):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+            if undo is not None:
+                await asyncio.to_thread(undo.undo)
             raise
         if process.returncode != 0:
             detail = " ".join(_redact_text(err.decode("utf-8", "replace")).split())[-300:]
@@ -410,7 +446,8 @@ class Sources:
                 raise FetchError(Failure.NOT_FOUND, missing)
             if "does not appear to be a git repository" in lowered or "not found" in lowered:
                 raise FetchError(Failure.NOT_FOUND, f"{shown}: no such repository ({detail})")
-            verb = args[2] if args[0] == "--git-dir" else args[0]
+            verb = next((a for a, before in zip(args, ["", *args], strict=False)
+                         if not a.startswith("-") and before not in ("--git-dir", "-c")), "")
             raise FetchError(Failure.FETCH_FAILED, f"git {verb} {shown}: {detail or 'failed'}")
         return out.decode("utf-8", "replace")
 
@@ -420,6 +457,51 @@ def _check(root: Path, limits: tree.Limits) -> None:
         tree.check(root, limits)
     except tree.TreeError as error:
         raise FetchError(Failure.REFUSED, str(error)) from error
+
+
+class _Undo:
+    """Takes a fetch back: the packs it added (and its temporary ones) go, and the list of
+    shallow commits is what it was."""
+
+    def __init__(self, repo: Path) -> None:
+        self.packs = repo / "objects" / "pack"
+        self.before = set(self.packs.glob("*")) if self.packs.is_dir() else set()
+        self.shallow = repo / "shallow"
+        self.shallow_text = self.shallow.read_bytes() if self.shallow.exists() else None
+
+    def undo(self) -> None:
+        for added in set(self.packs.glob("*")) - self.before:
+            added.unlink(missing_ok=True)
+        if self.shallow_text is None:
+            self.shallow.unlink(missing_ok=True)
+        else:
+            self.shallow.write_bytes(self.shallow_text)
+
+
+def _size(directory: Path) -> int:
+    total = 0
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(parent, name)).st_size
+    return total
+
+
+def _header_config(config: SourceConfig) -> dict[str, str]:
+    """git configuration in its environment (GIT_CONFIG_COUNT/KEY_n/VALUE_n: never visible in
+    `ps`): each scheme's header, sent only to URLs under that scheme's root."""
+    entries = []
+    for scheme, header in sorted(config.headers.items()):
+        root = config.roots.get(scheme)
+        if root is None or not root.startswith(("https://", "http://")):
+            raise FetchError(Failure.BAD_SOURCE, f"credentials for {scheme}: its root must be "
+                                                 "an http:// or https:// --source-root")
+        entries.append((f"http.{root.rstrip('/')}/.extraHeader", header))
+    variables = {"GIT_CONFIG_COUNT": str(len(entries))} if entries else {}
+    for index, (key, value) in enumerate(entries):
+        variables[f"GIT_CONFIG_KEY_{index}"] = key
+        variables[f"GIT_CONFIG_VALUE_{index}"] = value
+    return variables
 
 
 def _safe_path(path: bytes, where: str) -> bytes:

@@ -69,27 +69,53 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _private_file(path: Path, option: str) -> str:
+    """A secret file's text; refused if other users may read or write it."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise click.BadParameter(f"cannot read {path}: {error.strerror}",
+                                 param_hint=option) from error
+    if mode & 0o077:
+        raise click.BadParameter(
+            f"{path} can be read or written by other users (mode "
+            f"{stat.S_IMODE(mode):04o}); chmod 600 it", param_hint=option)
+    return read_secret(path, option) or ""
+
+
+def _source_credentials(path: Path | None, roots: dict[str, str]) -> dict[str, str]:
+    if path is None:
+        return {}
+    option = "--source-credentials-file"
+    headers = {}
+    for number, line in enumerate(_private_file(path, option).splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        scheme, _, header = line.partition("=")
+        scheme, header = scheme.strip(), header.strip()
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip() or not value.strip() or not name.strip().isascii():
+            raise click.BadParameter(f"{path} line {number}: expected SCHEME=Header-Name: value",
+                                     param_hint=option)
+        if not roots.get(scheme, "").startswith(("https://", "http://")):
+            raise click.BadParameter(f"{path} line {number}: {scheme!r} has no http(s) "
+                                     "--source-root", param_hint=option)
+        headers[scheme] = header
+    return headers
+
+
 def read_token(token_file: Path | None) -> str:
     """The registry token from --token-file (which only its owner may read) or the
     environment; never from the command line, where `ps` shows it."""
-    import stat
-
     if token_file is None:
         token = os.environ.get("PLUGINCTL_TOKEN", "").strip()
         if not token:
             raise click.UsageError("give the registry token with --token-file FILE or the "
                                    "environment variable PLUGINCTL_TOKEN")
         return token
-    try:
-        mode = token_file.stat().st_mode
-    except OSError as error:
-        raise click.BadParameter(f"cannot read {token_file}: {error.strerror}",
-                                 param_hint="--token-file") from error
-    if mode & 0o077:
-        raise click.BadParameter(
-            f"{token_file} can be read or written by other users (mode "
-            f"{stat.S_IMODE(mode):04o}); chmod 600 it", param_hint="--token-file")
-    return read_secret(token_file, "--token-file") or ""
+    return _private_file(token_file, "--token-file")
 
 
 @cli.command()
@@ -128,6 +154,14 @@ def read_token(token_file: Path | None) -> str:
               show_default=True, help="Largest plugin (sum of file sizes).")
 @click.option("--max-plugin-files", type=click.IntRange(min=1), default=10_000,
               show_default=True, help="Most files and directories in one plugin.")
+@click.option("--max-fetch-bytes", type=click.IntRange(min=1), default=1024 * 1024 * 1024,
+              show_default=True, help="Most one git fetch may bring (the commit's whole "
+                                      "tree, not only the plugin).")
+@click.option("--source-credentials-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, envvar="PLUGINCTL_SOURCE_CREDENTIALS_FILE",
+              help="Lines SCHEME=HEADER (e.g. `gitea=Authorization: Bearer …`): an HTTP header "
+                   "git sends to that scheme's root, for private repositories. Must not be "
+                   "readable by other users.")
 @click.option("--restart-command", default=None, metavar="COMMAND",
               help="Run on POST /restart (split like a shell would, run without one, with "
                    "PLUGINCTL_WORKSPACE_ID set). Without it a restart is a logged no-op.")
@@ -158,6 +192,7 @@ def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str
           advertise_url: str | None, heartbeat_interval: float, plugins_dir: Path | None,
           cache_dir: Path | None, source_roots: Sequence[str], local_root: Path | None,
           fetch_timeout: float, max_plugin_bytes: int, max_plugin_files: int,
+          max_fetch_bytes: int, source_credentials_file: Path | None,
           restart_command: str | None, restart_timeout: float,
           controller_secret_file: Path | None, allow_any_caller: bool, register_only: bool,
           no_report: bool,
@@ -213,8 +248,10 @@ def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str
             raise click.BadParameter(str(error), param_hint="--restart-command") from error
         if restart_command is not None and not argv:
             raise click.BadParameter("empty command", param_hint="--restart-command")
+        roots = _source_roots(source_roots)
         server = _real(workspace_id, options, plugins_dir=plugins_dir, cache_dir=cache_dir,
-                       roots=_source_roots(source_roots), local_root=local_root,
+                       roots=roots, local_root=local_root, max_fetch_bytes=max_fetch_bytes,
+                       headers=_source_credentials(source_credentials_file, roots),
                        fetch_timeout=fetch_timeout, max_bytes=max_plugin_bytes,
                        max_files=max_plugin_files,
                        restart=(argv, restart_timeout) if argv else None)
@@ -223,6 +260,7 @@ def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str
 
 def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
           cache_dir: Path | None, roots: dict[str, str], local_root: Path | None,
+          max_fetch_bytes: int, headers: dict[str, str],
           fetch_timeout: float, max_bytes: int, max_files: int,
           restart: tuple[tuple[str, ...], float] | None) -> AgentServerType:
 
@@ -243,7 +281,8 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
         plugins.lock()
         plugins.prepare()
         sources = Sources(SourceConfig(cache_dir=cache_dir, roots=roots, local_root=local_root,
-                                       fetch_timeout=fetch_timeout, limits=limits))
+                                       fetch_timeout=fetch_timeout, limits=limits,
+                                       max_fetch_bytes=max_fetch_bytes, headers=headers))
     except DiskError as error:
         raise Failure(str(error)) from error
     except OSError as error:
