@@ -1016,3 +1016,108 @@ def test_source_credentials_file_is_checked(tmp_path: Path) -> None:
         creds.write_text(bad)
         with pytest.raises(click.BadParameter, match="line 1"):
             _source_credentials(creds, roots)
+
+
+# --- what the second review found ------------------------------------------------------------
+
+async def test_a_plugin_of_its_own_complete_is_refused_and_writes_nothing(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    sneaky = Repo(tmp_path / "git", "agents", "sneaky")
+    sneaky.commit({"p/f": "x"}, tag="v1", symlinks={"p/.complete": str(victim)})
+    box = await make_box()
+    with pytest.raises(RuntimeCallError, match=r"HTTP 422.*that name is the marker's"):
+        await box.put("p", "gitea://agents/sneaky/p#v1")
+    library = tmp_path / "b0" / "library" / "dir"
+    (library / ".complete").mkdir(parents=True)
+    (library / ".complete" / "big").write_text("x" * 5000)
+    with pytest.raises(RuntimeCallError, match=r"HTTP 422.*that name is the marker's"):
+        await box.put("dir", "local://dir")
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in box.dir.iterdir()) == [".pluginctl"]
+
+
+async def test_a_fetch_taken_back_leaves_the_repository_usable(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    mono = Repo(tmp_path / "git", "agents", "mono")
+    mono.commit({"p/f": "x"}, tag="small")
+    mono.commit({"elsewhere/big": os.urandom(3_000_000)}, tag="big")
+    box = await make_box(max_fetch_bytes=500_000)
+    with pytest.raises(RuntimeCallError, match="--max-fetch-bytes"):
+        await box.put("p", "gitea://agents/mono/p#big")
+    result = await box.put("p", "gitea://agents/mono/p#small")  # the same repository again
+    assert result.restart_required and files(box.dir / "p")["f"] == "x"
+
+
+async def test_heartbeats_go_on_after_an_answer_that_is_not_json(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    heartbeats: list[int] = []
+
+    async def heartbeat(_request: web.Request) -> web.Response:
+        heartbeats.append(1)
+        if len(heartbeats) == 2:  # a proxy's error page, once
+            return web.Response(status=502, text="<html>Bad Gateway</html>",
+                                content_type="text/html")
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/registry/heartbeat", heartbeat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    from controller.agent.simulated import ReferenceRuntime
+
+    agent = ReferenceRuntime("ws-1", registry_url=f"http://127.0.0.1:{port}", token="t",
+                             heartbeat_interval=0.1)
+    await agent.start()
+    try:
+        agent.start_heartbeats()
+        await wait_for(lambda: len(heartbeats) >= 4, "heartbeats after the bad answer")
+    finally:
+        await agent.stop()
+        await runner.cleanup()
+
+
+async def test_a_change_made_while_a_restart_runs_still_owes_a_restart(
+        tmp_path: Path, make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    await box.put("web-search", WEB_V1)
+    started = tmp_path / "started"
+    box.disk.restart_command = RestartCommand(
+        ("sh", "-c", f"touch {started}; sleep 0.5"))
+    await box.driver.restart(box.server.url)
+    await wait_for(started.exists, "the restart command running")
+    changed = await box.put("web-search", WEB_V2)  # during the restart
+    assert changed.restart_required
+    await box.server.restarted()
+    assert box.plugins.restart_pending()  # the restart began before this change
+    box.disk.restart_command = RestartCommand(("true",))
+    await box.driver.restart(box.server.url)
+    await box.server.restarted()
+    assert not box.plugins.restart_pending()
+
+
+async def test_a_tree_with_a_fifo_put_in_by_hand_is_replaced(
+        make_box: Callable[..., Awaitable[Box]]) -> None:
+    box = await make_box()
+    await box.put("web-search", WEB_V1)
+    os.mkfifo(box.dir / "web-search" / "pipe")
+    assert (await box.inventory())["web-search"].modified
+    result = await box.put("web-search", WEB_V1)
+    assert result.restart_required and not (box.dir / "web-search" / "pipe").exists()
+
+
+def test_one_agent_per_cache_and_its_leftovers_are_cleared(tmp_path: Path) -> None:
+    from controller.agent.sources import FetchError
+
+    first = Sources(SourceConfig(cache_dir=tmp_path / "cache"))
+    leftover = tmp_path / "cache" / "trees" / ".abc.1234"
+    leftover.mkdir()
+    first.lock()
+    assert not leftover.exists()
+    with pytest.raises(FetchError, match="another agent uses the cache"):
+        Sources(SourceConfig(cache_dir=tmp_path / "cache")).lock()

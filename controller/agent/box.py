@@ -48,6 +48,7 @@ class DiskBox:
         self.sources = sources
         self.workspace_id = workspace_id
         self.restart_command = restart
+        self._restarting = asyncio.Lock()
 
     async def inventory(self) -> list[Plugin]:
         return await asyncio.to_thread(self.plugins.inventory)
@@ -82,8 +83,6 @@ class DiskBox:
                            "NotOwned" if error.conflict else "Refused", str(error)) from error
         except OSError as error:
             raise BoxError(500, "DiskError", f"cannot install {name}: {error}") from error
-        if changed:
-            await asyncio.to_thread(self.plugins.mark_restart_pending)
         return Installed(changed, fetched.digest)
 
     async def remove(self, name: str) -> bool:
@@ -93,18 +92,18 @@ class DiskBox:
             raise BoxError(409, "NotOwned", str(error)) from error
         except OSError as error:
             raise BoxError(500, "DiskError", f"cannot remove {name}: {error}") from error
-        if removed:
-            await asyncio.to_thread(self.plugins.mark_restart_pending)
         return removed
 
     def restart_pending(self) -> bool:
         return self.plugins.restart_pending()
 
     async def restart(self) -> str | None:
-        failure = await self._run_restart()
-        if failure is None:
-            self.plugins.clear_restart_pending()
-        return failure
+        """One restart at a time; it pays for the changes made before it started."""
+        async with self._restarting:
+            await asyncio.to_thread(self.plugins.restart_starting)
+            failure = await self._run_restart()
+            await asyncio.to_thread(self.plugins.restart_finished, failure is None)
+            return failure
 
     async def _run_restart(self) -> str | None:
         command = self.restart_command

@@ -28,6 +28,7 @@ log = logging.getLogger("pluginctl.agent")
 
 BOOKKEEPING = ".pluginctl"
 RESTART_PENDING = "restart-pending"
+RESTART_RUNNING = "restart-running"
 #: Reported as the source of a plugin directory pluginctl did not put there.
 USER_SCHEME = "user"
 
@@ -117,16 +118,29 @@ class PluginsDir:
     # --- restarts owed ---------------------------------------------------------------------
 
     def restart_pending(self) -> bool:
-        """Whether the box changed since its last restart (kept on disk: an answer that was
-        lost, or an agent killed after the change, must not lose the restart)."""
-        return (self.root / BOOKKEEPING / RESTART_PENDING).exists()
+        """Whether the box changed since the start of its last successful restart (kept on
+        disk: an answer that was lost, or an agent killed after the change, must not lose
+        the restart)."""
+        state = self.root / BOOKKEEPING
+        return (state / RESTART_PENDING).exists() or (state / RESTART_RUNNING).exists()
 
     def mark_restart_pending(self) -> None:
         self._ensure_layout()
         (self.root / BOOKKEEPING / RESTART_PENDING).touch()
 
-    def clear_restart_pending(self) -> None:
-        (self.root / BOOKKEEPING / RESTART_PENDING).unlink(missing_ok=True)
+    def restart_starting(self) -> None:
+        """A restart starts: it covers the changes made so far (and only those: a change
+        made while it runs owes another one)."""
+        state = self.root / BOOKKEEPING
+        with contextlib.suppress(FileNotFoundError):
+            (state / RESTART_PENDING).rename(state / RESTART_RUNNING)
+
+    def restart_finished(self, ok: bool) -> None:
+        state = self.root / BOOKKEEPING
+        if ok:
+            (state / RESTART_RUNNING).unlink(missing_ok=True)
+        elif (state / RESTART_RUNNING).exists():
+            (state / RESTART_RUNNING).rename(state / RESTART_PENDING)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -225,9 +239,12 @@ class PluginsDir:
         nothing on disk). The same files from another source (a tag, then the same commit by
         its id) only get their record rewritten."""
         record = self.record(name)
-        same = (record is not None and record.digest == fetched.digest
-                and (self.root / name / tree.COMPLETE_MARKER).is_file()
-                and self.current_digest(name) == fetched.digest)
+        try:
+            same = (record is not None and record.digest == fetched.digest
+                    and (self.root / name / tree.COMPLETE_MARKER).is_file()
+                    and self.current_digest(name) == fetched.digest)
+        except (OSError, tree.TreeError):  # unreadable, or a FIFO put in by hand: replace it
+            same = False
         if same and record is not None and (record.source, record.commit) != (
                 source, fetched.commit):
             self._write_record(Record(name, source, fetched.digest, fetched.commit,
@@ -257,12 +274,16 @@ class PluginsDir:
             if tree.digest(staged) != fetched.digest:
                 raise DiskError(f"{source} changed while it was being copied; nothing was "
                                 "changed (try again)")
-            (staged / tree.COMPLETE_MARKER).write_text(fetched.digest + "\n")
+            marker = os.open(staged / tree.COMPLETE_MARKER,
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(marker, "w") as stream:
+                stream.write(fetched.digest + "\n")
             # The record first: a kill between the two leaves a record whose digest the tree
             # does not match (reported `modified`, installed again), never a tree of ours
             # without a record (which would pass for the user's).
             self._write_record(Record(name, source, fetched.digest, fetched.commit,
                                       utcnow().isoformat()))
+            self.mark_restart_pending()  # before the swap: a kill after it still owes one
             try:
                 if before is not None and target.is_dir() and not target.is_symlink():
                     _exchange(staged, target)  # `staged` now holds the old tree
@@ -302,6 +323,7 @@ class PluginsDir:
                 (self._records / f"{name}.json").unlink()
             return False
         doomed = self._staging / f"{name}.{uuid.uuid4().hex[:8]}.removed"
+        self.mark_restart_pending()  # a running workspace keeps it loaded until a restart
         target.rename(doomed)
         (self._records / f"{name}.json").unlink(missing_ok=True)
         _remove_tree(doomed)
@@ -338,7 +360,11 @@ def _exchange(staged: Path, target: Path) -> None:
             raise
         aside = staged.with_name(staged.name + ".old")
         target.rename(aside)
-        staged.rename(target)
+        try:
+            staged.rename(target)
+        except OSError:
+            aside.rename(target)  # put the old tree back
+            raise
         aside.rename(staged)
 
 

@@ -263,7 +263,14 @@ class AgentServer:
             self.registry_url + path, json=body,
             headers={"Authorization": f"Bearer {self.token}"},
         ) as response:
-            data: dict[str, Any] = await response.json(content_type=None)
+            try:
+                data: dict[str, Any] = await response.json(content_type=None)
+            except ValueError as error:  # an HTML 502 from a proxy on the way, say
+                raise aiohttp.ClientResponseError(
+                    response.request_info, (), status=response.status,
+                    message="the answer is not JSON") from error
+            if not isinstance(data, dict):
+                data = {"error": data}
             if response.status != 200:
                 raise aiohttp.ClientResponseError(
                     response.request_info, (), status=response.status,
@@ -316,7 +323,9 @@ class AgentServer:
                     # register again, as the 409 asks.
                     log.warning("%s: not registered; registering again", self.workspace_id)
                     await self.register()
-            except (aiohttp.ClientError, TimeoutError) as error:
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as error:
+                # Whatever one heartbeat meets, the next one is sent: a sidecar whose
+                # heartbeats stopped would look alive to Kubernetes and offline to pluginctl.
                 log.warning("%s: heartbeat failed: %s", self.workspace_id, error)
 
     # --- lifecycle -------------------------------------------------------------------------

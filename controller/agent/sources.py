@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,11 +18,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from controller.agent import tree
@@ -149,6 +151,7 @@ class Sources:
         self._trees = config.cache_dir / "trees"
         self._home = config.cache_dir / "home"  # an empty HOME: no user git config is read
         self._busy: dict[str, asyncio.Lock] = {}  # one fetch per repository at a time
+        self._held: IO[str] | None = None
         for directory in (self._git_dir, self._trees, self._home):
             directory.mkdir(parents=True, exist_ok=True)
         self._env = {
@@ -167,6 +170,22 @@ class Sources:
             **{name: value for name, value in os.environ.items() if name in _PASSED_THROUGH},
             **_header_config(config),
         }
+
+    def lock(self) -> None:
+        """Hold `CACHE/lock` for as long as this process lives (one agent per cache), then
+        clear what a killed agent left: half-written trees and repositories, git's locks."""
+        handle = (self.config.cache_dir / "lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            handle.close()
+            raise FetchError(Failure.FETCH_FAILED, f"another agent uses the cache "
+                                                   f"{self.config.cache_dir}") from error
+        self._held = handle
+        for leftover in [*self._trees.glob(".*"), *self._git_dir.glob(".*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        for stale in self._git_dir.glob("*.git/shallow.lock"):
+            stale.unlink(missing_ok=True)
 
     async def fetch(self, source: str) -> Fetched:
         """A checked copy of `source` (cached for git sources), or FetchError."""
@@ -228,14 +247,12 @@ class Sources:
             return Fetched(cached / "tree", digest.strip(), commit)
         where = f"{shown} at {commit[:12]}" + (f", {subpath}" if subpath else "")
         scratch = self._trees / f".{cached.name}.{uuid.uuid4().hex[:8]}"
-        processes: list[subprocess.Popen[bytes]] = []
+        running = _Running()
         try:
             await asyncio.to_thread(self._export, repo, f"{commit}:{subpath}", scratch, where,
-                                    processes)
+                                    running)
         except asyncio.CancelledError:
-            for process in processes:  # the time limit: stop git; the thread then ends
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+            running.cancel()  # the time limit: git is killed, the thread stops and cleans up
             raise
         digest = (scratch / "digest").read_text().strip()
         try:
@@ -245,47 +262,54 @@ class Sources:
         return Fetched(cached / "tree", digest, commit)
 
     def _export(self, repo: Path, treeish: str, scratch: Path, where: str,
-                processes: list[subprocess.Popen[bytes]]) -> None:
+                running: _Running) -> None:
         """Write `treeish` (a commit's subdirectory) into `scratch/tree` blob by blob, as
         git stores it: no checkout, no `.gitattributes` (no export-subst, export-ignore or
         line-ending filters), nothing but files, directories and symlinks. The listing is
         checked against the limits before a byte is written; then the tree is checked as a
-        whole and its digest written beside it. Runs in a thread; removes `scratch` on
-        failure."""
+        whole and its digest written beside it. Runs in a thread, which stops when `running`
+        is cancelled; removes `scratch` on failure."""
         try:
-            entries = self._listing(repo, treeish, where, processes)
+            entries = self._listing(repo, treeish, where, running)
             destination = scratch / "tree"
             destination.mkdir(parents=True)
-            self._write_blobs(repo, entries, destination, processes)
+            self._write_blobs(repo, entries, destination, where, running)
             tree.check(destination, self.config.limits)
             (scratch / "digest").write_text(tree.digest(destination) + "\n")
         except tree.TreeError as error:
             shutil.rmtree(scratch, ignore_errors=True)
             raise FetchError(Failure.REFUSED, f"{where}: {error}") from error
+        except (OSError, ValueError) as error:  # ENOSPC, a NUL in a link target, ...
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise FetchError(Failure.REFUSED, f"{where}: cannot write it: {error}") from error
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
 
-    def _popen(self, args: list[str], processes: list[subprocess.Popen[bytes]],
-               stdin: bool = False) -> subprocess.Popen[bytes]:
+    def _popen(self, args: list[str], running: _Running, stdin: bool = False
+               ) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+        """git started from a thread, registered with `running` so that a time limit kills
+        it; its stderr goes to a file (never a pipe nobody reads while it streams)."""
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the caller
         try:
-            process = subprocess.Popen(
-                ["git", *_HARDENING, *args], env=self._env, start_new_session=True,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            process = running.start(["git", *_HARDENING, *args], env=self._env,
+                                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=errors)
         except FileNotFoundError as error:
+            errors.close()
             raise FetchError(Failure.FETCH_FAILED, "git is not installed") from error
-        processes.append(process)
-        return process
+        return process, errors
 
-    def _listing(self, repo: Path, treeish: str, where: str,
-                 processes: list[subprocess.Popen[bytes]]) -> list[tuple[int, bytes, bytes]]:
+    def _listing(self, repo: Path, treeish: str, where: str, running: _Running
+                 ) -> list[tuple[int, bytes, bytes]]:
         """(mode, object id, path) of every blob under `treeish`, read as git streams it and
-        refused as soon as it passes --max-plugin-files or --max-plugin-bytes."""
+        refused as soon as it passes --max-plugin-files (files and directories) or
+        --max-plugin-bytes; the listing must end whole."""
         limits = self.config.limits
-        listing = self._popen(["--git-dir", str(repo), "ls-tree", "-r", "-z", "-l",
-                               "--full-tree", treeish], processes)
+        listing, errors = self._popen(["--git-dir", str(repo), "ls-tree", "-r", "-z", "-l",
+                                       "--full-tree", treeish], running)
         entries: list[tuple[int, bytes, bytes]] = []
+        directories: set[bytes] = set()
         size, pending = 0, b""
         output = _stream(listing.stdout)
         try:
@@ -298,43 +322,63 @@ class Sources:
                         log.info("%s: %s is a submodule; not fetched", where,
                                  path.decode(errors="replace"))
                         continue
-                    if len(entries) >= limits.max_files:
+                    path = _safe_path(path, where)
+                    parts = path.split(b"/")
+                    directories.update(b"/".join(parts[:n]) for n in range(1, len(parts)))
+                    if len(entries) + 1 + len(directories) > limits.max_files:
                         raise FetchError(Failure.REFUSED, f"{where}: more than "
                                          f"{limits.max_files} files (--max-plugin-files)")
                     size += int(length) if length.isdigit() else 0
                     if size > limits.max_bytes:
                         raise FetchError(Failure.REFUSED, f"{where}: larger than "
                                          f"{limits.max_bytes} bytes (--max-plugin-bytes)")
-                    entries.append((int(mode, 8), oid, _safe_path(path, where)))
-        finally:
+                    entries.append((int(mode, 8), oid, path))
+            returncode = listing.wait()
+        except BaseException:
             listing.kill()
-            _, err = listing.communicate()
-        if listing.returncode not in (0, -signal.SIGKILL) or (not entries and err):
+            listing.wait()
+            raise
+        finally:
+            errors.seek(0)
+            err = errors.read()
+            errors.close()
+        if returncode != 0 or pending:
             detail = " ".join(err.decode("utf-8", "replace").split())[-300:]
             if any(sign in detail.lower() for sign in ("not a valid object", "not a tree")):
                 raise FetchError(Failure.NOT_FOUND, f"{where}: no such directory")
-            raise FetchError(Failure.FETCH_FAILED, f"git ls-tree {where}: {detail}")
+            raise FetchError(Failure.FETCH_FAILED,
+                             f"git ls-tree {where}: {detail or f'ended with {returncode}'}")
         return entries
 
     def _write_blobs(self, repo: Path, entries: list[tuple[int, bytes, bytes]],
-                     destination: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-        """One `git cat-file --batch` for all blobs, asked and answered one at a time."""
-        batch = self._popen(["--git-dir", str(repo), "cat-file", "--batch"], processes,
-                            stdin=True)
+                     destination: Path, where: str, running: _Running) -> None:
+        """One `git cat-file --batch` for all blobs, asked and answered one at a time. No
+        path is written through a symlink of the plugin's own (git's fsck refuses such trees
+        too; this does not depend on it)."""
+        batch, errors = self._popen(["--git-dir", str(repo), "cat-file", "--batch"], running,
+                                    stdin=True)
         asking, answers = _stream(batch.stdin), _stream(batch.stdout)
+        links: set[bytes] = set()
         try:
             for mode, oid, path in entries:
+                running.check()
+                parts = path.split(b"/")
+                if any(b"/".join(parts[:n]) in links for n in range(1, len(parts))):
+                    raise FetchError(Failure.REFUSED, f"{where}: {path!r} lies under a "
+                                                      "symlink of the plugin")
                 asking.write(oid + b"\n")
                 asking.flush()
                 header = answers.readline().split()
-                if len(header) != 3 or header[1] != b"blob":
+                if len(header) != 3 or header[1] != b"blob" or not header[2].isdigit():
                     raise FetchError(Failure.FETCH_FAILED, f"git cat-file: no blob {oid!r}")
                 content = answers.read(int(header[2]))
-                answers.read(1)
+                if len(content) != int(header[2]) or answers.read(1) != b"\n":
+                    raise FetchError(Failure.FETCH_FAILED, f"git cat-file: {oid!r} cut short")
                 target = destination / os.fsdecode(path)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if mode == 0o120000:
                     os.symlink(content, target)
+                    links.add(path)
                     continue
                 descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                      | os.O_NOFOLLOW, 0o755 if mode & 0o111 else 0o644)
@@ -343,6 +387,7 @@ class Sources:
         finally:
             batch.kill()
             batch.communicate()
+            errors.close()
 
     async def _commit(self, repo: Path, url: str, ref: str) -> str:
         """The commit `ref` names, fetched into `repo` (shallow, that one commit only). Tags
@@ -472,10 +517,23 @@ class _Undo:
     def undo(self) -> None:
         for added in set(self.packs.glob("*")) - self.before:
             added.unlink(missing_ok=True)
+        # A killed shallow fetch leaves its lock, and every later fetch would fail on it.
+        (self.shallow.parent / "shallow.lock").unlink(missing_ok=True)
         if self.shallow_text is None:
             self.shallow.unlink(missing_ok=True)
         else:
             self.shallow.write_bytes(self.shallow_text)
+
+
+def git_version() -> tuple[int, ...] | None:
+    """The installed git's version, or None without git."""
+    try:
+        out = subprocess.run(["git", "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    numbers = re.findall(r"\d+", out)[:3]
+    return tuple(int(n) for n in numbers) or None
 
 
 def _size(directory: Path) -> int:
@@ -505,12 +563,44 @@ def _header_config(config: SourceConfig) -> dict[str, str]:
 
 
 def _safe_path(path: bytes, where: str) -> bytes:
-    """A path from a git tree, refused if any part of it could leave the plugin."""
+    """A path from a git tree, refused if any part of it could leave the plugin, or if it
+    is the plugin's own top-level `.complete` (the marker is the agent's to write)."""
     parts = path.split(b"/")
     if path.startswith(b"/") or any(part in (b"", b".", b"..") or part.lower() == b".git"
                                     for part in parts):
         raise FetchError(Failure.REFUSED, f"{where}: path {path!r} leaves the plugin")
+    if parts[0] == tree.COMPLETE_MARKER.encode():
+        raise FetchError(Failure.REFUSED, f"{where}: the plugin has its own "
+                                          f"{tree.COMPLETE_MARKER}; that name is the marker's")
     return path
+
+
+class _Running:
+    """The git processes a fetch's thread starts, so that its time limit can stop them; once
+    cancelled, no new one starts and the thread's loop stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._cancelled = False
+
+    def start(self, argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            self.check()
+            process = subprocess.Popen(argv, start_new_session=True, **options)
+            self._processes.append(process)
+            return process
+
+    def check(self) -> None:
+        if self._cancelled:
+            raise FetchError(Failure.TIMEOUT, "cancelled by the fetch's time limit")
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            for process in self._processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
 
 
 def _stream(stream: IO[bytes] | None) -> IO[bytes]:

@@ -85,8 +85,12 @@ def digest(root: Path) -> str:
 
 
 def check(root: Path, limits: Limits) -> None:
-    """Refuse a tree with too many files, too many bytes, special files, or a symlink that
-    resolves outside the tree (absolute, climbing above the root, or through other links)."""
+    """Refuse a tree with too many files, too many bytes, special files, a symlink that
+    resolves outside the tree (absolute, climbing above the root, or through other links),
+    or a top-level `.complete` of its own (the digest would not see it)."""
+    if os.path.lexists(root / COMPLETE_MARKER):
+        raise TreeError(f"the plugin has its own {COMPLETE_MARKER} at the top; that name is "
+                        "the marker's")
     size = 0
     links: dict[bytes, bytes] = {}
     for files, (path, info) in enumerate(_entries(root), start=1):

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -267,15 +266,19 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
     from controller.agent.box import DiskBox, RestartCommand
     from controller.agent.disk import DiskError, PluginsDir
     from controller.agent.runtime import AgentServer
-    from controller.agent.sources import SourceConfig, Sources
+    from controller.agent.sources import FetchError, SourceConfig, Sources, git_version
     from controller.agent.tree import Limits
 
     if cache_dir is None:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cache_dir = Path(base) / "pluginctl" / "agent"
     limits = Limits(max_bytes=max_bytes, max_files=max_files)
-    if shutil.which("git") is None:
+    version = git_version()
+    if version is None:
         log.warning("git is not on the PATH: only local:// sources can be installed")
+    elif headers and version < (2, 31):
+        raise Failure("--source-credentials-file needs git 2.31 or later (it reads "
+                      "GIT_CONFIG_COUNT); this is git " + ".".join(map(str, version)))
     try:
         plugins = PluginsDir(plugins_dir, limits)
         plugins.lock()
@@ -283,7 +286,8 @@ def _real(workspace_id: str, options: dict[str, Any], *, plugins_dir: Path,
         sources = Sources(SourceConfig(cache_dir=cache_dir, roots=roots, local_root=local_root,
                                        fetch_timeout=fetch_timeout, limits=limits,
                                        max_fetch_bytes=max_fetch_bytes, headers=headers))
-    except DiskError as error:
+        sources.lock()
+    except (DiskError, FetchError) as error:
         raise Failure(str(error)) from error
     except OSError as error:
         raise Failure(f"cannot prepare {error.filename}: {error.strerror}") from error
