@@ -168,8 +168,8 @@ class Mirror:
             else {key: mirror.token_secret_name(key[1]) for key, w in by_object.items()
                   if claimants.get(w.workspace_id) == w.object_ref}
         with transaction(self.sessions) as session:
-            observed = queries.load_observed(session, restart_window=self.policy.restart_window,
-                                             only=scope)
+            observed = queries.load_observed(session, now=now, only=scope,
+                                             restart_window=self.policy.restart_window)
 
         ready: dict[Key, bool] = {}
         previous_status: dict[str, Mapping[str, Any]] = {}

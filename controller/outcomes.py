@@ -27,6 +27,9 @@ class Changes:
     attempts: Mapping[str, Attempt] = field(default_factory=dict)
     clear_attempts: tuple[str, ...] = ()
     restarted_at: datetime | None = None
+    # With a restart: the workspace's restarts before this count for nothing any more (they
+    # left the budget window) and are deleted, so the table holds one window's worth.
+    forget_restarts_before: datetime | None = None
     restart_pending: bool | None = None  # None: leave as it is
 
     @property
@@ -99,5 +102,7 @@ def changes_from(
         attempts=attempts,
         clear_attempts=tuple(clear),
         restarted_at=restarted_at,
+        forget_restarts_before=(None if restarted_at is None
+                                else restarted_at - policy.restart_window),
         restart_pending=restart_pending,
     )

@@ -620,3 +620,26 @@ async def test_blast_radius_guard_limits_the_workspaces_one_pass_acts_on(
     assert all(r.calls == [] for r in runtimes)
     done = await one_pass(fleet(*names), sessions, replace(policy, max_workspaces=3))
     assert done.guard is None and all(has(r, SEO, NOTES) for r in runtimes)
+
+
+async def test_restarts_outside_the_budget_window_are_deleted(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """The restarts table holds one budget window's worth per workspace, not every restart
+    ever made: recording a restart deletes that workspace's restarts the window has left."""
+    from sqlalchemy import func, select
+
+    from controller.store.tables import RestartRow
+
+    runtime = await runtime_factory("ws-1")
+    with freeze_time("2026-01-01 00:00:00", real_asyncio=True) as clock:
+        await runtime.register()
+        for hour in range(4):  # one plugin more every two hours: an install, a restart
+            plugins = [{"source": f"local://plugins/extra-{i}"} for i in range(hour)]
+            await one_pass(fleet("ws-1", plugins=plugins), sessions, policy)
+            await runtime.restarted()
+            clock.tick(2 * 3600)
+            await runtime.register()  # seen again (stored at once, unlike a heartbeat)
+    with transaction(sessions) as session:
+        kept = session.execute(select(func.count()).select_from(RestartRow)).scalar_one()
+    assert runtime.restarts == 4 and kept == 1

@@ -57,7 +57,7 @@ def status_command(db: str | None, manifests: Path | None, use_kubernetes: bool,
                     allow_unpinned=allow_unpinned)
     now = utcnow()
     with transaction(sessions) as session:
-        observed = queries.load_observed(session, now=None, restart_window=policy.restart_window)
+        observed = queries.load_observed(session, now=now, restart_window=policy.restart_window)
     wanted = dict(desired.workspaces) if desired else {}
     ids = sorted(set(observed) | set(wanted))
     statuses = [status.build(wanted.get(i), observed.get(i), now, policy,

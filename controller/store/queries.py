@@ -165,24 +165,6 @@ def record_registers(session: Session, registers: list[Register], now: datetime)
          for workspace_id, (url, report, seq, error) in latest.items()])
 
 
-def record_heartbeat(
-    session: Session, workspace_id: str, report: list[Plugin] | None, now: datetime
-) -> bool:
-    """Still alive, and what it has if it said so. False when the workspace never registered."""
-    values: dict[str, object] = {"last_seen_at": now}
-    if report is not None:
-        values["report"] = _report_json(report)
-        values["report_digest"] = plugins_digest(report)
-        values["report_at"] = now
-    result = session.execute(
-        update(WorkspaceRow)
-        .where(WorkspaceRow.workspace_id == workspace_id, WorkspaceRow.url.is_not(None))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
 def record_changed_report(
     session: Session, workspace_id: str, report: list[Plugin], now: datetime,
     seq: int | None = None, error: str | None = None,
@@ -444,6 +426,7 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
     attempts_gone: list[dict[str, object]] = []
     attempts_new: list[dict[str, object]] = []
     restarts: list[dict[str, object]] = []
+    forgotten: list[dict[str, object]] = []
     for changes, now in records:
         workspace_id = changes.workspace_id
         row: dict[str, object] = {"b_id": workspace_id, "b_pending": changes.restart_pending,
@@ -489,6 +472,8 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
                          for key, attempt in changes.attempts.items()]
         if changes.restarted_at is not None:
             restarts.append({"workspace_id": workspace_id, "at": changes.restarted_at})
+        if changes.forget_restarts_before is not None:
+            forgotten.append({"b_id": workspace_id, "b_before": changes.forget_restarts_before})
 
     # Typed parameters; PostgreSQL cannot guess the type of `NULL IS NULL`, hence one cast
     # (booleans cast the same on every backend; datetimes and JSON would not on SQLite).
@@ -516,8 +501,13 @@ def apply_many(session: Session, records: list[tuple[Changes, datetime]]) -> Non
         ), rows)
     _replace_rows(session, owned_table, "name", owned_gone, owned_new)
     _replace_rows(session, attempt_table, "key", attempts_gone, attempts_new)
+    restart_table = Base.metadata.tables[RestartRow.__tablename__]
+    if forgotten:
+        session.execute(delete(restart_table).where(
+            restart_table.c.workspace_id == bindparam("b_id"),
+            restart_table.c.at < bindparam("b_before")), forgotten)
     if restarts:
-        session.execute(insert(Base.metadata.tables[RestartRow.__tablename__]), restarts)
+        session.execute(insert(restart_table), restarts)
 
 
 def _replace_rows(session: Session, table: Table, key: str, gone: list[dict[str, object]],
@@ -529,12 +519,6 @@ def _replace_rows(session: Session, table: Table, key: str, gone: list[dict[str,
                                             table.c[key] == bindparam(f"b_{key}")), gone)
     if new:
         session.execute(insert(table), new)
-
-
-def prune_restarts(session: Session, before: datetime) -> int:
-    """Forget restarts older than the budget window."""
-    result = session.execute(delete(RestartRow).where(RestartRow.at < before))
-    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 # --- benchmarks: bulk seeding and the naive per-workspace read they compare against -----------
