@@ -532,9 +532,12 @@ AGENT_PLUGINS = ("web-search", "seo-all", "notebook")
 
 
 def _git(*args: str, cwd: Path | None = None) -> None:
+    """git without the user's or the system's config (a gpgsign=true there would break the
+    measurement)."""
     subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@pluginctl.invalid",
                     "-c", "init.defaultBranch=main", *args], cwd=cwd, check=True,
-                   capture_output=True)
+                   capture_output=True, env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1",
+                                             "GIT_CONFIG_GLOBAL": os.devnull})
 
 
 async def agent_install(scratch: Path, say: Say) -> dict[str, Any]:

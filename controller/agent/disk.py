@@ -331,11 +331,9 @@ class PluginsDir:
         return True
 
     def _write_record(self, record: Record) -> None:
-        path = self._records / f"{record.name}.json"
         self._ensure_layout()
-        scratch = self._records / f".{record.name}.json.{uuid.uuid4().hex[:8]}"
-        scratch.write_text(json.dumps(asdict(record), sort_keys=True), encoding="utf-8")
-        os.replace(scratch, path)
+        tree.write_atomically(self._records / f"{record.name}.json",
+                              json.dumps(asdict(record), sort_keys=True))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

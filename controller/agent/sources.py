@@ -425,7 +425,7 @@ class Sources:
             if not await self._has_commit(repo, commit):
                 raise FetchError(Failure.NOT_FOUND, f"{shown}: {ref} is not a commit")
         if known.get(ref) == commit:
-            _write_atomically(known_file, json.dumps(known, sort_keys=True))
+            tree.write_atomically(known_file, json.dumps(known, sort_keys=True))
         return commit
 
     async def _watched(self, process: asyncio.subprocess.Process, directory: Path,
@@ -607,13 +607,6 @@ def _stream(stream: IO[bytes] | None) -> IO[bytes]:
     if stream is None:
         raise FetchError(Failure.FETCH_FAILED, "git was started without a pipe")
     return stream
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
-                                     prefix=f".{path.name}.") as stream:
-        stream.write(text)
-    os.replace(stream.name, path)
 
 
 def _redact(url: str) -> str:

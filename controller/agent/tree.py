@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,14 @@ def _stays_inside(links: dict[bytes, bytes], link: bytes, target: bytes) -> bool
         return current
 
     return resolve(link.split(b"/")[:-1], target) is not None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename: a reader (or a kill) never sees half."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8",
+                                     prefix=f".{path.name}.") as stream:
+        stream.write(text)
+    os.replace(stream.name, path)
 
 
 def _show(path: bytes) -> str:
