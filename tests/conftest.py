@@ -3,33 +3,23 @@ loopback, and reference runtimes on loopback."""
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
 import subprocess
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import freezegun
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from controller import desired as desired_mod
 from controller.agent.simulated import Faults, ReferenceRuntime
-from controller.desired import Desired
-from controller.models import Plugin, Policy
-from controller.reconciler import Hints
-from controller.registry import issue_token, make_app
+from controller.domain.models import Plugin, Policy
+from controller.engine.reconciler import Hints
+from controller.registry.app import make_app
 from controller.store import Sessions, make_engine, make_sessions, upgrade
-
-from . import pg
+from tests.support import pg
+from tests.support.helpers import Registry, RuntimeFactory, fresh_postgres_database
 
 # freezegun looks at every attribute of every loaded module when it starts; the kubernetes
 # client builds its (pydantic) models lazily on attribute access, which must not happen
@@ -54,28 +44,13 @@ def postgres_url() -> Iterator[str]:
         pg.destroy(server)
 
 
-def _fresh_postgres_database(server_url: str) -> tuple[str, Callable[[], None]]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    return url, drop
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of each kind."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'pluginctl.db'}"
         return
-    url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_url"))
+    url, drop = fresh_postgres_database(request.getfixturevalue("postgres_url"))
     try:
         yield url
     finally:
@@ -102,20 +77,6 @@ def policy() -> Policy:
     return Policy(call_timeout=2.0, workspace_timeout=10.0)
 
 
-class Registry:
-    def __init__(self, server: TestServer, hints: Hints, sessions: Sessions) -> None:
-        self.server = server
-        self.hints = hints
-        self.sessions = sessions
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    def token(self, workspace_id: str) -> str:
-        return issue_token(self.sessions, workspace_id)
-
-
 @pytest.fixture
 async def registry(sessions: Sessions) -> AsyncIterator[Registry]:
     hints = Hints()
@@ -127,7 +88,6 @@ async def registry(sessions: Sessions) -> AsyncIterator[Registry]:
         await server.close()
 
 
-RuntimeFactory = Callable[..., Awaitable[ReferenceRuntime]]
 
 
 @pytest.fixture
@@ -152,58 +112,25 @@ async def runtime_factory(registry: Registry) -> AsyncIterator[RuntimeFactory]:
         await runtime.stop()
 
 
-TEMPLATE = """
-apiVersion: pluginctl.dev/v1alpha1
-kind: WorkspaceTemplate
-metadata: {name: base}
-spec:
-  plugins:
-    - source: gitea://org/repo/agent-skills/seo-all#v1
-    - source: local://plugins/notes
-"""
-
-
-async def wait_for(condition: Callable[[], Any], what: str = "condition",
-                   timeout: float = 30.0) -> Any:
-    """Wait for `condition()` (a value or an awaitable) to be truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def workspace_yaml(name: str, **spec: Any) -> str:
-    body = {"templateRef": {"name": "base"}, **spec}
-    return yaml.safe_dump({"apiVersion": "pluginctl.dev/v1alpha1", "kind": "Workspace",
-                           "metadata": {"name": name}, "spec": body})
-
-
-def desired_from(*documents: str) -> Desired:
-    """Desired state from YAML text, as the manifest directory would give it."""
-    objects = [("test.yaml", doc) for text_ in documents
-               for doc in yaml.safe_load_all(text_) if doc is not None]
-    return desired_mod.build(objects)
-
-
-def fleet(*names: str, **spec: Any) -> Desired:
-    return desired_from(TEMPLATE, *(workspace_yaml(n, **spec) for n in names))
-
-
-SEO = Plugin("seo-all", "gitea://org/repo/agent-skills/seo-all#v1")
-NOTES = Plugin("notes", "local://plugins/notes")
-
-
 # --- mypy beside the suite ------------------------------------------------------------------
 
 MYPY: pytest.StashKey[subprocess.Popen[str]] = pytest.StashKey()
 
 
+LEVELS = ("unit", "integration", "e2e")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its level (the folder it is in: `pytest -m unit` runs the pure
+    ones), and start mypy (below)."""
+    for item in items:
+        level = next((part for part in item.path.parts if part in LEVELS), None)
+        if level is not None:
+            item.add_marker(level)
+    _start_mypy(config, items)
+
+
+def _start_mypy(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`mypy --strict` takes most of a minute on its own: when its test is selected, start it
     now on the other core, and let the test collect the result (tests/test_architecture)."""
     if any(item.name == "test_mypy_strict_passes" for item in items):

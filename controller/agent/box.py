@@ -14,7 +14,7 @@ from controller.agent.disk import DiskError, PluginsDir
 from controller.agent.runtime import BoxError, Installed, Prepared
 from controller.agent.sources import Failure, Fetched, FetchError, Sources
 from controller.agent.tree import is_digest
-from controller.models import Plugin
+from controller.domain.models import Plugin
 
 log = logging.getLogger("pluginctl.agent")
 

@@ -21,8 +21,8 @@ from typing import IO
 
 from controller.agent import tree
 from controller.agent.sources import Fetched
-from controller.api import MAX_PLUGINS
-from controller.models import InvalidSpec, Plugin, check_plugin_name, utcnow
+from controller.domain.models import InvalidSpec, Plugin, check_plugin_name, utcnow
+from controller.domain.wire import MAX_PLUGINS
 
 log = logging.getLogger("pluginctl.agent")
 

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from controller.http import start_site
-from controller.models import InvalidSpec, Plugin, check_plugin_name, check_source
+from controller.domain.models import InvalidSpec, Plugin, check_plugin_name, check_source
+from controller.registry.serving import start_site
 
 log = logging.getLogger("pluginctl.agent")
 

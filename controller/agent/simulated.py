@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from controller.agent.runtime import AgentServer, BoxError, Installed, Prepared
-from controller.models import Plugin
+from controller.domain.models import Plugin
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from controller.agent import tree
-from controller.models import LOCAL_SCHEME
+from controller.domain.models import LOCAL_SCHEME
 
 log = logging.getLogger("pluginctl.agent")
 

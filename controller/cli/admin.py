@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from controller import tokens
 from controller.cli.base import (
     Failure,
     cli,
@@ -18,9 +17,10 @@ from controller.cli.base import (
     read_secret,
     workspace_id_arg,
 )
-from controller.models import InvalidSpec, check_workspace_id, utcnow
-from controller.registry import issue_token
-from controller.render import table
+from controller.domain import tokens
+from controller.domain.models import InvalidSpec, check_workspace_id, utcnow
+from controller.domain.render import table
+from controller.registry.app import issue_token
 from controller.store import (
     current_revision,
     database_url,

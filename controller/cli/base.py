@@ -13,11 +13,11 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from controller import manifests as manifests_mod
-from controller.desired import Desired
-from controller.models import InvalidSpec, Policy, Unavailable, check_workspace_id, utcnow
-from controller.networks import RuntimeNetworks
-from controller.planner import GUARD_MIN_REMOVALS
+from controller.domain.desired import Desired
+from controller.domain.models import InvalidSpec, Policy, Unavailable, check_workspace_id, utcnow
+from controller.domain.networks import RuntimeNetworks
+from controller.domain.planner import GUARD_MIN_REMOVALS
+from controller.engine import manifests as manifests_mod
 from controller.store import Sessions, database_url, ensure_schema, make_engine, make_sessions
 
 EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
@@ -226,7 +226,7 @@ def check_one_source(manifests: Path | None, use_kubernetes: bool) -> None:
 
 
 def kube_client(kubeconfig: str | None, context: str | None) -> Any:
-    from controller.kubeapi import KubeClient
+    from controller.kube.client import KubeClient
 
     return KubeClient(kubeconfig, context)
 
@@ -237,8 +237,8 @@ def desired_state(manifests: Path | None, use_kubernetes: bool, kubeconfig: str 
     check_one_source(manifests, use_kubernetes)
     if manifests is not None:
         return load_manifests(manifests)
-    from controller.kubeapi import KubeError
-    from controller.operator import ClusterView
+    from controller.kube.client import KubeError
+    from controller.kube.operator import ClusterView
 
     kube = kube_client(kubeconfig, kube_context)
     try:

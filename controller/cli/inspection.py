@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 
-from controller import status
 from controller.cli.base import (
     EXIT_DRIFT,
     EXIT_OK,
@@ -29,9 +28,10 @@ from controller.cli.base import (
     when,
     workspace_id_arg,
 )
-from controller.explain import Claim, Explanation, age, explain
-from controller.models import Policy, utcnow
-from controller.render import table
+from controller.domain import status
+from controller.domain.explain import Claim, Explanation, age, explain
+from controller.domain.models import Policy, utcnow
+from controller.domain.render import table
 from controller.store import queries, transaction
 
 # --- status ----------------------------------------------------------------------------------

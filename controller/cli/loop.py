@@ -13,8 +13,6 @@ from typing import Any
 
 import click
 
-from controller import manifests as manifests_mod
-from controller import service
 from controller.cli.base import (
     EXIT_DRIFT,
     EXIT_OK,
@@ -35,12 +33,19 @@ from controller.cli.base import (
     policy_options,
     when,
 )
-from controller.driver import RuntimeDriver
-from controller.http import Limits
-from controller.metrics import Metrics
-from controller.models import Plugin
-from controller.reconciler import DEFAULT_REPLICA, PassReport, WorkspaceResult, reconcile_once
-from controller.render import table
+from controller.domain.models import Plugin
+from controller.domain.render import table
+from controller.engine import manifests as manifests_mod
+from controller.engine import service
+from controller.engine.metrics import Metrics
+from controller.engine.reconciler import (
+    DEFAULT_REPLICA,
+    PassReport,
+    WorkspaceResult,
+    reconcile_once,
+)
+from controller.registry.serving import Limits
+from controller.runtime.driver import RuntimeDriver
 
 # --- run -------------------------------------------------------------------------------------
 
@@ -90,8 +95,8 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
                                 host, port, interval, replica=identity or DEFAULT_REPLICA,
                                 limits=limits, metrics=metrics)
     else:
-        from controller import operator
-        from controller.leader import LeaseConfig
+        from controller.kube import operator
+        from controller.kube.leader import LeaseConfig
 
         kube = kube_client(kubeconfig, kube_context)
         sessions = open_store(db)
@@ -154,7 +159,7 @@ def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
         with progress_bar() as progress:
             async with RuntimeDriver.for_policy(policy) as driver:
                 if kube is not None:
-                    from controller.operator import reconcile_cluster_once
+                    from controller.kube.operator import reconcile_cluster_once
 
                     return await reconcile_cluster_once(kube, sessions, policy, driver,
                                                         dry_run=dry_run, progress=progress,
@@ -232,7 +237,7 @@ def print_report(report: PassReport) -> None:
 
 
 def report_json(report: PassReport) -> dict[str, Any]:
-    from controller.models import ActionKind
+    from controller.domain.models import ActionKind
 
     def result(r: WorkspaceResult) -> dict[str, Any]:
         return {
@@ -299,7 +304,7 @@ def plan_command(manifests: Path | None, use_kubernetes: bool, kubeconfig: str |
     Each workspace's actions carry a fingerprint of the state they were planned against;
     apply refuses if any has changed. Exit 0: nothing to do. Exit 2: actions planned (or
     waits, or invalid workspaces). Exit 1: could not run."""
-    from controller.plans import make_plan, plan_json
+    from controller.engine.plans import make_plan, plan_json
 
     policy = make_policy(**policy_args)
     desired = desired_state(manifests, use_kubernetes, kubeconfig, kube_context)
@@ -353,7 +358,7 @@ def apply_command(plan_file: Path, manifests: Path | None, use_kubernetes: bool,
     restart an install asks for is left pending for the next pass (only planned restarts
     happen). Exit 0: every action succeeded. Exit 2: some failed. Exit 1: refused or could
     not run."""
-    from controller.plans import PlanError, apply_plan, read_plan
+    from controller.engine.plans import PlanError, apply_plan, read_plan
 
     policy = make_policy(**policy_args)
     try:

@@ -27,8 +27,8 @@ from controller.cli.base import (
     read_secret,
     workspace_id_arg,
 )
-from controller.models import InvalidSpec, Plugin, derive_plugin_name
-from controller.render import table
+from controller.domain.models import InvalidSpec, Plugin, derive_plugin_name
+from controller.domain.render import table
 
 if TYPE_CHECKING:
     from controller.agent.runtime import AgentServer as AgentServerType
@@ -368,7 +368,7 @@ def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: 
     """Measure pluginctl against naive baselines run in the same command."""
     import tempfile
 
-    from controller import bench as bench_mod
+    from controller.sim import bench as bench_mod
 
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)
@@ -429,7 +429,7 @@ def soak(profile: str, workspaces: int | None, rate: float | None, seconds: floa
          postgres: str | None, as_json: bool) -> None:
     """Run the controller under heartbeat load with faults on a schedule; exit 1 unless
     every workspace converged, none was lost, and RSS grew less than 10%."""
-    from controller.soak import Profile, report_lines, run_soak
+    from controller.sim.soak import Profile, report_lines, run_soak
 
     count, default_rate, default_seconds, cycle = SOAK_PROFILES[profile]
     chosen = Profile(workspaces or count, rate or default_rate, seconds or default_seconds,
@@ -453,7 +453,7 @@ def demo(manifests: Path | None, seconds: float, db: str | None) -> None:
     temporary folder), and show them converge: one registers and never heartbeats, one has a
     plugin directory its user made, one has its box re-created, one waits for its publisher
     to push a tag; then the template moves web-search to v1.5.0."""
-    from controller.demo import run_demo
+    from controller.sim.demo import run_demo
 
     if logging.getLogger().level > logging.DEBUG:  # the demo tells its own story on stdout
         logging.getLogger().setLevel(logging.WARNING)

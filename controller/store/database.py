@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from controller.models import Unavailable
+from controller.domain.models import Unavailable
 
 DEFAULT_URL = "sqlite:///pluginctl.db"
 MIGRATIONS = Path(__file__).with_name("migrations")

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from controller.models import (
+from controller.domain.models import (
     Attempt,
     Observed,
     Plugin,
@@ -35,7 +35,7 @@ from controller.models import (
     plugins_digest,
     report_digest,
 )
-from controller.outcomes import Changes
+from controller.domain.outcomes import Changes
 from controller.store.tables import (
     AttemptRow,
     Base,

@@ -1,0 +1,113 @@
+"""The standalone controller process: the registry API and the periodic loop in one event
+loop, sharing one store; the registry hints the loop so a fresh register converges fast."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from controller.domain.desired import Desired
+from controller.domain.models import Policy
+from controller.engine.metrics import Metrics
+from controller.engine.reconciler import (
+    DEFAULT_REPLICA,
+    FailureCallback,
+    Hints,
+    PassCallback,
+    PassReport,
+    run_forever,
+)
+from controller.registry.app import make_app
+from controller.registry.serving import Limits, runner_for, start_site
+from controller.runtime.driver import RuntimeDriver
+from controller.store import Sessions
+
+log = logging.getLogger("pluginctl")
+
+
+def log_pass(report: PassReport, trigger: str) -> None:
+    if report.dry_run:  # `run --dry-run`: say what each workspace's turn would have done
+        for result in report.results:
+            for line in result.planned:
+                log.info("%s: would %s [%s]", result.workspace_id, line, result.trigger)
+    acted = any(r.outcomes or (report.dry_run and r.planned) for r in report.results) \
+        or report.failed or report.guard is not None
+    log.log(logging.INFO if acted else logging.DEBUG, "pass (%s): %s", trigger, report.summary())
+
+
+Loop = Callable[[Hints, asyncio.Event], Awaitable[None]]
+
+
+def observed(metrics: Metrics | None, on_pass: PassCallback | None = None
+             ) -> tuple[PassCallback, FailureCallback | None]:
+    """What the loop calls after each pass: `on_pass` (default: log it), and the metrics."""
+    then = on_pass or log_pass
+    if metrics is None:
+        return then, None
+
+    def both(report: PassReport, trigger: str) -> None:
+        metrics.observe_pass(report, trigger)
+        then(report, trigger)
+
+    return both, metrics.observe_failed_pass
+
+
+def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy,
+                    interval: float, on_pass: PassCallback | None = None,
+                    replica: str = DEFAULT_REPLICA, metrics: Metrics | None = None) -> Loop:
+    """The periodic loop over desired state from `source` (a manifest directory)."""
+    after_pass, on_failure = observed(metrics, on_pass)
+
+    async def loop(hints: Hints, stop: asyncio.Event) -> None:
+        async with RuntimeDriver.for_policy(policy, f"pluginctl/{replica}") as driver:
+            await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
+                              hints=hints, on_pass=after_pass, replica=replica,
+                              on_failure=on_failure)
+    return loop
+
+
+async def serve(
+    source: Callable[[], Desired] | None,
+    sessions: Sessions,
+    policy: Policy,
+    host: str,
+    port: int,
+    interval: float,
+    *,
+    started: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    on_pass: PassCallback | None = None,
+    loop_factory: Loop | None = None,
+    replica: str = DEFAULT_REPLICA,
+    limits: Limits | None = None,
+    metrics: Metrics | None = None,
+) -> None:
+    """The registry API and a control loop (the standalone loop over `source`, or
+    `loop_factory`, e.g. the operator's), until SIGINT/SIGTERM or `stop`. Raises OSError if
+    it cannot listen."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    hints = Hints()
+    runner = runner_for(make_app(sessions, hint=hints, networks=policy.runtime_networks,
+                                 limits=limits, metrics=metrics))
+    await runner.setup()
+    try:
+        bound = await start_site(runner, host, port)
+        log.info("registry listening on http://%s:%d", host, bound)
+        if started is not None:
+            started(bound)
+        if loop_factory is None:
+            if source is None:
+                raise ValueError("serve() needs a source of desired state or a loop")
+            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass, replica,
+                                           metrics)
+        await loop_factory(hints, stop)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")

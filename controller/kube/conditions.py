@@ -1,0 +1,245 @@
+"""The status mirror: what the Workspace and WorkspaceTemplate `status` should say (kstatus
+conditions Ready/Reconciling/Stalled with observedGeneration), whether that differs from
+what is there, and which Events a pass's outcomes deserve. Pure: the operator applies it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from controller.domain.models import Action, ActionKind, Outcome, Phase
+from controller.domain.planner import Held
+from controller.domain.status import PluginState, WorkspaceStatus
+
+REQUESTED_AT = "reconcile.pluginctl.dev/requestedAt"
+WORKSPACE_ID_LABEL = "pluginctl.dev/workspace-id"
+WORKSPACE_LABEL = "pluginctl.dev/workspace"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "pluginctl"
+TOKEN_KEY = "token"
+CONTROLLER_SECRET_KEY = "controller-secret"  # with --runtime-secret-per-workspace
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str
+    status: str  # "True" | "False"
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def _invalid_reason(error: str) -> str:
+    if error.startswith("DuplicateWorkspaceId"):
+        return "DuplicateWorkspaceId"
+    if error.startswith("template ") and error.endswith("not found"):
+        return "TemplateNotFound"
+    return "InvalidSpec"
+
+
+def conditions_for(state: WorkspaceStatus, guard: Held | None = None
+                   ) -> tuple[Condition, Condition, Condition]:
+    """Ready, Reconciling, Stalled. No timestamps in messages: a heartbeat never writes.
+    `guard`: why the blast-radius guard held the pass (a workspace it left out of sync is
+    stalled until someone looks). Only its limit is written, never its counts: those move
+    with the fleet and would rewrite every held Workspace each pass."""
+    def make(ready: tuple[str, str, str], reconciling: tuple[str, str, str],
+             stalled: tuple[str, str, str]) -> tuple[Condition, Condition, Condition]:
+        return (Condition("Ready", *ready), Condition("Reconciling", *reconciling),
+                Condition("Stalled", *stalled))
+
+    plugins = f"{state.installed}/{state.desired} plugins installed"
+    not_stalled = ("False", "NotStalled", "")
+    match state.phase:
+        case Phase.INVALID:
+            reason = _invalid_reason(state.error or "")
+            return make(("False", reason, state.error or ""), ("False", reason, ""),
+                        ("True", reason, state.error or ""))
+        case Phase.SUSPENDED:
+            return make(("False", "Suspended", "spec.suspend is true: no calls are made"),
+                        ("False", "Suspended", ""), not_stalled)
+        case Phase.DORMANT:
+            return make(("False", "Dormant", "paused by an operator (pluginctl workspace "
+                                             "resume to undo)"),
+                        ("False", "Dormant", ""), not_stalled)
+        case Phase.UNREGISTERED | Phase.OFFLINE:
+            reason = state.phase.value
+            message = ("waiting for the runtime to register" if state.phase is
+                       Phase.UNREGISTERED else "the runtime has not been seen recently")
+            return make(("False", reason, message), ("True", "WaitingForRuntime", message),
+                        not_stalled)
+    if state.in_sync:
+        return make(("True", "InSync", plugins), ("False", "InSync", ""), not_stalled)
+    if guard is not None:
+        message = (f"{plugins}; the blast-radius guard holds every pass: it would go over "
+                   f"{guard.limit} (the controller's log and pluginctl plan say what it "
+                   "would do; pluginctl reconcile --once --force goes ahead)")
+        return make(("False", "GuardHolding", message), ("False", "GuardHolding", ""),
+                    ("True", "GuardHolding", message))
+    states = {p.state for p in state.plugins}
+    refused = [p for p in state.plugins if p.state is PluginState.REFUSED]
+    if refused:
+        # Nothing will change until the spec (or the controller's policy) does: stalled.
+        message = f"{plugins}; {refused[0].name}: {refused[0].message}"
+        return make(("False", "Refused", message), ("False", "Refused", ""),
+                    ("True", "Refused", message))
+    if PluginState.FAILED in states:
+        reason = "Failed"
+    elif PluginState.HELD in states or state.restart_pending:
+        reason = "RestartHeld" if PluginState.HELD in states else "RestartPending"
+    else:
+        reason = "Progressing"
+    failed = [p for p in state.plugins if p.state is PluginState.FAILED]
+    message = plugins + (f"; {failed[0].name}: {failed[0].message}" if failed else "")
+    return make(("False", reason, message), ("True", reason, message), not_stalled)
+
+
+def workspace_status(
+    state: WorkspaceStatus,
+    obj: Mapping[str, Any],
+    now: datetime,
+    token_secret: str | None,
+    guard: Held | None = None,
+) -> dict[str, Any]:
+    """The full status of one Workspace object."""
+    metadata = obj.get("metadata", {})
+    previous = obj.get("status") or {}
+    generation = metadata.get("generation")
+    old_conditions = {c.get("type"): c for c in previous.get("conditions") or []}
+    conditions = []
+    for condition in conditions_for(state, guard):
+        old = old_conditions.get(condition.type)
+        unchanged = old is not None and old.get("status") == condition.status
+        conditions.append({
+            "type": condition.type,
+            "status": condition.status,
+            "reason": condition.reason,
+            "message": condition.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": old.get("lastTransitionTime") if unchanged and old
+            else _iso(now),
+        })
+    plugins = []
+    for plugin in state.plugins:
+        entry: dict[str, Any] = {"name": plugin.name, "source": plugin.source,
+                                 "state": plugin.state.value, "message": plugin.message,
+                                 "attempts": plugin.attempts}
+        if plugin.next_retry_at is not None:
+            entry["nextRetryAt"] = _iso(plugin.next_retry_at)
+        plugins.append(entry)
+    status: dict[str, Any] = {
+        "workspaceId": state.workspace_id,
+        "phase": state.phase.value,
+        "pluginsReady": f"{state.installed}/{state.desired}",
+        "plugins": plugins,
+        "conditions": conditions,
+        "observedGeneration": generation,
+    }
+    requested = (metadata.get("annotations") or {}).get(REQUESTED_AT)
+    if requested is not None:
+        status["lastHandledReconcileAt"] = requested
+    elif "lastHandledReconcileAt" in previous:
+        status["lastHandledReconcileAt"] = previous["lastHandledReconcileAt"]
+    if token_secret is not None:
+        status["tokenSecretName"] = token_secret
+    return status
+
+
+def template_status(obj: Mapping[str, Any], plugin_count: int,
+                    ready: int, total: int) -> dict[str, Any]:
+    return {
+        "pluginCount": plugin_count,
+        "workspaces": f"{ready}/{total}",
+        "workspaceCount": total,
+        "readyCount": ready,
+        "observedGeneration": obj.get("metadata", {}).get("generation"),
+    }
+
+
+def status_patch(previous: Mapping[str, Any] | None,
+                 new: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that turns `previous` into `new`, or None when they are equal (no
+    write at all: a steady state never touches the API server)."""
+    previous = previous or {}
+    if dict(previous) == dict(new):
+        return None
+    patch: dict[str, Any] = dict(new)
+    for key in previous:
+        if key not in new:
+            patch[key] = None  # merge patch: null removes the field
+    return patch
+
+
+def is_ready(status: Mapping[str, Any] | None) -> bool:
+    for condition in (status or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return bool(condition.get("status") == "True")
+    return False
+
+
+_FAILED_REASON = {ActionKind.INSTALL: "InstallFailed", ActionKind.REMOVE: "RemoveFailed",
+                  ActionKind.OBSERVE: "ObserveFailed", ActionKind.RESTART: "RestartFailed"}
+
+
+def _subject(action: Action) -> str:
+    return action.plugin.name if action.plugin else "the runtime"
+
+
+def events_for(outcomes: Iterable[Outcome], failing_before: Iterable[str],
+               held_now: bool, held_before: bool,
+               trigger_of: Callable[[Action], str] | None = None) -> list[Event]:
+    """Events for what a pass did: installs, removals, restarts, the first failure of a
+    streak (not one per retry), and a restart hold when it begins. Each action's Event says
+    what started it (`trigger_of`: periodic, registry, manual, retry, template-change)."""
+    already_failing = set(failing_before)
+    events = []
+
+    def said(action: Action, message: str) -> str:
+        return message if trigger_of is None else f"{message} [trigger: {trigger_of(action)}]"
+
+    for outcome in outcomes:
+        action = outcome.action
+        if not outcome.ok:
+            if action.key not in already_failing:
+                already_failing.add(action.key)
+                events.append(Event("Warning", _FAILED_REASON.get(action.kind, "Failed"),
+                                    said(action, f"{action.kind.value} {_subject(action)} "
+                                                 f"failed: {outcome.message} (retrying with "
+                                                 "backoff)")))
+            continue
+        match action.kind:
+            case ActionKind.INSTALL if action.plugin is not None:
+                events.append(Event("Normal", "Installed", said(
+                    action, f"installed {action.plugin.name} from {action.plugin.source} "
+                            f"({action.reason})")))
+            case ActionKind.REMOVE if action.plugin is not None:
+                events.append(Event("Normal", "Removed", said(
+                    action, f"removed {action.plugin.name}: {action.reason}")))
+            case ActionKind.RESTART:
+                events.append(Event("Normal", "Restarted", said(
+                    action, f"restarted the runtime: {action.reason}")))
+    if held_now and not held_before:
+        events.append(Event("Warning", "RestartHeld", "a restart is needed but the restart "
+                            "budget is spent; held until the budget allows it"))
+    return events
+
+
+def token_secret_name(workspace_name: str) -> str:
+    suffix = "-pluginctl-token"
+    if len(workspace_name) + len(suffix) <= 253:
+        return workspace_name + suffix
+    digest = hashlib.sha256(workspace_name.encode()).hexdigest()[:10]
+    return f"{workspace_name[:253 - len(suffix) - 11]}-{digest}{suffix}"

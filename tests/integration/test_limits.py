@@ -1,0 +1,150 @@
+"""The registry's time and connection limits over real sockets on loopback: a flood of
+slow or idle clients is cut off on time and never stops the others from being served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controller.registry.app import INGEST, issue_token, make_app
+from controller.registry.serving import GUARD, Limits, runner_for, start_site
+from controller.store import Sessions
+from tests.support.helpers import wait_for
+
+LIMITS = Limits(head_seconds=1.0, body_seconds=1.0, handler_seconds=2.0,
+                keepalive_seconds=2.0, max_connections=150)
+
+
+@dataclass
+class Live:
+    app: web.Application
+    port: int
+    token: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def live(sessions: Sessions) -> AsyncIterator[Live]:
+    app = make_app(sessions, limits=LIMITS)
+    runner = runner_for(app)
+    await runner.setup()
+    port = await start_site(runner, "127.0.0.1", 0)
+    token = issue_token(sessions, "ws-1")
+    live = Live(app, port, token)
+    async with aiohttp.ClientSession() as client, client.post(
+            f"{live.url}/registry/register", headers=auth(token),
+            json={"workspace_id": "ws-1", "url": "http://127.0.0.1:9"}) as response:
+        assert response.status == 200
+    try:
+        yield live
+    finally:
+        await runner.cleanup()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def heartbeat(client: aiohttp.ClientSession, live: Live) -> int:
+    async with client.post(f"{live.url}/registry/heartbeat", headers=auth(live.token),
+                           json={"workspace_id": "ws-1"}) as response:
+        return response.status
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    try:
+        while chunk := await reader.read(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+async def test_a_slow_head_flood_is_cut_off_and_never_stops_heartbeats(live: Live) -> None:
+    head = b"POST /registry/heartbeat HTTP/1.1\r\nHost: x\r\n"
+    slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = [
+        await asyncio.open_connection("127.0.0.1", live.port) for _ in range(100)]
+    stop = asyncio.Event()
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        for byte in head + b"X-Slow: " + b"a" * 10_000:
+            if stop.is_set() or writer.is_closing():
+                return
+            writer.write(bytes([byte]))
+            try:
+                await writer.drain()
+            except ConnectionError:
+                return
+            await asyncio.sleep(0.1)
+
+    trickles = [asyncio.create_task(trickle(writer)) for _, writer in slow]
+    answers = [asyncio.create_task(read_until_closed(reader)) for reader, _ in slow]
+    try:
+        # While the flood holds 100 connections open, every heartbeat is answered.
+        async with aiohttp.ClientSession() as client:
+            statuses = [await heartbeat(client, live) for _ in range(30)]
+            statuses += await asyncio.gather(*(heartbeat(client, live) for _ in range(30)))
+        assert statuses == [200] * 60
+        # Each slow client is answered 408 and closed once its head takes too long.
+        replies = await asyncio.wait_for(asyncio.gather(*answers), 15)
+        assert all(reply.startswith(b"HTTP/1.1 408 ") for reply in replies)
+        assert live.app[GUARD].timed_out >= 100
+    finally:
+        stop.set()
+        await asyncio.gather(*trickles, return_exceptions=True)
+        for _, writer in slow:
+            writer.close()
+
+
+async def test_connections_beyond_the_limit_are_closed_and_slots_come_back(live: Live) -> None:
+    guard = live.app[GUARD]
+    idle = [await asyncio.open_connection("127.0.0.1", live.port)
+            for _ in range(LIMITS.max_connections)]
+    await wait_for(lambda: len(guard.open) == LIMITS.max_connections, "all accepted")
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await asyncio.wait_for(read_until_closed(reader), 10) == b""  # closed unanswered
+    assert guard.refused >= 1
+    writer.close()
+    # Idle connections are closed after keepalive_seconds; then the registry serves again.
+    await wait_for(lambda: not guard.open, "idle connections closed", timeout=15)
+    for idle_reader, _ in idle:
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+    async with aiohttp.ClientSession() as client:
+        assert await heartbeat(client, live) == 200
+    for _, idle_writer in idle:
+        idle_writer.close()
+
+
+async def test_a_slow_body_gets_408_and_a_stuck_store_503(live: Live) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    writer.write(b"POST /registry/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + live.token.encode() + b"\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"workspace_id\"")
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(4096), 10)
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {
+        "error": "body not received within 1s"}
+    writer.close()
+
+    async def stuck(*_args: object) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    live.app[INGEST].heartbeat = stuck  # type: ignore[method-assign]
+    async with aiohttp.ClientSession() as client, client.post(
+            f"{live.url}/registry/heartbeat", headers=auth(live.token),
+            json={"workspace_id": "ws-1"}) as response:
+        assert response.status == 503
+        assert "not answered within 2s" in (await response.json())["error"]

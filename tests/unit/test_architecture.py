@@ -1,0 +1,39 @@
+"""The layering and typing promises, checked by the tools that enforce them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    found = BIN / name if (BIN / name).exists() else shutil.which(name)
+    assert found, f"{name} is not installed: pip install -e '.[test]'"
+    return str(found)
+
+
+def test_import_contracts_hold() -> None:
+    result = subprocess.run([_tool("lint-imports")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_passes(request: pytest.FixtureRequest) -> None:
+    from tests.conftest import MYPY
+
+    # Started when the suite was collected (see conftest), so it runs beside other tests.
+    mypy = request.config.stash[MYPY]
+    output, _ = mypy.communicate(timeout=600)
+    assert mypy.returncode == 0, output
+
+
+def test_ruff_passes() -> None:
+    result = subprocess.run([_tool("ruff"), "check", "controller", "tests"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,183 @@
+"""The status mirror is pure: conditions, change detection and Events, tested without a
+cluster; and the CRDs agree with the core's own validation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import yaml
+
+from controller.domain.models import (
+    PLUGIN_NAME_PATTERN,
+    SOURCE_PATTERN,
+    WORKSPACE_ID_PATTERN,
+    Action,
+    ActionKind,
+    Outcome,
+    Phase,
+    Plugin,
+)
+from controller.domain.planner import Held
+from controller.domain.status import PluginState, PluginStatus, WorkspaceStatus
+from controller.kube import conditions as mirror
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+CRDS = Path(__file__).parents[2] / "crds"
+
+
+def state(phase: Phase = Phase.ONLINE, *plugins: PluginStatus, in_sync: bool = True,
+          error: str | None = None, restart_pending: bool = False) -> WorkspaceStatus:
+    installed = sum(p.state is PluginState.INSTALLED for p in plugins)
+    return WorkspaceStatus("ws", "ns/ws", "base", phase, len(plugins), installed, plugins,
+                           in_sync, error, None, restart_pending, 3, NOW, NOW)
+
+
+def conditions(s: WorkspaceStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in mirror.conditions_for(s)}
+
+
+OK = PluginStatus("a", "local://a", PluginState.INSTALLED)
+FAILED = PluginStatus("b", "local://b", PluginState.FAILED, "HTTP 500", 2, NOW)
+
+
+def test_conditions_follow_kstatus() -> None:
+    assert conditions(state(Phase.ONLINE, OK)) == {
+        "Ready": ("True", "InSync"), "Reconciling": ("False", "InSync"),
+        "Stalled": ("False", "NotStalled")}
+    assert conditions(state(Phase.ONLINE, OK, FAILED, in_sync=False)) == {
+        "Ready": ("False", "Failed"), "Reconciling": ("True", "Failed"),
+        "Stalled": ("False", "NotStalled")}
+    dup = state(Phase.INVALID, in_sync=False, error="DuplicateWorkspaceId: x is claimed")
+    assert conditions(dup)["Stalled"] == ("True", "DuplicateWorkspaceId")
+    missing = state(Phase.INVALID, in_sync=False, error="template ns/t not found")
+    assert conditions(missing)["Stalled"] == ("True", "TemplateNotFound")
+    assert conditions(state(Phase.UNREGISTERED, in_sync=False))["Reconciling"] == (
+        "True", "WaitingForRuntime")
+    assert conditions(state(Phase.SUSPENDED, in_sync=False))["Ready"] == ("False", "Suspended")
+    refused = PluginStatus("c", "github://o/c", PluginState.REFUSED, "source is not pinned")
+    assert conditions(state(Phase.ONLINE, OK, refused, in_sync=False)) == {
+        "Ready": ("False", "Refused"), "Reconciling": ("False", "Refused"),
+        "Stalled": ("True", "Refused")}
+
+
+def test_transition_time_is_kept_while_a_condition_holds() -> None:
+    obj = {"metadata": {"generation": 3, "annotations": {}}}
+    first = mirror.workspace_status(state(Phase.ONLINE, OK), obj, NOW, "s")
+    later = mirror.workspace_status(state(Phase.ONLINE, OK), {**obj, "status": first},
+                                    NOW + timedelta(hours=1), "s")
+    assert later == first  # nothing changed: identical, so no write
+    assert mirror.status_patch(first, later) is None
+    failed = mirror.workspace_status(state(Phase.ONLINE, OK, FAILED, in_sync=False),
+                                     {**obj, "status": first}, NOW + timedelta(hours=2), "s")
+    ready = next(c for c in failed["conditions"] if c["type"] == "Ready")
+    stalled = next(c for c in failed["conditions"] if c["type"] == "Stalled")
+    assert ready["lastTransitionTime"] == "2026-01-01T02:00:00Z"
+    assert stalled["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert all(c["observedGeneration"] == 3 for c in failed["conditions"])
+
+
+def test_status_patch_removes_fields_that_went_away() -> None:
+    patch = mirror.status_patch({"phase": "Online", "lastHandledReconcileAt": "x"},
+                                {"phase": "Offline"})
+    assert patch == {"phase": "Offline", "lastHandledReconcileAt": None}
+
+
+def test_requested_at_is_echoed() -> None:
+    obj = {"metadata": {"generation": 1,
+                        "annotations": {mirror.REQUESTED_AT: "please"}}}
+    assert mirror.workspace_status(state(), obj, NOW, None)["lastHandledReconcileAt"] == "please"
+
+
+def test_events_first_failure_only_and_hold_once() -> None:
+    install = Action(ActionKind.INSTALL, "missing", Plugin("b", "local://b"))
+    failed = Outcome(install, ok=False, message="HTTP 500")
+    first = mirror.events_for([failed], failing_before=[], held_now=False, held_before=False)
+    assert [(e.type, e.reason) for e in first] == [("Warning", "InstallFailed")]
+    retry = mirror.events_for([failed], failing_before=["b"], held_now=False,
+                              held_before=False)
+    assert retry == []
+    done = mirror.events_for([Outcome(install, ok=True),
+                              Outcome(Action(ActionKind.RESTART, "asked"), ok=True)],
+                             failing_before=["b"], held_now=False, held_before=False)
+    assert [e.reason for e in done] == ["Installed", "Restarted"]
+    assert [e.reason for e in mirror.events_for([], [], held_now=True, held_before=False)] == [
+        "RestartHeld"]
+    assert mirror.events_for([], [], held_now=True, held_before=True) == []
+
+
+def test_token_secret_names_fit() -> None:
+    assert mirror.token_secret_name("alpha") == "alpha-pluginctl-token"
+    long = mirror.token_secret_name("x" * 253)
+    assert len(long) <= 253 and long.endswith("-pluginctl-token")
+    assert long != mirror.token_secret_name("x" * 252 + "y")
+
+
+def _plugin_schema(crd: str) -> dict[str, object]:
+    doc = yaml.safe_load((CRDS / crd).read_text())
+    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return spec["properties"]["plugins"]["items"]
+
+
+def test_crds_validate_like_the_core() -> None:
+    for crd in ("workspaces.pluginctl.dev.yaml", "workspacetemplates.pluginctl.dev.yaml"):
+        items = _plugin_schema(crd)
+        props = items["properties"]  # type: ignore[index]
+        assert props["name"]["pattern"] == PLUGIN_NAME_PATTERN  # type: ignore[index]
+        rule = items["x-kubernetes-validations"][0]["rule"]  # type: ignore[index]
+        assert SOURCE_PATTERN.replace("\\", "\\\\") in rule
+    doc = yaml.safe_load((CRDS / "workspaces.pluginctl.dev.yaml").read_text())
+    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["workspaceId"]["pattern"] == WORKSPACE_ID_PATTERN
+    phases = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"]["phase"]["enum"]
+    assert set(phases) == {p.value for p in Phase} - {"Unmanaged"}
+    states = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"]["plugins"]["items"]["properties"]["state"]["enum"]
+    assert set(states) == {s.value for s in PluginState}
+
+
+def _descriptions_missing(schema: dict[str, object], path: str) -> list[str]:
+    missing = []
+    for name, sub in (schema.get("properties") or {}).items():  # type: ignore[attr-defined]
+        where = f"{path}.{name}"
+        if name not in ("metadata",) and not sub.get("description"):
+            missing.append(where)
+        missing += _descriptions_missing(sub, where)
+        if isinstance(sub.get("items"), dict):
+            missing += _descriptions_missing(sub["items"], where + "[]")
+    return missing
+
+
+def test_every_crd_field_has_a_description() -> None:
+    for crd in CRDS.glob("*.yaml"):
+        schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"][
+            "openAPIV3Schema"]
+        assert _descriptions_missing(schema, crd.name) == []
+
+
+def test_events_say_what_started_each_action() -> None:
+    from controller.engine.reconciler import WorkspaceResult
+
+    install = Action(ActionKind.INSTALL, "missing", Plugin("b", "local://b"))
+    restart = Action(ActionKind.RESTART, "requested by an earlier install")
+    result = WorkspaceResult("ws", (), (Outcome(install, ok=True), Outcome(restart, ok=True)),
+                             False, prior_failures=frozenset({"b"}), trigger="template-change")
+    events = mirror.events_for(result.outcomes, result.prior_failures, held_now=False,
+                               held_before=False, trigger_of=result.trigger_of)
+    assert [e.message.rpartition(" ")[2] for e in events] == ["retry]", "template-change]"]
+
+
+def test_a_workspace_the_guard_holds_is_stalled_with_the_reason() -> None:
+    pending = PluginStatus("b", "local://b", PluginState.PENDING, "missing")
+    held = {c.type: (c.status, c.reason, c.message) for c in mirror.conditions_for(
+        state(Phase.ONLINE, OK, pending, in_sync=False),
+        guard=Held("would act on 3 workspaces", "--max-workspaces 2"))}
+    assert held["Ready"][:2] == ("False", "GuardHolding")
+    assert held["Stalled"][:2] == ("True", "GuardHolding")
+    assert "it would go over --max-workspaces 2" in held["Stalled"][2]
+    assert "3 workspaces" not in held["Stalled"][2]  # counts move; the message must not
+    # In sync is in sync, whatever the guard says of the others.
+    assert conditions(state(Phase.ONLINE, OK))["Ready"] == ("True", "InSync")
+    assert {c.type: c.reason for c in mirror.conditions_for(
+        state(Phase.ONLINE, OK), guard=Held("x", "y"))}["Ready"] == "InSync"
