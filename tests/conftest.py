@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.domain.models import Plugin, Policy
-from controller.engine.reconciler import Hints
+from controller.engine.queue import WorkQueue
 from controller.registry.app import make_app
 from controller.store import Sessions, make_engine, make_sessions, upgrade
 from tests.support import pg
@@ -79,7 +79,7 @@ def policy() -> Policy:
 
 @pytest.fixture
 async def registry(sessions: Sessions) -> AsyncIterator[Registry]:
-    hints = Hints()
+    hints = WorkQueue()
     server = TestServer(make_app(sessions, hint=hints), host="127.0.0.1")
     await server.start_server()
     try:
@@ -112,29 +112,37 @@ async def runtime_factory(registry: Registry) -> AsyncIterator[RuntimeFactory]:
         await runtime.stop()
 
 
-# --- mypy beside the suite ------------------------------------------------------------------
+# --- levels, grouping, and mypy beside the suite ---------------------------------------------
 
 MYPY: pytest.StashKey[subprocess.Popen[str]] = pytest.StashKey()
-
-
 LEVELS = ("unit", "integration", "e2e")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its level (the folder it is in: `pytest -m unit` runs the pure
-    ones), and start mypy (below)."""
+    ones). The suite runs on several xdist workers; the Kubernetes tests share one worker, so
+    that one kube-apiserver and etcd serve them all. Without xdist, mypy starts now."""
     for item in items:
         level = next((part for part in item.path.parts if part in LEVELS), None)
         if level is not None:
             item.add_marker(level)
-    _start_mypy(config, items)
+        if item.get_closest_marker("kubernetes") is not None:
+            item.add_marker(pytest.mark.xdist_group("kubernetes"))
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        _start_mypy(config, items)
+
+
+def start_mypy() -> subprocess.Popen[str]:
+    mypy = Path(sys.executable).parent / "mypy"
+    return subprocess.Popen([str(mypy) if mypy.exists() else "mypy"],
+                            cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _start_mypy(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`mypy --strict` takes most of a minute on its own: when its test is selected, start it
-    now on the other core, and let the test collect the result (tests/test_architecture)."""
+    """`mypy --strict` takes most of a minute on its own: in a run on one process, when its
+    test is selected, start it now on the other core and let the test collect the result
+    (tests/unit/test_architecture.py). Under xdist the other workers are the parallelism."""
     if any(item.name == "test_mypy_strict_passes" for item in items):
-        mypy = Path(sys.executable).parent / "mypy"
-        config.stash[MYPY] = subprocess.Popen(
-            [str(mypy) if mypy.exists() else "mypy"], cwd=Path(__file__).parent.parent,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        config.stash[MYPY] = start_mypy()

@@ -170,7 +170,8 @@ def _set_dormant(workspace_id: str, db: str | None, dormant: bool, dry_run: bool
     verb = "paused (dormant)" if dormant else "resumed"
     with transaction(open_store(db)) as session:
         if dry_run:
-            seen = queries.load_observed(session, only=[workspace_id]).get(workspace_id)
+            seen = queries.load_observed(session, now=utcnow(),
+                                         only=[workspace_id]).get(workspace_id)
             now = "unknown to the store" if seen is None else \
                 "dormant" if seen.dormant else "active"
             click.echo(f"workspace {workspace_id} would be {verb} (now {now})")

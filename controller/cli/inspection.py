@@ -127,14 +127,14 @@ def explain_command(workspace_id: str, manifests: Path | None, use_kubernetes: b
                     restart_budget=restart_budget, allow_unpinned=allow_unpinned)
     wanted = desired.workspaces.get(workspace_id) or next(
         (d for d in desired.rejected if d.workspace_id == workspace_id), None)
+    now = utcnow()
     with transaction(sessions) as session:
-        seen = queries.load_observed(session, restart_window=policy.restart_window,
+        seen = queries.load_observed(session, now=now, restart_window=policy.restart_window,
                                      only=[workspace_id]).get(workspace_id)
         held = queries.claim_of(session, workspace_id)
     if wanted is None and seen is None:
         raise Failure(f"no workspace {workspace_id}: no Workspace declares it and no runtime "
                       "has registered it")
-    now = utcnow()
     found = explain(wanted, seen, now, policy, Claim(*held) if held is not None else None)
     if output == "json":
         click.echo(json.dumps(explanation_json(found), indent=2))

@@ -37,13 +37,11 @@ from controller.domain.models import Plugin
 from controller.domain.render import table
 from controller.engine import manifests as manifests_mod
 from controller.engine import service
+from controller.engine.context import DEFAULT_REPLICA
 from controller.engine.metrics import Metrics
-from controller.engine.reconciler import (
-    DEFAULT_REPLICA,
-    PassReport,
-    WorkspaceResult,
-    reconcile_once,
-)
+from controller.engine.passes import reconcile_once
+from controller.engine.queue import WorkQueue
+from controller.engine.report import PassReport, WorkspaceResult
 from controller.registry.serving import Limits
 from controller.runtime.driver import RuntimeDriver
 
@@ -76,7 +74,7 @@ from controller.runtime.driver import RuntimeDriver
                    "runtime and record nothing; the operator writes nothing to the cluster. "
                    "The registry still records registers and heartbeats.")
 @policy_options
-def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
+def run(*, manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
         resync: float, max_connections: int, dry_run: bool, **policy_args: Any) -> None:
@@ -92,8 +90,9 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         load_manifests(directory)  # fail fast on a missing directory
         sessions = open_store(db)
         serving = service.serve(manifests_mod.Source(directory), sessions, policy,
-                                host, port, interval, replica=identity or DEFAULT_REPLICA,
-                                limits=limits, metrics=metrics)
+                                host=host, port=port, interval=interval,
+                                replica=identity or DEFAULT_REPLICA, limits=limits,
+                                metrics=metrics)
     else:
         from controller.kube import operator
         from controller.kube.leader import LeaseConfig
@@ -106,14 +105,15 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
 
         after_pass, on_failure = service.observed(metrics)
 
-        def operator_loop(hints: Any, stop: asyncio.Event) -> Any:
+        def operator_loop(queue: WorkQueue, stop: asyncio.Event) -> Any:
             return operator.run_operator(kube, sessions, policy, interval=interval,
-                                         hints=hints, stop=stop, lease=lease, identity=me,
+                                         hints=queue, stop=stop, lease=lease, identity=me,
                                          on_pass=after_pass, resync=resync,
                                          on_failure=on_failure)
 
-        serving = service.serve(None, sessions, policy, host, port, interval,
-                                loop_factory=operator_loop, limits=limits, metrics=metrics)
+        serving = service.serve(None, sessions, policy, host=host, port=port,
+                                interval=interval, loop_factory=operator_loop, limits=limits,
+                                metrics=metrics)
     try:
         asyncio.run(serving)
     except OSError as error:
@@ -132,7 +132,7 @@ def run(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
               help="Act even if the blast-radius guard would hold the pass.")
 @output_option
 @policy_options
-def reconcile(once: bool, manifests: Path | None, use_kubernetes: bool,
+def reconcile(*, once: bool, manifests: Path | None, use_kubernetes: bool,
               kubeconfig: str | None, kube_context: str | None, db: str | None,
               dry_run: bool, force: bool, output: str, **policy_args: Any) -> None:
     """One pass over every online workspace, then exit.
@@ -207,7 +207,7 @@ def progress_bar() -> Iterator[Callable[[int, int], None] | None]:
             bar.__exit__(None, None, None)
 
 
-def _result_lines(result: WorkspaceResult, dry_run: bool) -> list[str]:
+def _result_lines(result: WorkspaceResult, *, dry_run: bool) -> list[str]:
     lines = []
     if dry_run:
         lines += [f"would {action}" for action in result.planned]
@@ -227,7 +227,7 @@ def _result_lines(result: WorkspaceResult, dry_run: bool) -> list[str]:
 def print_report(report: PassReport) -> None:
     rows = []
     for result in report.results:
-        for index, line in enumerate(_result_lines(result, report.dry_run)):
+        for index, line in enumerate(_result_lines(result, dry_run=report.dry_run)):
             rows.append([result.workspace_id if index == 0 else "", line])
     for invalid in report.invalid:
         rows.append([invalid.workspace_id, f"invalid desired state: {invalid.error}"])
@@ -295,7 +295,7 @@ def _action_json(action: Any) -> dict[str, Any]:
 @db_option
 @output_option
 @policy_options
-def plan_command(manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
+def plan_command(*, manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
                  kube_context: str | None, db: str | None, output: str,
                  **policy_args: Any) -> None:
     """The actions a pass would take now, for `pluginctl apply` to perform later:
@@ -346,7 +346,7 @@ def plan_command(manifests: Path | None, use_kubernetes: bool, kubeconfig: str |
               help="Apply a plan the blast-radius guard held.")
 @output_option
 @policy_options
-def apply_command(plan_file: Path, manifests: Path | None, use_kubernetes: bool,
+def apply_command(*, plan_file: Path, manifests: Path | None, use_kubernetes: bool,
                   kubeconfig: str | None, kube_context: str | None, db: str | None,
                   dry_run: bool, force: bool, output: str, **policy_args: Any) -> None:
     """Perform exactly the actions of a plan written by `pluginctl plan -o json` (PLAN_FILE,
@@ -371,8 +371,8 @@ def apply_command(plan_file: Path, manifests: Path | None, use_kubernetes: bool,
     async def apply() -> PassReport:
         plan = read_plan(text, str(plan_file))
         async with RuntimeDriver.for_policy(policy) as driver:
-            return await apply_plan(plan, desired, sessions, driver, policy, dry_run=dry_run,
-                                    force=force)
+            return await apply_plan(desired, sessions, driver, policy, plan=plan,
+                                    dry_run=dry_run, force=force)
 
     try:
         report = asyncio.run(apply())

@@ -351,7 +351,7 @@ def _sizes(value: str) -> list[int]:
               help="Largest size the naive per-workspace baseline runs at.")
 @click.option("--heartbeat-workspaces", type=click.IntRange(min=1), default=10000,
               show_default=True)
-@click.option("--heartbeat-seconds", type=click.FloatRange(min=1), default=5.0,
+@click.option("--heartbeat-seconds", type=click.FloatRange(min=0.1), default=5.0,
               show_default=True)
 @click.option("--connections", type=click.IntRange(min=1), default=32, show_default=True,
               help="Concurrent connections of the heartbeat load generator.")
@@ -359,12 +359,14 @@ def _sizes(value: str) -> list[int]:
               show_default=True)
 @click.option("--memory-workspaces", type=click.IntRange(min=1), default=10000,
               show_default=True)
+@click.option("--single-registers", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Workspaces registered one at a time into the converged fleet.")
 @click.option("--postgres", "postgres_url", default=None, metavar="URL",
               help="A PostgreSQL server to measure on too (fresh databases are created on "
                    "it; use a throwaway server).")
 def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: int,
           heartbeat_seconds: float, connections: int, converge_workspaces: int,
-          memory_workspaces: int, postgres_url: str | None) -> None:
+          memory_workspaces: int, single_registers: int, postgres_url: str | None) -> None:
     """Measure pluginctl against naive baselines run in the same command."""
     import tempfile
 
@@ -374,7 +376,7 @@ def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: 
         logging.getLogger().setLevel(logging.WARNING)
     sizes = bench_mod.Sizes(_sizes(noop_sizes), naive_max, heartbeat_workspaces,
                             heartbeat_seconds, connections, converge_workspaces,
-                            memory_workspaces)
+                            memory_workspaces, single_registers)
     with tempfile.TemporaryDirectory(prefix="pluginctl-bench-") as scratch:
         result = asyncio.run(bench_mod.run(sizes, postgres_url, Path(scratch),
                                            lambda line: click.echo(line, err=True)))
@@ -422,18 +424,20 @@ SOAK_PROFILES = {"ci": (300, 150.0, 70.0, 10.0), "full": (5000, 1000.0, 600.0, 4
 @click.option("--rate", type=click.FloatRange(min=1), default=None, help="Heartbeats/s.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=None,
               help="Seconds of faults (after the first convergence).")
+@click.option("--cycle", type=click.FloatRange(min=0.5), default=None,
+              help="Seconds each fault lasts (default: the profile's).")
 @click.option("--postgres", metavar="URL", default=None,
               help="Soak on this PostgreSQL database (default: a temporary SQLite file).")
 @click.option("--json", "as_json", is_flag=True)
 def soak(profile: str, workspaces: int | None, rate: float | None, seconds: float | None,
-         postgres: str | None, as_json: bool) -> None:
+         cycle: float | None, postgres: str | None, as_json: bool) -> None:
     """Run the controller under heartbeat load with faults on a schedule; exit 1 unless
     every workspace converged, none was lost, and RSS grew less than 10%."""
     from controller.sim.soak import Profile, report_lines, run_soak
 
-    count, default_rate, default_seconds, cycle = SOAK_PROFILES[profile]
+    count, default_rate, default_seconds, default_cycle = SOAK_PROFILES[profile]
     chosen = Profile(workspaces or count, rate or default_rate, seconds or default_seconds,
-                     cycle)
+                     cycle or default_cycle)
     say = (lambda _line: None) if as_json else (lambda line: click.echo(line, err=True))
     figures = asyncio.run(run_soak(chosen, say, postgres))
     click.echo(json.dumps(figures, indent=2) if as_json else "\n".join(report_lines(figures)))

@@ -22,6 +22,7 @@ from controller.domain.models import (
     check_workspace_id,
     derive_plugin_name,
 )
+from controller.domain.reasons import InvalidReason
 
 API_VERSION_STRING = f"{API_GROUP}/{API_VERSION}"
 TEMPLATE_KIND = "WorkspaceTemplate"
@@ -66,6 +67,8 @@ class ObjectError:
     origin: str  # a file path, or "cluster"
     ref: str  # "Kind namespace/name", or "" when the file itself is broken
     message: str
+    # The default is the manifest reader's only case: a file that cannot be read at all.
+    reason: InvalidReason = InvalidReason.UNREADABLE
 
     def __str__(self) -> str:
         where = f"{self.origin}: {self.ref}" if self.ref else self.origin
@@ -135,7 +138,8 @@ def _metadata(obj: Mapping[str, Any]) -> tuple[str, str, int | None]:
 def add_object(catalog: Catalog, obj: object, origin: str) -> None:
     """Validate one object and add it to the catalog, or record why it cannot be used."""
     if not isinstance(obj, Mapping):
-        catalog.errors.append(ObjectError(origin, "", "a document is not a mapping"))
+        catalog.errors.append(ObjectError(origin, "", "a document is not a mapping",
+                                          InvalidReason.NOT_A_MAPPING))
         return
     kind = obj.get("kind")
     api_version = obj.get("apiVersion")
@@ -148,13 +152,15 @@ def add_object(catalog: Catalog, obj: object, origin: str) -> None:
                 f"{kind or '?'}",
                 f"not a pluginctl object: expected apiVersion {API_VERSION_STRING} and kind "
                 f"{TEMPLATE_KIND} or {WORKSPACE_KIND}, got {obj.get('apiVersion')!r}/{kind!r}",
+                InvalidReason.FOREIGN_VERSION,
             )
         )
         return
     try:
         namespace, name, generation = _metadata(obj)
     except InvalidSpec as error:
-        catalog.errors.append(ObjectError(origin, str(kind), str(error)))
+        catalog.errors.append(ObjectError(origin, str(kind), str(error),
+                                          InvalidReason.BAD_METADATA))
         return
     ref = f"{kind} {namespace}/{name}"
     spec = obj.get("spec") or {}
@@ -167,7 +173,8 @@ def add_object(catalog: Catalog, obj: object, origin: str) -> None:
                 WorkspaceObject(namespace, name, workspace_spec, generation, origin)
             )
     except pydantic.ValidationError as error:
-        catalog.errors.append(ObjectError(origin, ref, _pydantic_message(error, "spec")))
+        catalog.errors.append(ObjectError(origin, ref, _pydantic_message(error, "spec"),
+                                          InvalidReason.BAD_SPEC))
 
 
 def _add_template(
@@ -175,7 +182,8 @@ def _add_template(
 ) -> None:
     key = (namespace, name)
     if key in catalog.templates:
-        catalog.errors.append(ObjectError(origin, ref, "defined more than once; first one kept"))
+        catalog.errors.append(ObjectError(origin, ref, "defined more than once; first one kept",
+                                          InvalidReason.DEFINED_TWICE))
         return
     plugins: list[Plugin] = []
     problems: list[str] = []
@@ -210,7 +218,7 @@ def merge_workspace(
     workspace_id = spec.workspaceId or obj.name
     template_name = spec.templateRef.name if spec.templateRef else None
 
-    def invalid(message: str) -> DesiredWorkspace:
+    def invalid(reason: InvalidReason, message: str) -> DesiredWorkspace:
         return DesiredWorkspace(
             workspace_id=workspace_id,
             object_ref=object_ref,
@@ -218,22 +226,24 @@ def merge_workspace(
             plugins={},
             suspended=spec.suspend,
             error=message,
+            reason=reason,
             generation=obj.generation,
         )
 
     try:
         check_workspace_id(workspace_id)
     except InvalidSpec as error:
-        return invalid(str(error))
+        return invalid(InvalidReason.BAD_WORKSPACE_ID, str(error))
 
     plugins: dict[str, Plugin] = {}
     declared_by: dict[str, Declaration] = {}
     if template_name is not None:
         template = templates.get((obj.namespace, template_name))
         if template is None:
-            return invalid(f"template {obj.namespace}/{template_name} not found")
+            return invalid(InvalidReason.TEMPLATE_NOT_FOUND,
+                           f"template {obj.namespace}/{template_name} not found")
         if template.error:
-            return invalid(template.error)
+            return invalid(InvalidReason.TEMPLATE_INVALID, template.error)
         excluded = set(spec.excludePlugins)
         for index, plugin in enumerate(template.plugins):
             if plugin.name not in excluded:
@@ -245,10 +255,11 @@ def merge_workspace(
         try:
             plugin = _entry_plugin(entry)
         except InvalidSpec as error:
-            return invalid(f"spec.plugins[{index}]: {error}")
+            return invalid(InvalidReason.BAD_PLUGIN, f"spec.plugins[{index}]: {error}")
         previous = own.get(plugin.name)
         if previous is not None and previous != plugin:
             return invalid(
+                InvalidReason.CONFLICTING_PLUGIN,
                 f"plugin {plugin.name!r} is declared twice with different sources: "
                 f"{previous.source!r} and {plugin.source!r}"
             )
@@ -289,6 +300,7 @@ def resolve(catalog: Catalog) -> Desired:
                     f"DuplicateWorkspaceId: workspace id {desired.workspace_id!r} is already "
                     f"claimed by {claimant.object_ref}"
                 ),
+                reason=InvalidReason.DUPLICATE_WORKSPACE_ID,
                 generation=desired.generation,
             )
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from controller.domain.networks import RuntimeNetworks
+from controller.domain.reasons import InvalidReason
 
 API_GROUP = "pluginctl.dev"
 API_VERSION = "v1alpha1"
@@ -197,6 +198,11 @@ class DesiredWorkspace:
     error: str | None = None  # desired state is unusable; the workspace gets no calls
     declared_by: Mapping[str, Declaration] = field(default_factory=dict)
     generation: int | None = None
+    reason: InvalidReason | None = None  # why `error`: set exactly when `error` is
+
+    def __post_init__(self) -> None:
+        if (self.error is None) != (self.reason is None):
+            raise ValueError("a DesiredWorkspace carries an error and its reason together")
 
     @functools.cached_property
     def digest(self) -> str:

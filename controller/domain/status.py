@@ -10,6 +10,7 @@ from datetime import datetime
 
 from controller.domain import planner
 from controller.domain.models import RUNTIME_KEY, DesiredWorkspace, Observed, Phase, Policy
+from controller.domain.reasons import InvalidReason
 
 
 class PluginState(enum.StrEnum):
@@ -47,6 +48,7 @@ class WorkspaceStatus:
     restarts_left: int
     last_seen_at: datetime | None
     report_at: datetime | None
+    invalid: InvalidReason | None = None  # why desired state is unusable (phase Invalid)
 
     @property
     def drift(self) -> tuple[str, ...]:
@@ -121,4 +123,5 @@ def build(
         restarts_left=max(0, policy.restart_budget - restarts_used),
         last_seen_at=observed.last_seen_at if observed else None,
         report_at=observed.report_at if observed else None,
+        invalid=desired.reason if desired else None,
     )

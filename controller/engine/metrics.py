@@ -17,13 +17,14 @@ from prometheus_client import (
 )
 
 from controller.domain.models import Phase
+from controller.engine.queue import Trigger
 
 if TYPE_CHECKING:
-    from controller.engine.reconciler import PassReport
+    from controller.engine.report import PassReport
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
-FULL_PASS_TRIGGERS = ("periodic", "hint-storm")  # passes that look at every workspace
+FULL_PASS_TRIGGERS = (Trigger.PERIODIC, Trigger.HINT_STORM)  # passes over every workspace
 
 
 class Metrics:
@@ -77,14 +78,14 @@ class Metrics:
     def oldest_reconcile_age(self) -> float:
         return time.monotonic() - (self.last_full_pass or self.started)
 
-    def observe_pass(self, report: PassReport, trigger: str) -> None:
+    def observe_pass(self, report: PassReport, trigger: Trigger) -> None:
         seconds = (report.finished_at - report.started_at).total_seconds()
         self.reconcile_time.observe(seconds)
-        self.reconciles.labels("in_sync" if report.in_sync else "out_of_sync", trigger).inc()
+        self.reconciles.labels("in_sync" if report.in_sync else "out_of_sync", trigger.value).inc()
         for result in report.results:
             for outcome in result.outcomes:
                 self.actions.labels(outcome.action.kind.value, "ok" if outcome.ok else
-                                    "failed", result.trigger_of(outcome.action)).inc()
+                                    "failed", result.trigger_of(outcome.action).value).inc()
         if trigger in FULL_PASS_TRIGGERS and report.scope is None:
             self.last_full_pass = time.monotonic() - seconds
             # Only what a pass sees: offline and dormant workspaces are not even read.
@@ -105,8 +106,8 @@ class Metrics:
         elif report.scope is None:
             self.guard_holding.set(0)
 
-    def observe_failed_pass(self, trigger: str) -> None:
-        self.reconciles.labels("error", trigger).inc()
+    def observe_failed_pass(self, trigger: Trigger) -> None:
+        self.reconciles.labels("error", trigger.value).inc()
 
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(code)).inc()

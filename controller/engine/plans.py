@@ -34,18 +34,14 @@ from controller.domain.models import (
     utcnow,
 )
 from controller.domain.wire import PluginReport, WorkspaceId, describe_errors
-from controller.engine.reconciler import (
-    DEFAULT_REPLICA,
-    PassReport,
-    Recorder,
-    Trigger,
-    Weight,
-    WorkspaceResult,
-    claim_seconds,
-    execute_workspace,
-)
+from controller.engine import act
+from controller.engine.act import claim_seconds
+from controller.engine.context import DEFAULT_REPLICA, PassContext
+from controller.engine.passes import Weight
+from controller.engine.queue import Trigger
+from controller.engine.report import PassReport, WorkspaceResult
 from controller.runtime.driver import RuntimeDriver
-from controller.store import DatabaseError, Session, Sessions, in_thread, queries
+from controller.store import DatabaseError, Sessions, in_thread, queries
 
 log = logging.getLogger("pluginctl.plans")
 
@@ -132,11 +128,12 @@ async def make_plan(desired: Desired, sessions: Sessions, policy: Policy) -> Pla
         declared += len(wanted.plugins)
         weight.add(plan)
         if plan.actions or plan.waits:
-            planned.append(PlannedWorkspace(workspace_id, fingerprint(wanted, seen),
-                                            plan.actions, plan.waits))
+            planned.append(PlannedWorkspace(
+                workspace_id=workspace_id, state=fingerprint(wanted, seen),
+                actions=plan.actions, waits=plan.waits))
     held = planner.blast_radius(weight.removals, declared, weight.workspaces, policy)
-    return Plan(now, tuple(planned), len(observed), None if held is None else str(held),
-                tuple(invalid))
+    return Plan(created_at=now, workspaces=tuple(planned), online=len(observed),
+                guard=None if held is None else str(held), invalid=tuple(invalid))
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
@@ -214,15 +211,24 @@ def read_plan(text: str, origin: str) -> Plan:
         seen.add(w.workspace_id)
         actions = tuple(Action(ActionKind(a.action), a.reason,
                                a.plugin.to_plugin() if a.plugin else None) for a in w.actions)
-        workspaces.append(PlannedWorkspace(w.workspace_id, dict(w.planned_against), actions))
-    return Plan(doc.created_at, tuple(workspaces), 0, doc.guard)
+        workspaces.append(PlannedWorkspace(workspace_id=w.workspace_id,
+                                           state=dict(w.planned_against), actions=actions))
+    return Plan(created_at=doc.created_at, workspaces=tuple(workspaces), online=0,
+                guard=doc.guard)
 
 
 # --- applying it ------------------------------------------------------------------------------
 
 async def apply_plan(
-    plan: Plan, desired: Desired, sessions: Sessions, driver: RuntimeDriver, policy: Policy,
-    *, dry_run: bool = False, force: bool = False, replica: str = DEFAULT_REPLICA,
+    desired: Desired,
+    sessions: Sessions,
+    driver: RuntimeDriver,
+    policy: Policy,
+    *,
+    plan: Plan,
+    dry_run: bool = False,
+    force: bool = False,
+    replica: str = DEFAULT_REPLICA,
     rand: Callable[[], float] = random.random,
 ) -> PassReport:
     """Perform exactly the plan's actions, after checking — under a claim on each of its
@@ -234,89 +240,92 @@ async def apply_plan(
         raise PlanError(f"the blast-radius guard held this plan: it {plan.guard}; apply it "
                         "with --force if that is intended")
     todo = [w for w in plan.workspaces if w.actions]
-    ids = [w.workspace_id for w in todo]
-    now = utcnow()
-    until = now + timedelta(seconds=claim_seconds(policy))
-
-    def claim_and_load(session: Session) -> tuple[set[str], dict[str, Observed]]:
-        claimed = set() if dry_run else queries.claim(session, ids, replica, now, until)
-        return claimed, queries.load_observed(session, now=now,
-                                              offline_after=policy.offline_after,
-                                              restart_window=policy.restart_window, only=ids)
-
-    claimed, observed = await in_thread(sessions, claim_and_load)
+    ctx = PassContext(desired=desired, sessions=sessions, driver=driver, policy=policy,
+                      now=utcnow(), limit=asyncio.Semaphore(max(1, policy.concurrency)),
+                      rand=rand, replica=replica, dry_run=dry_run, trigger=Trigger.MANUAL)
+    hold = timedelta(seconds=claim_seconds(policy))
+    claimed = await act.claim(ctx, [w.workspace_id for w in todo], until=ctx.now + hold,
+                              read_all=True)
     try:
-        problems = _problems(todo, desired, observed, claimed, dry_run)
+        problems = _problems(todo, ctx, claimed)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
                                                 if len(problems) > 5 else "")
             raise PlanError(f"the state this plan was made against has changed, so nothing "
                             f"was done (make a new plan): {shown}")
     except BaseException:
-        await _release(sessions, claimed, replica)
+        await _release(ctx, claimed.ids)
         raise
     if dry_run:
-        results = [WorkspaceResult(w.workspace_id, (_workspace_plan(w),), (), False,
+        results = [WorkspaceResult(workspace_id=w.workspace_id, plans=(_workspace_plan(w),),
                                    trigger=Trigger.MANUAL) for w in todo]
-        return PassReport(now, utcnow(), True, tuple(results), ())
+        return PassReport(started_at=ctx.now, finished_at=utcnow(), dry_run=True,
+                          results=tuple(results))
+    applying = _Applying(ctx, claimed, hold=hold)
+    renewing = asyncio.create_task(applying.keep_claimed())
+    try:
+        results = await asyncio.gather(*(applying.one(w) for w in todo))
+    finally:
+        applying.waiting.clear()
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
+        await _release(ctx, claimed.ids)  # recorded ones are released already
+    return PassReport(started_at=ctx.now, finished_at=utcnow(), dry_run=False,
+                      results=tuple(results))
 
-    recorder = Recorder(sessions, replica)
-    limit = asyncio.Semaphore(max(1, policy.concurrency))
-    waiting = set(claimed)  # claimed and not yet acted on: their claims are kept alive
-    lost: set[str] = set()
-    hold = timedelta(seconds=claim_seconds(policy))
 
-    async def keep_claimed() -> None:
+class _Applying:
+    """The acting half of one apply: each planned workspace in its turn, through the same
+    step as a pass (act.execute_workspace), its claim renewed while it waits."""
+
+    def __init__(self, ctx: PassContext, claimed: act.Claimed, *, hold: timedelta) -> None:
+        self.ctx = ctx
+        self.observed = claimed.observed
+        self.hold = hold
+        self.recorder = act.Recorder(ctx.sessions, ctx.replica)
+        self.waiting = set(claimed.ids)  # claimed, not yet acted on: claims kept alive
+        self.lost: set[str] = set()  # claims another replica took meanwhile
+
+    async def keep_claimed(self) -> None:
         """A big plan outlasts one claim: renew the claims of the workspaces still waiting
         for their turn, so that no pass can act on them before this apply does."""
-        while waiting:
-            await asyncio.sleep(hold.total_seconds() / 3)
-            ids = sorted(waiting)
+        while self.waiting:
+            await asyncio.sleep(self.hold.total_seconds() / 3)
+            ids = sorted(self.waiting)
             try:
-                kept = await in_thread(sessions, partial(
-                    queries.claim, workspace_ids=ids, replica=replica, now=utcnow(),
-                    until=utcnow() + hold))
+                kept = await in_thread(self.ctx.sessions, partial(
+                    queries.claim, workspace_ids=ids, replica=self.ctx.replica, now=utcnow(),
+                    until=utcnow() + self.hold))
             except DatabaseError as error:  # retried at the next renewal; claims still hold
                 log.warning("could not renew the claims of this apply: %s", error)
                 continue
-            lost.update(set(ids) - kept)
+            self.lost.update(set(ids) - kept)
 
-    async def one(planned: PlannedWorkspace) -> WorkspaceResult:
-        seen = observed[planned.workspace_id]
-        async with limit:
-            waiting.discard(seen.workspace_id)
-            if seen.workspace_id in lost:
-                return WorkspaceResult(seen.workspace_id, (_workspace_plan(planned),), (),
-                                       seen.restart_pending, "not acted on: another replica "
-                                       "took its claim meanwhile", frozenset(seen.attempts),
-                                       Trigger.MANUAL)
-            return await execute_workspace(None, seen, _workspace_plan(planned), driver,
-                                           policy, now, rand, recorder,
-                                           policy.workspace_timeout, Trigger.MANUAL)
-
-    renewing = asyncio.create_task(keep_claimed())
-    try:
-        results = await asyncio.gather(*(one(w) for w in todo))
-    finally:
-        waiting.clear()
-        renewing.cancel()
-        await asyncio.gather(renewing, return_exceptions=True)
-        await _release(sessions, claimed, replica)  # recorded ones are released already
-    return PassReport(now, utcnow(), False, tuple(results), ())
+    async def one(self, planned: PlannedWorkspace) -> WorkspaceResult:
+        seen = self.observed[planned.workspace_id]
+        async with self.ctx.limit:
+            self.waiting.discard(seen.workspace_id)
+            if seen.workspace_id in self.lost:
+                return WorkspaceResult.unacted(
+                    seen, _workspace_plan(planned), trigger=Trigger.MANUAL,
+                    error="not acted on: another replica took its claim meanwhile")
+            return await act.execute_workspace(
+                self.ctx, seen, _workspace_plan(planned), wanted=None, recorder=self.recorder,
+                deadline=self.ctx.policy.workspace_timeout)
 
 
 def _workspace_plan(planned: PlannedWorkspace) -> WorkspacePlan:
-    return WorkspacePlan(planned.workspace_id, planned.actions, (), may_restart=False,
-                         restart_pending=False)
+    return WorkspacePlan(workspace_id=planned.workspace_id, actions=planned.actions, waits=(),
+                         may_restart=False, restart_pending=False)
 
 
-def _problems(todo: list[PlannedWorkspace], desired: Desired, observed: Mapping[str, Observed],
-              claimed: set[str], dry_run: bool) -> list[str]:
+def _problems(todo: list[PlannedWorkspace], ctx: PassContext, claimed: act.Claimed
+              ) -> list[str]:
     problems = []
     for planned in todo:
         workspace_id = planned.workspace_id
-        wanted = desired.workspaces.get(workspace_id)
-        seen = observed.get(workspace_id)
+        wanted = ctx.desired.workspaces.get(workspace_id)
+        seen = claimed.observed.get(workspace_id)
         if wanted is None:
             problems.append(f"{workspace_id}: no longer declared")
         elif wanted.error is not None:
@@ -331,13 +340,11 @@ def _problems(todo: list[PlannedWorkspace], desired: Desired, observed: Mapping[
                        if now_state[part] != planned.state.get(part)]
             if changed:
                 problems.append(f"{workspace_id}: {', '.join(changed)}")
-            elif not dry_run and workspace_id not in claimed:
+            elif not ctx.dry_run and workspace_id not in claimed.ids:
                 problems.append(f"{workspace_id}: another replica is acting on it right now")
     return problems
 
 
-async def _release(sessions: Sessions, claimed: set[str], replica: str) -> None:
-    if claimed:
-        with contextlib.suppress(DatabaseError):  # else the claims run out on their own
-            await in_thread(sessions, partial(queries.release, workspace_ids=sorted(claimed),
-                                              replica=replica))
+async def _release(ctx: PassContext, claimed: frozenset[str]) -> None:
+    with contextlib.suppress(DatabaseError):  # else the claims run out on their own
+        await act.release(ctx, claimed)

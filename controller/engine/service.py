@@ -11,15 +11,11 @@ from collections.abc import Awaitable, Callable
 
 from controller.domain.desired import Desired
 from controller.domain.models import Policy
+from controller.engine.context import DEFAULT_REPLICA
+from controller.engine.loop import FailureCallback, PassCallback, run_forever
 from controller.engine.metrics import Metrics
-from controller.engine.reconciler import (
-    DEFAULT_REPLICA,
-    FailureCallback,
-    Hints,
-    PassCallback,
-    PassReport,
-    run_forever,
-)
+from controller.engine.queue import Trigger, WorkQueue
+from controller.engine.report import PassReport
 from controller.registry.app import make_app
 from controller.registry.serving import Limits, runner_for, start_site
 from controller.runtime.driver import RuntimeDriver
@@ -28,7 +24,7 @@ from controller.store import Sessions
 log = logging.getLogger("pluginctl")
 
 
-def log_pass(report: PassReport, trigger: str) -> None:
+def log_pass(report: PassReport, trigger: Trigger) -> None:
     if report.dry_run:  # `run --dry-run`: say what each workspace's turn would have done
         for result in report.results:
             for line in result.planned:
@@ -38,7 +34,7 @@ def log_pass(report: PassReport, trigger: str) -> None:
     log.log(logging.INFO if acted else logging.DEBUG, "pass (%s): %s", trigger, report.summary())
 
 
-Loop = Callable[[Hints, asyncio.Event], Awaitable[None]]
+Loop = Callable[[WorkQueue, asyncio.Event], Awaitable[None]]
 
 
 def observed(metrics: Metrics | None, on_pass: PassCallback | None = None
@@ -48,23 +44,23 @@ def observed(metrics: Metrics | None, on_pass: PassCallback | None = None
     if metrics is None:
         return then, None
 
-    def both(report: PassReport, trigger: str) -> None:
+    def both(report: PassReport, trigger: Trigger) -> None:
         metrics.observe_pass(report, trigger)
         then(report, trigger)
 
     return both, metrics.observe_failed_pass
 
 
-def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy,
+def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy, *,
                     interval: float, on_pass: PassCallback | None = None,
                     replica: str = DEFAULT_REPLICA, metrics: Metrics | None = None) -> Loop:
     """The periodic loop over desired state from `source` (a manifest directory)."""
     after_pass, on_failure = observed(metrics, on_pass)
 
-    async def loop(hints: Hints, stop: asyncio.Event) -> None:
+    async def loop(queue: WorkQueue, stop: asyncio.Event) -> None:
         async with RuntimeDriver.for_policy(policy, f"pluginctl/{replica}") as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
-                              hints=hints, on_pass=after_pass, replica=replica,
+                              queue=queue, on_pass=after_pass, replica=replica,
                               on_failure=on_failure)
     return loop
 
@@ -73,10 +69,10 @@ async def serve(
     source: Callable[[], Desired] | None,
     sessions: Sessions,
     policy: Policy,
+    *,
     host: str,
     port: int,
     interval: float,
-    *,
     started: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
     on_pass: PassCallback | None = None,
@@ -93,8 +89,8 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop.set)
-    hints = Hints()
-    runner = runner_for(make_app(sessions, hint=hints, networks=policy.runtime_networks,
+    queue = WorkQueue()
+    runner = runner_for(make_app(sessions, hint=queue, networks=policy.runtime_networks,
                                  limits=limits, metrics=metrics))
     await runner.setup()
     try:
@@ -105,9 +101,9 @@ async def serve(
         if loop_factory is None:
             if source is None:
                 raise ValueError("serve() needs a source of desired state or a loop")
-            loop_factory = standalone_loop(source, sessions, policy, interval, on_pass, replica,
-                                           metrics)
-        await loop_factory(hints, stop)
+            loop_factory = standalone_loop(source, sessions, policy, interval=interval,
+                                           on_pass=on_pass, replica=replica, metrics=metrics)
+        await loop_factory(queue, stop)
     finally:
         await runner.cleanup()
         log.info("stopped")

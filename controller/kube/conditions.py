@@ -4,6 +4,7 @@ what is there, and which Events a pass's outcomes deserve. Pure: the operator ap
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 
 from controller.domain.models import Action, ActionKind, Outcome, Phase
 from controller.domain.planner import Held
+from controller.domain.reasons import InvalidReason
 from controller.domain.status import PluginState, WorkspaceStatus
 
 REQUESTED_AT = "reconcile.pluginctl.dev/requestedAt"
@@ -23,11 +25,45 @@ TOKEN_KEY = "token"
 CONTROLLER_SECRET_KEY = "controller-secret"  # with --runtime-secret-per-workspace
 
 
+class ConditionReason(enum.StrEnum):
+    """Every reason a Workspace condition can give: users, `kubectl wait` and GitOps health
+    checks match on these, so they never change with the wording of a message."""
+
+    IN_SYNC = "InSync"
+    NOT_STALLED = "NotStalled"
+    SUSPENDED = "Suspended"
+    DORMANT = "Dormant"
+    UNREGISTERED = "Unregistered"
+    OFFLINE = "Offline"
+    WAITING_FOR_RUNTIME = "WaitingForRuntime"
+    GUARD_HOLDING = "GuardHolding"
+    REFUSED = "Refused"
+    FAILED = "Failed"
+    RESTART_HELD = "RestartHeld"
+    RESTART_PENDING = "RestartPending"
+    PROGRESSING = "Progressing"
+    DUPLICATE_WORKSPACE_ID = "DuplicateWorkspaceId"
+    TEMPLATE_NOT_FOUND = "TemplateNotFound"
+    INVALID_SPEC = "InvalidSpec"
+
+
+#: Why desired state is unusable, as a condition reason: the one place the two meet.
+INVALID_CONDITION: Mapping[InvalidReason, ConditionReason] = {
+    InvalidReason.DUPLICATE_WORKSPACE_ID: ConditionReason.DUPLICATE_WORKSPACE_ID,
+    InvalidReason.TEMPLATE_NOT_FOUND: ConditionReason.TEMPLATE_NOT_FOUND,
+    **{reason: ConditionReason.INVALID_SPEC for reason in (
+        InvalidReason.UNREADABLE, InvalidReason.NOT_A_MAPPING, InvalidReason.FOREIGN_VERSION,
+        InvalidReason.BAD_METADATA, InvalidReason.BAD_SPEC, InvalidReason.DEFINED_TWICE,
+        InvalidReason.BAD_WORKSPACE_ID, InvalidReason.BAD_PLUGIN,
+        InvalidReason.CONFLICTING_PLUGIN, InvalidReason.TEMPLATE_INVALID)},
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Condition:
     type: str
     status: str  # "True" | "False"
-    reason: str
+    reason: ConditionReason
     message: str
 
 
@@ -42,66 +78,63 @@ def _iso(value: datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
-def _invalid_reason(error: str) -> str:
-    if error.startswith("DuplicateWorkspaceId"):
-        return "DuplicateWorkspaceId"
-    if error.startswith("template ") and error.endswith("not found"):
-        return "TemplateNotFound"
-    return "InvalidSpec"
-
-
 def conditions_for(state: WorkspaceStatus, guard: Held | None = None
                    ) -> tuple[Condition, Condition, Condition]:
     """Ready, Reconciling, Stalled. No timestamps in messages: a heartbeat never writes.
     `guard`: why the blast-radius guard held the pass (a workspace it left out of sync is
     stalled until someone looks). Only its limit is written, never its counts: those move
     with the fleet and would rewrite every held Workspace each pass."""
-    def make(ready: tuple[str, str, str], reconciling: tuple[str, str, str],
-             stalled: tuple[str, str, str]) -> tuple[Condition, Condition, Condition]:
+    R = ConditionReason
+    Said = tuple[str, ConditionReason, str]
+
+    def make(ready: Said, reconciling: Said, stalled: Said
+             ) -> tuple[Condition, Condition, Condition]:
         return (Condition("Ready", *ready), Condition("Reconciling", *reconciling),
                 Condition("Stalled", *stalled))
 
     plugins = f"{state.installed}/{state.desired} plugins installed"
-    not_stalled = ("False", "NotStalled", "")
+    not_stalled: Said = ("False", R.NOT_STALLED, "")
+    reason: ConditionReason
     match state.phase:
         case Phase.INVALID:
-            reason = _invalid_reason(state.error or "")
+            reason = INVALID_CONDITION[state.invalid or InvalidReason.BAD_SPEC]
             return make(("False", reason, state.error or ""), ("False", reason, ""),
                         ("True", reason, state.error or ""))
         case Phase.SUSPENDED:
-            return make(("False", "Suspended", "spec.suspend is true: no calls are made"),
-                        ("False", "Suspended", ""), not_stalled)
+            return make(("False", R.SUSPENDED, "spec.suspend is true: no calls are made"),
+                        ("False", R.SUSPENDED, ""), not_stalled)
         case Phase.DORMANT:
-            return make(("False", "Dormant", "paused by an operator (pluginctl workspace "
+            return make(("False", R.DORMANT, "paused by an operator (pluginctl workspace "
                                              "resume to undo)"),
-                        ("False", "Dormant", ""), not_stalled)
+                        ("False", R.DORMANT, ""), not_stalled)
         case Phase.UNREGISTERED | Phase.OFFLINE:
-            reason = state.phase.value
-            message = ("waiting for the runtime to register" if state.phase is
-                       Phase.UNREGISTERED else "the runtime has not been seen recently")
-            return make(("False", reason, message), ("True", "WaitingForRuntime", message),
+            unregistered = state.phase is Phase.UNREGISTERED
+            reason = R.UNREGISTERED if unregistered else R.OFFLINE
+            message = ("waiting for the runtime to register" if unregistered
+                       else "the runtime has not been seen recently")
+            return make(("False", reason, message), ("True", R.WAITING_FOR_RUNTIME, message),
                         not_stalled)
     if state.in_sync:
-        return make(("True", "InSync", plugins), ("False", "InSync", ""), not_stalled)
+        return make(("True", R.IN_SYNC, plugins), ("False", R.IN_SYNC, ""), not_stalled)
     if guard is not None:
         message = (f"{plugins}; the blast-radius guard holds every pass: it would go over "
                    f"{guard.limit} (the controller's log and pluginctl plan say what it "
                    "would do; pluginctl reconcile --once --force goes ahead)")
-        return make(("False", "GuardHolding", message), ("False", "GuardHolding", ""),
-                    ("True", "GuardHolding", message))
+        return make(("False", R.GUARD_HOLDING, message), ("False", R.GUARD_HOLDING, ""),
+                    ("True", R.GUARD_HOLDING, message))
     states = {p.state for p in state.plugins}
     refused = [p for p in state.plugins if p.state is PluginState.REFUSED]
     if refused:
         # Nothing will change until the spec (or the controller's policy) does: stalled.
         message = f"{plugins}; {refused[0].name}: {refused[0].message}"
-        return make(("False", "Refused", message), ("False", "Refused", ""),
-                    ("True", "Refused", message))
+        return make(("False", R.REFUSED, message), ("False", R.REFUSED, ""),
+                    ("True", R.REFUSED, message))
     if PluginState.FAILED in states:
-        reason = "Failed"
+        reason = R.FAILED
     elif PluginState.HELD in states or state.restart_pending:
-        reason = "RestartHeld" if PluginState.HELD in states else "RestartPending"
+        reason = R.RESTART_HELD if PluginState.HELD in states else R.RESTART_PENDING
     else:
-        reason = "Progressing"
+        reason = R.PROGRESSING
     failed = [p for p in state.plugins if p.state is PluginState.FAILED]
     message = plugins + (f"; {failed[0].name}: {failed[0].message}" if failed else "")
     return make(("False", reason, message), ("True", reason, message), not_stalled)
@@ -126,7 +159,7 @@ def workspace_status(
         conditions.append({
             "type": condition.type,
             "status": condition.status,
-            "reason": condition.reason,
+            "reason": condition.reason.value,
             "message": condition.message,
             "observedGeneration": generation,
             "lastTransitionTime": old.get("lastTransitionTime") if unchanged and old

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -25,7 +27,15 @@ from controller.domain import wire as api
 from controller.domain.models import Plugin, report_digest, utcnow
 from controller.domain.networks import RuntimeNetworks
 from controller.registry.serving import GUARD, LIMITS, ConnectionGuard, Limits, request_limits
-from controller.store import DatabaseError, PinnedReader, Sessions, queries, transaction
+from controller.store import (
+    DatabaseError,
+    PinnedReader,
+    Session,
+    Sessions,
+    in_thread,
+    queries,
+    transaction,
+)
 
 log = logging.getLogger("pluginctl.registry")
 
@@ -38,6 +48,7 @@ HINT: web.AppKey[Hint] = web.AppKey("hint", Callable)  # type: ignore[arg-type]
 
 FLUSH_SECONDS = 1.0  # a mere "still alive" reaches the store within this; so do revocations
 REVOCATION_LOOKBACK = timedelta(minutes=5)  # tolerated clock skew between replicas
+LOOKUP_BATCH = 256  # unknown tokens looked up per transaction (short: SQLite has one writer)
 
 
 @dataclass
@@ -54,7 +65,8 @@ class Ingest:
     """Per replica: what keeps heartbeats cheap without losing anything that matters.
 
     - Tokens: every unrevoked token is held in memory (loaded at start, looked up in the
-      store on a miss); revocations are read back every FLUSH_SECONDS.
+      store on a miss, misses that arrive together in one transaction); revocations are read
+      back every FLUSH_SECONDS.
     - Each heartbeat is compared with the store before it is answered, but heartbeats that
       arrive together share one query (a group check, one at a time): unregistered
       workspaces get their 409, and a report that differs from the stored one (whoever wrote
@@ -62,7 +74,11 @@ class Ingest:
       the same transaction, so it is durable when the call returns.
     - Registers that arrive together are written in one transaction (before any of them
       is answered).
-    - What is left is a mere "still alive": batched and written at most FLUSH_SECONDS later."""
+    - What is left is a mere "still alive": batched and written at most FLUSH_SECONDS later.
+
+    Every store call made for a request runs on a worker thread, one batch at a time: the
+    event loop is shared with the passes and every other request, and a query that waits
+    (for SQLite's writer, for a busy PostgreSQL) must stall nothing but its own batch."""
 
     def __init__(self, sessions: Sessions, hint: Hint) -> None:
         self.sessions = sessions
@@ -73,6 +89,8 @@ class Ingest:
         self.revocations_read: datetime | None = None
         self._waiting: list[_Waiting] = []
         self._checking: asyncio.Task[None] | None = None
+        self._unknown: dict[str, list[asyncio.Future[str | None]]] = {}  # hash -> who asks
+        self._looking_up: asyncio.Task[None] | None = None
 
     def warm_up(self) -> None:
         """Load every unrevoked token (merged under what requests already put here)."""
@@ -84,14 +102,39 @@ class Ingest:
         if self.revocations_read is None:
             self.revocations_read = started
 
-    def owner(self, token_hash: str) -> str | None:
+    async def owner(self, token_hash: str) -> str | None:
+        """The workspace a token belongs to (None: unknown or revoked)."""
         owner = self.tokens.get(token_hash)
-        if owner is None:
-            with transaction(self.sessions) as session:
-                owner = queries.token_workspace(session, token_hash)
-            if owner is not None:
-                self.tokens[token_hash] = owner
-        return owner
+        if owner is not None:
+            return owner
+        # One future per request: one of them running out of time cancels only its own.
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._unknown.setdefault(token_hash, []).append(answer)
+        if self._looking_up is None:
+            self._looking_up = asyncio.create_task(self._look_up_all())
+        return await answer
+
+    async def _look_up_all(self) -> None:
+        try:
+            while self._unknown:
+                hashes = list(itertools.islice(self._unknown, LOOKUP_BATCH))
+                try:
+                    owners = await in_thread(self.sessions, partial(_owners, token_hashes=hashes))
+                except DatabaseError as error:
+                    for token_hash in hashes:
+                        for answer in self._unknown.pop(token_hash):
+                            if not answer.done():
+                                answer.set_exception(error)
+                    continue
+                for token_hash in hashes:
+                    owner = owners.get(token_hash)
+                    if owner is not None:
+                        self.tokens[token_hash] = owner
+                    for answer in self._unknown.pop(token_hash):
+                        if not answer.done():
+                            answer.set_result(owner)
+        finally:
+            self._looking_up = None
 
     async def heartbeat(self, workspace_id: str, report: list[Plugin] | None,
                         seq: int | None = None, error: str | None = None) -> bool:
@@ -117,7 +160,7 @@ class Ingest:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 try:
-                    answers, changed = self._check(batch)
+                    answers, changed = await asyncio.to_thread(self._check, batch)
                 except DatabaseError as error:
                     for waiting in batch:
                         if not waiting.answer.done():
@@ -135,7 +178,15 @@ class Ingest:
         finally:
             self._checking = None
 
+    async def settle(self) -> None:
+        """Wait for the batches under way (their worker threads use the pinned reader)."""
+        under_way = [task for task in (self._checking, self._looking_up) if task is not None]
+        if under_way:
+            await asyncio.wait(under_way)
+
     def _check(self, batch: list[_Waiting]) -> tuple[list[bool], set[str]]:
+        """The group check (on a worker thread: only one batch at a time, so the pinned
+        reader is never used by two threads at once)."""
         now = utcnow()
         registers = [waiting for waiting in batch if waiting.url is not None]
         if registers:
@@ -202,6 +253,16 @@ class Ingest:
         self.revocations_read = now
 
 
+def _owners(session: Session, token_hashes: Collection[str]) -> dict[str, str]:
+    """Token hash -> workspace, for those of these tokens that exist and are not revoked."""
+    owners = {}
+    for token_hash in token_hashes:
+        owner = queries.token_workspace(session, token_hash)
+        if owner is not None:
+            owners[token_hash] = owner
+    return owners
+
+
 class Metrics(Protocol):
     """What the registry needs of the process's metrics (engine.metrics.Metrics): it
     counts its requests and serves the page; the pass metrics are the loop's business."""
@@ -238,11 +299,12 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await ingest.settle()
     try:
-        ingest.flush(ingest.take_alive())
+        await asyncio.to_thread(ingest.flush, ingest.take_alive())
     except DatabaseError as error:
         log.error("could not record the last heartbeats: %s", error)
-    ingest.reader.close()
+    await asyncio.to_thread(ingest.reader.close)
 
 
 class RequestError(Exception):
@@ -283,7 +345,7 @@ Model = type[api.RegisterRequest] | type[api.HeartbeatRequest]
 async def _authorized(request: web.Request, model: Model) -> Any:
     """The validated request, once its token is known to belong to its workspace."""
     token = _bearer(request)
-    owner = request.app[INGEST].owner(tokens.digest(token))
+    owner = await request.app[INGEST].owner(tokens.digest(token))
     if owner is None:
         raise RequestError(401, "unknown or revoked token")
     raw = await _body(request)

@@ -1,6 +1,7 @@
 """The registry API's OpenAPI 3.1 document, built from the request models that validate the
 calls (so the two cannot drift apart). A copy is kept in the repository
-(`controller/registry/registry-openapi.json`, checked by the tests) and served at `GET /openapi.json`."""
+(`controller/registry/registry-openapi.json`, checked by the tests) and served at
+`GET /openapi.json`."""
 
 from __future__ import annotations
 

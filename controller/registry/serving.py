@@ -2,7 +2,12 @@
 and the connection limits that let the registry outlast slow or idle clients: a request head
 must arrive within `head_seconds` of its first byte (else 408 and the connection is closed),
 an idle connection is closed after `keepalive_seconds`, and connections beyond
-`max_connections` are closed as soon as they are accepted."""
+`max_connections` are closed as soon as they are accepted.
+
+Only aiohttp's public API is used: the runner's `server` is its documented low-level
+`web.Server`, "a protocol factory compatible with create_server()", whose protocols the
+guard wraps; the guarded site is a `web.BaseSite` that keeps its own listening server; the
+keep-alive limit is AppRunner's `keepalive_timeout`."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -47,11 +52,11 @@ class _Guarded(asyncio.Protocol):
         self.in_request = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream server (create_server) hands its protocols stream transports.
+        self.transport = cast(asyncio.Transport, transport)
         if len(self.guard.open) >= self.guard.limits.max_connections:
             self.guard.refused += 1
-            transport.abort()
+            self.transport.abort()
             return
         self.guard.open[transport] = self
         self.inner.connection_made(transport)
@@ -125,17 +130,36 @@ async def request_limits(request: web.Request, handler: Any) -> web.StreamRespon
         connection.request_finished()
 
 
-class _GuardedSite(web.SockSite):
+class _GuardedSite(web.BaseSite):
+    """Listens on a bound socket and gives every connection to the guard, which passes it on
+    to the runner's server. The runner stops it (`stop`) before closing the connections."""
+
     def __init__(self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard):
-        super().__init__(runner, sock, backlog=1024)
+        super().__init__(runner, backlog=1024)
+        self.app_runner = runner
+        self.sock = sock
         self.guard = guard
+        self.listening: asyncio.Server | None = None
+        host, port = sock.getsockname()[:2]  # now: the socket is closed with the site
+        self.address = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def name(self) -> str:
+        return self.address
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard.factory(server), sock=self._sock, backlog=1024)
+        await super().start()
+        server = self.app_runner.server
+        if server is None:
+            raise RuntimeError("call runner.setup() before starting a site")
+        self.listening = await asyncio.get_running_loop().create_server(
+            self.guard.factory(server), sock=self.sock, backlog=1024)
+
+    async def stop(self) -> None:
+        if self.listening is not None:
+            self.listening.close()
+            self.listening = None
+        await super().stop()
 
 
 def runner_for(app: web.Application) -> web.AppRunner:

@@ -8,7 +8,7 @@ from controller.domain.models import Action, ActionKind, Outcome, WorkspacePlan
 from controller.runtime.driver import RuntimeCallError, RuntimeDriver
 
 
-async def perform(driver: RuntimeDriver, url: str, action: Action,
+async def perform(driver: RuntimeDriver, url: str, action: Action, *,
                   workspace_id: str | None = None) -> Outcome:
     try:
         match action.kind:
@@ -35,7 +35,7 @@ async def perform(driver: RuntimeDriver, url: str, action: Action,
 
 
 async def execute(
-    driver: RuntimeDriver, url: str, plan: WorkspacePlan, outcomes: list[Outcome]
+    driver: RuntimeDriver, url: str, plan: WorkspacePlan, *, outcomes: list[Outcome]
 ) -> None:
     """Perform the plan's actions one after another (a runtime is one box: no point racing
     its installs), then at most one restart. Outcomes are appended to `outcomes` as they come,
@@ -45,9 +45,9 @@ async def execute(
         if action.kind is ActionKind.RESTART:
             restart = action
             continue
-        outcomes.append(await perform(driver, url, action, plan.workspace_id))
+        outcomes.append(await perform(driver, url, action, workspace_id=plan.workspace_id))
     asked = [o.action.plugin.name for o in outcomes if o.restart_required and o.action.plugin]
     if restart is None and asked and plan.may_restart:
         restart = Action(ActionKind.RESTART, "requested by " + ", ".join(asked))
     if restart is not None:
-        outcomes.append(await perform(driver, url, restart, plan.workspace_id))
+        outcomes.append(await perform(driver, url, restart, workspace_id=plan.workspace_id))

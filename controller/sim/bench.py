@@ -4,11 +4,13 @@ so that every figure is also a ratio (these machines are shared and noisy):
 - noop_pass: a pass over N converged online workspaces x 5 plugins, vs the naive
   per-workspace loop (two queries per workspace, as edge-triggered platforms do it);
 - heartbeat: sustained authenticated heartbeats per second against the registry running as
-  its own process, vs a bare JSON endpoint of the same HTTP stack;
-- converge: K workspaces registering at once, each missing 3 plugins, on simulated runtimes
-  with 20 ms installs, vs issuing the same installs directly with the same concurrency;
-- memory: peak RSS of a process holding N workspaces' state through a pass, vs the same
-  process before it loaded anything;
+  its own process (and how many its /metrics counted), vs a bare JSON endpoint of the same
+  HTTP stack (`controller.sim.bare`);
+- converge: K workspaces of the simulated fleet (`controller.sim.fleet`, a process of its
+  own) registering at once, each missing 3 plugins, with 20 ms installs, vs issuing the same
+  installs directly with the same concurrency;
+- memory: peak RSS of a process (`controller.sim.memory`) holding N workspaces' state
+  through a pass, vs the same process before it loaded anything;
 - agent_install: the agent installing 3 plugins (40 files each) from a local git repository
   into a plugins directory with a cold cache, a warm cache (a wiped box) and when already
   installed, vs the naive way (a shallow clone of the tag, then copying the three
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,21 +29,23 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from controller.domain import tokens
 from controller.domain.desired import Desired
-from controller.domain.models import DesiredWorkspace, Plugin, Policy, utcnow
-from controller.engine.reconciler import Hints, PassReport, reconcile_once, run_forever
-from controller.engine.service import serve
+from controller.domain.models import Plugin, Policy, utcnow
+from controller.engine.loop import run_forever
+from controller.engine.passes import reconcile_once
+from controller.engine.queue import WorkQueue
 from controller.registry.app import make_app
 from controller.registry.serving import free_port, runner_for, start_site
 from controller.runtime.driver import RuntimeDriver
+from controller.sim.fleet import FleetProcess
+from controller.sim.memory import PLUGINS, desired_fleet
+from controller.sim.scrape import scrape
 from controller.store import (
     Sessions,
     count_statements,
@@ -53,18 +57,12 @@ from controller.store import (
 )
 
 Say = Callable[[str], None]
-PLUGINS = [Plugin(f"plugin-{i}", f"gitea://org/skills/plugin-{i}#v1") for i in range(5)]
 
 
 @dataclass(frozen=True)
 class Target:
     name: str  # "sqlite" or "postgresql"
     url_for: Callable[[str], str]  # a fresh database URL for a label
-
-
-def _desired(ids: list[str], plugins: list[Plugin]) -> Desired:
-    by_name = {p.name: p for p in plugins}
-    return Desired({i: DesiredWorkspace(i, f"default/{i}", None, by_name) for i in ids}, (), ())
 
 
 def _seed(sessions: Sessions, ids: list[str], url: str, plugins: list[Plugin]) -> None:
@@ -77,7 +75,10 @@ def _seed(sessions: Sessions, ids: list[str], url: str, plugins: list[Plugin]) -
 
 
 def _ratio(value: float, baseline: float) -> float | None:
-    return round(value / baseline, 2) if baseline else None
+    """value / baseline, or None when the baseline was not measured (zero, or not finite)."""
+    if not baseline or not math.isfinite(baseline) or not math.isfinite(value):
+        return None
+    return round(value / baseline, 2)
 
 
 # --- no-op pass --------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ async def noop_pass(target: Target, sizes: list[int], naive_max: int, say: Say
         ids = [f"ws-{i:07d}" for i in range(n)]
         say(f"noop_pass/{target.name}: seeding {n} converged workspaces")
         _seed(sessions, ids, "http://127.0.0.1:9/", PLUGINS)
-        desired = _desired(ids, PLUGINS)
+        desired = desired_fleet(ids, PLUGINS)
         policy = Policy()
         timings = []
         calls = 0
@@ -125,7 +126,8 @@ async def noop_pass(target: Target, sizes: list[int], naive_max: int, say: Say
             naive = time.perf_counter() - started
             entry["baseline"] = {"naive_seconds": round(naive, 4),
                                  "naive_queries": naive_queries}
-            entry["speedup_vs_naive"] = _ratio(naive, min(timings))
+            entry["speedup_vs_naive"] = _ratio(entry["baseline"]["naive_seconds"],
+                                               entry["pass_seconds"])
         say(f"noop_pass/{target.name}: {n} workspaces in {min(timings):.3f}s, "
             f"{pass_queries} queries" + (f", {entry['speedup_vs_naive']}x the naive loop"
                                             if "speedup_vs_naive" in entry else ""))
@@ -136,21 +138,11 @@ async def noop_pass(target: Target, sizes: list[int], naive_max: int, say: Say
 
 # --- heartbeat ingest --------------------------------------------------------------------------
 
-BARE_SERVER = """
-import sys
-from aiohttp import web
-async def bare(request):
-    await request.read()
-    return web.json_response({"status": "ok"})
-app = web.Application()
-app.router.add_post("/registry/heartbeat", bare)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
-"""
-
-
-async def _wait_http(url: str, deadline: float) -> None:
+async def _wait_http(url: str, deadline: float, process: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession() as client:
         while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{url}: the server exited with {process.returncode}")
             try:
                 async with client.post(url, json={}) as response:
                     await response.read()
@@ -160,40 +152,63 @@ async def _wait_http(url: str, deadline: float) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def _load(url: str, ids: list[str], seconds: float, connections: int
-                ) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Bodies:
+    """The heartbeat bodies and tokens of the load, prepared before it starts."""
+
+    ids: list[str]
+    body_for: dict[str, bytes]
+
+    @classmethod
+    def of(cls, ids: list[str]) -> Bodies:
+        return cls(ids, {i: json.dumps({"workspace_id": i, "plugins": [
+            p.to_json() for p in PLUGINS]}).encode() for i in ids})
+
+
+async def _worker(client: aiohttp.ClientSession, url: str, bodies: Bodies, *, offset: int,
+                  step: int, stop_at: float) -> tuple[list[float], int]:
+    """One connection's share of the load: (latencies, answers other than 200)."""
     latencies: list[float] = []
     errors = 0
-    body_for = {i: json.dumps({"workspace_id": i,
-                               "plugins": [p.to_json() for p in PLUGINS]}).encode()
-                for i in ids}
+    k = offset
+    while time.monotonic() < stop_at:
+        workspace_id = bodies.ids[k % len(bodies.ids)]
+        k += step
+        started = time.perf_counter()
+        async with client.post(url, data=bodies.body_for[workspace_id], headers={
+                "Authorization": f"Bearer plc_bench_{workspace_id}",
+                "Content-Type": "application/json"}) as response:
+            await response.read()
+            if response.status != 200:
+                errors += 1
+        latencies.append(time.perf_counter() - started)
+    return latencies, errors
+
+
+async def _load(url: str, bodies: Bodies, seconds: float, connections: int) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=connections)
     stop_at = time.monotonic() + seconds
     async with aiohttp.ClientSession(connector=connector) as client:
-        async def worker(offset: int) -> None:
-            nonlocal errors
-            k = offset
-            while time.monotonic() < stop_at:
-                workspace_id = ids[k % len(ids)]
-                k += connections
-                started = time.perf_counter()
-                async with client.post(url, data=body_for[workspace_id], headers={
-                        "Authorization": f"Bearer plc_bench_{workspace_id}",
-                        "Content-Type": "application/json"}) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - started)
         started = time.monotonic()
-        await asyncio.gather(*(worker(i) for i in range(connections)))
+        shares = await asyncio.gather(*(_worker(client, url, bodies, offset=i,
+                                                step=connections, stop_at=stop_at)
+                                        for i in range(connections)))
         elapsed = time.monotonic() - started
-    latencies.sort()
+    latencies = sorted(latency for share, _ in shares for latency in share)
     return {
         "requests_per_second": round(len(latencies) / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None,
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
-        "requests": len(latencies), "errors": errors,
+        "requests": len(latencies), "errors": sum(errors for _, errors in shares),
     }
+
+
+async def _heartbeats_counted(base_url: str) -> int:
+    """Heartbeats the registry answered 200, as its own /metrics counted them."""
+    async with aiohttp.ClientSession() as client:
+        page = await scrape(client, base_url)
+    return int(page.total("pluginctl_registry_requests_total",
+                          endpoint="/registry/heartbeat", code="200"))
 
 
 async def heartbeat(target: Target, workspaces: int, seconds: float, connections: int,
@@ -205,28 +220,33 @@ async def heartbeat(target: Target, workspaces: int, seconds: float, connections
     say(f"heartbeat/{target.name}: seeding {workspaces} registered workspaces")
     _seed(make_sessions(engine), ids, "http://127.0.0.1:9/", PLUGINS)
     engine.dispose()
+    bodies = Bodies.of(ids)
     with tempfile.TemporaryDirectory() as empty:
         port, bare_port = free_port(), free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "controller", "--log-level", "warning", "run",
              "--manifests", empty, "--db", url, "--listen", f"127.0.0.1:{port}",
              "--interval", "3600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)],
+        bare = subprocess.Popen([sys.executable, "-m", "controller.sim.bare", str(bare_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60
-            await _wait_http(f"http://127.0.0.1:{port}/registry/heartbeat", deadline)
-            await _wait_http(f"http://127.0.0.1:{bare_port}/registry/heartbeat", deadline)
+            await _wait_http(f"http://127.0.0.1:{port}/registry/heartbeat", deadline, server)
+            await _wait_http(f"http://127.0.0.1:{bare_port}/registry/heartbeat", deadline,
+                             bare)
+            before = await _heartbeats_counted(f"http://127.0.0.1:{port}")
             say(f"heartbeat/{target.name}: {seconds:g}s of load, {connections} connections")
-            measured = await _load(f"http://127.0.0.1:{port}/registry/heartbeat", ids,
+            measured = await _load(f"http://127.0.0.1:{port}/registry/heartbeat", bodies,
                                    seconds, connections)
-            baseline = await _load(f"http://127.0.0.1:{bare_port}/registry/heartbeat", ids,
+            counted = await _heartbeats_counted(f"http://127.0.0.1:{port}") - before
+            baseline = await _load(f"http://127.0.0.1:{bare_port}/registry/heartbeat", bodies,
                                    seconds, connections)
         finally:
             for process in (server, bare):
                 process.terminate()
                 process.wait(30)
     result = {"database": target.name, "workspaces": workspaces, **measured,
+              "registry_counted_ok": counted,
               "baseline": {"bare_endpoint": baseline},
               "ratio_to_bare": _ratio(measured["requests_per_second"],
                                       baseline["requests_per_second"]),
@@ -238,264 +258,147 @@ async def heartbeat(target: Target, workspaces: int, seconds: float, connections
 
 # --- convergence --------------------------------------------------------------------------------
 
-SINGLE_REGISTERS = 20  # registered one at a time after the storm
+@dataclass(frozen=True)
+class Registered:
+    """When the storm was over (seconds from its start), and when each workspace's register
+    was sent (wall clock of the fleet's process, as its done times are)."""
+
+    storm_seconds: float
+    at: dict[str, float]
 
 
-class SimulatedRuntimes:
-    """Many runtimes behind one port, one URL prefix each (/w/{id}/...), with slow installs.
-    Run in a process of its own (as runtimes are), it tells when each workspace had all
-    the plugins it expects (wall-clock time, comparable across processes)."""
-
-    def __init__(self, latency: float, expected: int) -> None:
-        self.latency = latency
-        self.expected = expected
-        self.installed: dict[str, dict[str, str]] = {}
-        self.done_at: dict[str, float] = {}
-
-    async def _list(self, request: web.Request) -> web.Response:
-        plugins = self.installed.get(request.match_info["id"], {})
-        return web.json_response({"plugins": [{"name": n, "source": s}
-                                              for n, s in plugins.items()]})
-
-    async def _install(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        await asyncio.sleep(self.latency)
-        workspace = request.match_info["id"]
-        plugins = self.installed.setdefault(workspace, {})
-        plugins[request.match_info["name"]] = body["source"]
-        if len(plugins) >= self.expected and workspace not in self.done_at:
-            self.done_at[workspace] = time.time()
-        return web.json_response({"restart_required": False})
-
-    async def _done(self, request: web.Request) -> web.Response:
-        """How many are done; with ?id=X, when X was done (null: not yet); with ?all=1,
-        every done time."""
-        if "id" in request.query:
-            return web.json_response({"at": self.done_at.get(request.query["id"])})
-        if "all" in request.query:
-            return web.json_response({"done": self.done_at})
-        return web.json_response({"count": len(self.done_at)})
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/w/{id}/plugins", self._list)
-        app.router.add_put("/w/{id}/plugins/{name}", self._install)
-        app.router.add_get("/done", self._done)
-        return app
+async def _storm_then_singles(fleet: FleetProcess, ids: list[str], singles: list[str],
+                              say: Say) -> Registered:
+    """Every id registers at once, until all converged; then the singles one at a time into
+    the quiet, converged fleet: the latency a single workspace sees from its register to
+    its last plugin."""
+    started = time.time()
+    registered_at = await fleet.register(ids)
+    say(f"  all registered after {time.time() - started:.2f}s")
+    deadline = started + 600
+    while await fleet.done_count() < len(ids) and time.time() < deadline:
+        await asyncio.sleep(0.02)
+    storm = time.time() - started
+    say(f"  {len(singles)} more register one at a time")
+    for workspace_id in singles:
+        registered_at.update(await fleet.register([workspace_id]))
+        while await fleet.done_at(workspace_id) is None and time.time() < deadline:
+            await asyncio.sleep(0.005)
+    return Registered(storm, registered_at)
 
 
-RUNTIMES_SERVER = """
-import sys
-from aiohttp import web
-from controller.sim.bench import SimulatedRuntimes
-runtimes = SimulatedRuntimes(float(sys.argv[2]), int(sys.argv[3]))
-web.run_app(runtimes.app(), host="127.0.0.1", port=int(sys.argv[1]), print=None,
-            access_log=None)
-"""
+async def _install_all(client: aiohttp.ClientSession, fleet: FleetProcess, workspace_id: str,
+                       plugins: list[Plugin], limit: asyncio.Semaphore) -> None:
+    async with limit:
+        for plugin in plugins:
+            async with client.put(f"{fleet.runtime_url(workspace_id)}/plugins/{plugin.name}",
+                                  json={"source": plugin.source}) as response:
+                response.raise_for_status()
 
 
-class RuntimesProcess:
-    """SimulatedRuntimes in a child process, and how to ask it what is done."""
-
-    def __init__(self, latency: float, expected: int) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", RUNTIMES_SERVER, str(port), str(latency), str(expected)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = aiohttp.ClientSession()
-
-    async def _get(self, query: str) -> Any:
-        async with self.client.get(f"{self.url}/done{query}") as response:
-            return await response.json()
-
-    async def started(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                await self._get("")
-                return
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
-        raise RuntimeError("the simulated runtimes did not come up")
-
-    async def count(self) -> int:
-        return int((await self._get(""))["count"])
-
-    async def done_at(self, workspace_id: str) -> float | None:
-        at = (await self._get(f"?id={workspace_id}"))["at"]
-        return None if at is None else float(at)
-
-    async def all_done(self) -> dict[str, float]:
-        return {k: float(v) for k, v in (await self._get("?all=1"))["done"].items()}
-
-    async def stop(self) -> None:
-        await self.client.close()
-        self.process.terminate()
-        self.process.wait(30)
+async def _direct_installs(ids: list[str], plugins: list[Plugin], latency: float,
+                           concurrency: int) -> dict[str, Any]:
+    """The baseline: the same installs issued straight to a fresh fleet, with the same
+    concurrency, no controller."""
+    direct = FleetProcess(install_delay=latency, expected=len(plugins))
+    try:
+        await direct.started()
+        limit = asyncio.Semaphore(concurrency)
+        started = time.time()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as client:
+            await asyncio.gather(*(_install_all(client, direct, i, plugins, limit)
+                                   for i in ids))
+        seconds = time.time() - started
+        state = await direct.get("/fleet/state")
+        done = await direct.done_count()
+    finally:
+        await direct.stop()
+    return {"direct_installs_seconds": round(seconds, 3), "direct_installs": state["puts"],
+            "direct_converged": done}
 
 
-async def converge(target: Target, workspaces: int, latency: float, say: Say
-                   ) -> dict[str, Any]:
+def _tokens_file(sessions: Sessions, ids: list[str], path: Path) -> Path:
+    secrets = {workspace_id: f"plc_bench_{workspace_id}" for workspace_id in ids}
+    with transaction(sessions) as session:
+        for workspace_id, secret in secrets.items():
+            queries.add_token(session, workspace_id, tokens.digest(secret), utcnow(), "bench")
+    path.write_text(json.dumps(secrets))
+    return path
+
+
+async def _converge_run(sessions: Sessions, fleet: FleetProcess, desired: Desired, *,
+                        ids: list[str], singles: list[str], policy: Policy, queue: WorkQueue,
+                        say: Say) -> Registered:
+    """The loop runs while the fleet registers; returns once every workspace converged."""
+    stop = asyncio.Event()
+    async with RuntimeDriver(timeout=10) as driver:
+        loop_task = asyncio.create_task(run_forever(
+            lambda: desired, sessions, driver, policy, interval=30, stop=stop, queue=queue))
+        try:
+            await asyncio.sleep(0.2)  # the loop's first (empty) pass
+            return await _storm_then_singles(fleet, ids, singles, say)
+        finally:
+            stop.set()
+            await loop_task
+
+
+def _percentile(values: list[float], share: float) -> float | None:
+    return round(values[max(0, int(len(values) * share) - 1)], 3) if values else None
+
+
+async def converge(target: Target, workspaces: int, latency: float, scratch: Path, *,
+                   singles_count: int, say: Say) -> dict[str, Any]:
     plugins = PLUGINS[:3]
     engine = make_engine(target.url_for("converge"))
     upgrade(engine)
     sessions = make_sessions(engine)
     ids = [f"ws-{i:07d}" for i in range(workspaces)]
-    singles = [f"ws-single-{i:03d}" for i in range(SINGLE_REGISTERS)]
-    runtimes = RuntimesProcess(latency, len(plugins))
-    await runtimes.started()
-    with transaction(sessions) as session:
-        for workspace_id in ids + singles:
-            queries.add_token(session, workspace_id, tokens.digest(f"plc_bench_{workspace_id}"),
-                              utcnow(), "bench")
+    singles = [f"ws-single-{i:03d}" for i in range(singles_count)]
+    tokens_file = _tokens_file(sessions, ids + singles, scratch / f"tokens-{target.name}.json")
     policy = Policy(concurrency=64)
-    hints = Hints()
-    runner = runner_for(make_app(sessions, hint=hints))
+    queue = WorkQueue()
+    runner = runner_for(make_app(sessions, hint=queue))
     await runner.setup()
     port = await start_site(runner, "127.0.0.1", 0)
-    stop = asyncio.Event()
-    desired = _desired(ids + singles, plugins)
-    registered_at: dict[str, float] = {}  # wall clock: compared with the runtimes' process
+    fleet = FleetProcess(install_delay=latency, expected=len(plugins),
+                         registry_url=f"http://127.0.0.1:{port}", tokens_file=tokens_file)
     try:
-        async with RuntimeDriver(timeout=10) as driver:
-            loop_task = asyncio.create_task(run_forever(
-                lambda: desired, sessions, driver, policy, interval=30, stop=stop, hints=hints))
-            await asyncio.sleep(0.2)  # the loop's first (empty) pass
-            say(f"converge/{target.name}: {workspaces} workspaces register at once")
-            started = time.time()
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as c:
-                async def register(workspace_id: str) -> None:
-                    registered_at[workspace_id] = time.time()
-                    async with c.post(f"http://127.0.0.1:{port}/registry/register", json={
-                            "workspace_id": workspace_id, "plugins": [],
-                            "url": f"{runtimes.url}/w/{workspace_id}"}, headers={
-                            "Authorization": f"Bearer plc_bench_{workspace_id}"}) as response:
-                        response.raise_for_status()
-                await asyncio.gather(*(register(i) for i in ids))
-                say(f"converge/{target.name}: all registered after "
-                    f"{time.time() - started:.2f}s")
-                deadline = started + 600
-                while await runtimes.count() < workspaces and time.time() < deadline:
-                    await asyncio.sleep(0.02)
-                total = time.time() - started
-                # Then one at a time into the quiet, converged fleet: the latency a single
-                # workspace sees from its register to its last plugin.
-                say(f"converge/{target.name}: {len(singles)} more register one at a time")
-                for workspace_id in singles:
-                    await register(workspace_id)
-                    while (await runtimes.done_at(workspace_id) is None
-                           and time.time() < deadline):
-                        await asyncio.sleep(0.005)
-            stop.set()
-            await loop_task
-        done_at = await runtimes.all_done()
+        await fleet.started()
+        say(f"converge/{target.name}: {workspaces} workspaces register at once")
+        registered = await _converge_run(sessions, fleet, desired_fleet(ids + singles, plugins),
+                                         ids=ids, singles=singles, policy=policy, queue=queue,
+                                         say=say)
+        done_at = await fleet.all_done()
+        state = await fleet.get("/fleet/state")
     finally:
         await runner.cleanup()
-        await runtimes.stop()
+        await fleet.stop()
         engine.dispose()
-    per_workspace = sorted(done_at[i] - registered_at[i] for i in ids if i in done_at)
-    single = sorted(done_at[i] - registered_at[i] for i in singles if i in done_at)
-
-    # Baseline: the same installs issued directly, with the same concurrency, no controller.
-    direct = RuntimesProcess(latency, len(plugins))
-    await direct.started()
-    limit = asyncio.Semaphore(policy.concurrency)
-    started = time.time()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as client:
-        async def install_all(workspace_id: str) -> None:
-            async with limit:
-                for plugin in plugins:
-                    async with client.put(f"{direct.url}/w/{workspace_id}/plugins/{plugin.name}",
-                                          json={"source": plugin.source}) as response:
-                        await response.read()
-        await asyncio.gather(*(install_all(i) for i in ids))
-    direct_total = time.time() - started
-    await direct.stop()
-
-    installs = workspaces * len(plugins)
+    per_workspace = sorted(done_at[i] - registered.at[i] for i in ids if i in done_at)
+    single = sorted(done_at[i] - registered.at[i] for i in singles if i in done_at)
+    baseline = await _direct_installs(ids, plugins, latency, policy.concurrency)
+    total = round(registered.storm_seconds, 3)
     result = {
         "database": target.name, "workspaces": workspaces, "install_latency_ms": latency * 1000,
-        "converged": len(per_workspace), "seconds_to_all_converged": round(total, 3),
-        "installs_per_second": round(installs / total, 1),
+        "converged": len(per_workspace), "seconds_to_all_converged": total,
+        "installs_per_second": round(workspaces * len(plugins) / total, 1),
         "per_workspace_p50_s": round(statistics.median(per_workspace), 3)
         if per_workspace else None,
-        "per_workspace_p99_s": round(per_workspace[int(len(per_workspace) * 0.99) - 1], 3)
-        if per_workspace else None,
+        "per_workspace_p99_s": _percentile(per_workspace, 0.99),
+        "single_registers": len(singles), "singles_converged": len(single),
         "single_register_p50_s": round(statistics.median(single), 3) if single else None,
         "single_register_max_s": round(single[-1], 3) if single else None,
-        "baseline": {"direct_installs_seconds": round(direct_total, 3)},
-        "ratio_to_direct": _ratio(total, direct_total),
+        "installs_seen_by_runtimes": state["puts"],
+        "overlapping_calls": state["overlaps"],
+        "baseline": baseline,
+        "ratio_to_direct": _ratio(total, baseline["direct_installs_seconds"]),
     }
     say(f"converge/{target.name}: {len(per_workspace)}/{workspaces} converged in {total:.2f}s "
-        f"(direct installs: {direct_total:.2f}s)")
+        f"(direct installs: {baseline['direct_installs_seconds']:.2f}s)")
     return result
 
 
 # --- memory -------------------------------------------------------------------------------------
-
-MEMORY_CHILD = """
-import asyncio, json, resource, sys
-from controller.sim import bench
-print(json.dumps(asyncio.run(bench.memory_child(sys.argv[1], int(sys.argv[2])))))
-"""
-
-
-def proc_status_kb(field: str, pid: int | str = "self") -> int:
-    """A kB figure of /proc/PID/status (VmRSS, VmHWM); for ourselves, ru_maxrss without it."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if pid == "self" else 0
-
-
-async def memory_child(url: str, workspaces: int) -> dict[str, Any]:
-    """The whole controller (registry with its token cache, and the loop) over N workspaces,
-    through its first (cold) pass and a second (steady) one."""
-    # The peak survives exec (it would be the parent's); reset it, then measure.
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
-        clear.write("5")
-    before = proc_status_kb("VmHWM")
-    engine = make_engine(url)
-    sessions = make_sessions(engine)
-    ids = [f"ws-{i:07d}" for i in range(workspaces)]
-    desired = _desired(ids, PLUGINS)
-    passes: list[PassReport] = []
-    stop = asyncio.Event()
-
-    def first_and_steady() -> tuple[PassReport, PassReport] | None:
-        first = min(passes, key=lambda p: p.started_at)
-        if first.synced or first.busy:  # not the cold pass: that one is still running
-            return None
-        later = [p for p in passes if p.started_at > first.finished_at]
-        return (first, later[0]) if later else None
-
-    def on_pass(report: PassReport, _trigger: str) -> None:
-        passes.append(report)
-        if first_and_steady() is not None:
-            stop.set()
-
-    # Full passes are due every second but wait for the cold first pass to finish planning;
-    # the one that starts after it finished is the steady no-op pass.
-    # (No heartbeats here: the fleet is kept online by a long offline-after.)
-    policy = Policy(offline_after=timedelta(hours=1))
-    await serve(lambda: desired, sessions, policy, "127.0.0.1", 0, interval=1.0,
-                stop=stop, on_pass=on_pass)
-    after = proc_status_kb("VmHWM")
-    engine.dispose()
-    found = first_and_steady()
-    assert found is not None
-    first, steady = found
-    return {"baseline_rss_mb": round(before / 1024, 1), "peak_rss_mb": round(after / 1024, 1),
-            "online": first.online,
-            "first_pass_s": round((first.finished_at - first.started_at).total_seconds(), 2),
-            "steady_pass_s": round((steady.finished_at - steady.started_at).total_seconds(), 2),
-            "steady_pass_synced": steady.synced}
-
 
 async def memory(target: Target, workspaces: int, say: Say) -> dict[str, Any]:
     url = target.url_for("memory")
@@ -505,9 +408,10 @@ async def memory(target: Target, workspaces: int, say: Say) -> dict[str, Any]:
     _seed(make_sessions(engine), [f"ws-{i:07d}" for i in range(workspaces)],
           "http://127.0.0.1:9/", PLUGINS)
     engine.dispose()
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, url, str(workspaces)],
-                         check=True, capture_output=True, text=True).stdout
-    child = json.loads(out.strip().splitlines()[-1])
+    out = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "controller.sim.memory", url, str(workspaces)],
+        check=True, capture_output=True, text=True)
+    child = json.loads(out.stdout.strip().splitlines()[-1])
     result = {"database": target.name, "workspaces": workspaces, **child,
               "ratio_to_baseline": _ratio(child["peak_rss_mb"], child["baseline_rss_mb"])}
     say(f"memory/{target.name}: peak RSS {child['peak_rss_mb']} MB with {workspaces} "
@@ -526,6 +430,7 @@ class Sizes:
     connections: int
     converge_workspaces: int
     memory_workspaces: int
+    single_registers: int = 20  # registered one at a time after the storm
 
 
 AGENT_PLUGINS = ("web-search", "seo-all", "notebook")
@@ -611,7 +516,9 @@ async def run(sizes: Sizes, postgres_url: str | None, scratch: Path, say: Say
         result["heartbeat"].append(await heartbeat(target, sizes.heartbeat_workspaces,
                                                    sizes.heartbeat_seconds, sizes.connections,
                                                    say))
-        result["converge"].append(await converge(target, sizes.converge_workspaces, 0.02, say))
+        result["converge"].append(await converge(
+            target, sizes.converge_workspaces, 0.02, scratch,
+            singles_count=sizes.single_registers, say=say))
         result["memory"].append(await memory(target, sizes.memory_workspaces, say))
     result["agent_install"] = await agent_install(scratch, say)
     if not postgres_url:

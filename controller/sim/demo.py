@@ -50,7 +50,7 @@ from controller.domain.desired import Desired
 from controller.domain.models import ActionKind, DesiredWorkspace, Plugin, Policy, utcnow
 from controller.domain.render import table
 from controller.engine import manifests, service
-from controller.engine.reconciler import PassReport, WorkspaceResult
+from controller.engine.report import PassReport, WorkspaceResult
 from controller.registry.app import issue_token
 from controller.store import (
     Sessions,
@@ -183,14 +183,9 @@ class Publisher:
                 (held if (key, tag) in held_back else pushed).append(tag)
             if pushed:
                 _git("-C", work, "push", "-q", bare, *(f"refs/tags/{tag}" for tag in pushed))
-
-            def named(tags: list[str], repo: Repo = repo) -> str:
-                return ", ".join(f"{tag} ({', '.join(sorted(repo.tags[tag].values()))})"
-                                 for tag in tags)
-
             told.append(f"{repo.address}: pushed tag{'s' if len(pushed) > 1 else ''} "
-                        f"{named(pushed) or 'none'}"
-                        + (f"; tagged {named(held)}, not pushed yet" if held else ""))
+                        f"{_named(repo, pushed) or 'none'}"
+                        + (f"; tagged {_named(repo, held)}, not pushed yet" if held else ""))
         for parts, (name, source) in sorted(self.local.items()):
             _write_plugin(self.library.joinpath(*parts), name, "local", source)
             told.append(f"plugin library: {source} ({name})")
@@ -199,6 +194,11 @@ class Publisher:
     def push(self, key: RepoKey, tag: str) -> None:
         work, bare = self._paths(key)
         _git("-C", work, "push", "-q", bare, f"refs/tags/{tag}")
+
+
+def _named(repo: Repo, tags: list[str]) -> str:
+    """Tags with the plugins released at each."""
+    return ", ".join(f"{tag} ({', '.join(sorted(repo.tags[tag].values()))})" for tag in tags)
 
 
 # --- the boxes -----------------------------------------------------------------------------
@@ -381,7 +381,7 @@ class Demo:
 
     def _backing_off(self, result: WorkspaceResult, key: str) -> None:
         with transaction(self.sessions) as session:
-            seen = queries.load_observed(session, only=[result.workspace_id])
+            seen = queries.load_observed(session, now=utcnow(), only=[result.workspace_id])
         attempt = seen[result.workspace_id].attempts.get(key) \
             if result.workspace_id in seen else None
         if attempt is not None:
@@ -542,7 +542,7 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
         port_ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
         controller = asyncio.create_task(service.serve(
-            demo.source, demo.sessions, policy, "127.0.0.1", 0, interval=1.0,
+            demo.source, demo.sessions, policy, host="127.0.0.1", port=0, interval=1.0,
             started=port_ready.set_result, stop=stop, on_pass=demo.on_pass))
         try:
             port = await asyncio.wait_for(port_ready, 10)
@@ -570,7 +570,7 @@ def _statuses(desired: Desired, sessions: Sessions, policy: Policy
               ) -> dict[str, status.WorkspaceStatus]:
     now = utcnow()
     with transaction(sessions) as session:
-        observed = queries.load_observed(session)
+        observed = queries.load_observed(session, now=utcnow())
     return {workspace_id: status.build(wanted, observed.get(workspace_id), now, policy)
             for workspace_id, wanted in sorted(desired.workspaces.items())}
 

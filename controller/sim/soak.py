@@ -1,22 +1,23 @@
 """`pluginctl soak`: the whole controller (`pluginctl run`, a process of its own) under a
 steady heartbeat load for a bounded time, with faults injected on a schedule, then checked:
 every workspace still registered, every online workspace converged (including a template
-change made halfway), no 5xx for bad input, and the controller's RSS grown less than 10 %
-from the end of the warm-up to the end.
+change made halfway), the controller's own metrics agreeing (no drift, every workspace
+online, the faults felt as failed actions, every heartbeat counted), no 5xx for bad input,
+and the controller's RSS grown less than 10 % from the end of the warm-up to the end.
 
-The runtimes are simulated in another process (one port, `/w/{id}/...`) that can be told
-to misbehave; the load generator and the bad clients run here."""
+The fleet (`controller.sim.fleet`, a process of its own) is the runtimes and their
+registers and heartbeats, and is told to misbehave; the bad clients run here."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import random
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,92 +26,41 @@ from typing import Any
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from controller.domain.models import Policy, utcnow
 from controller.domain.tokens import digest, generate
 from controller.registry.serving import free_port
-from controller.sim.bench import proc_status_kb
-from controller.store import make_engine, make_sessions, queries, transaction, upgrade
+from controller.sim.fleet import FleetProcess, Misbehaviour, Trouble
+from controller.sim.memory import proc_status_kb
+from controller.sim.scrape import Scrape, scrape
+from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
 
 Say = Callable[[str], None]
 TEMPLATE_PLUGINS = [f"gitea://org/skills/plugin-{i}#v1" for i in range(3)]
 ADDED_PLUGIN = "local://plugins/added-halfway"
-FAULTS = ("runtime-5xx", "runtime-hang", "runtime-garbage", "boxes-recreated",
-          "heartbeats-lost", "bad-input", "slow-clients")
+FIRST_CONVERGENCE_SECONDS = 300
+SETTLE_SECONDS = 900
+TROUBLED_SHARE = 0.2  # of the fleet, during a runtime fault
+HEARTBEAT_LOSS = 0.3  # during heartbeats-lost
+SLOW_CLIENTS = 100
+REQUESTS = "pluginctl_registry_requests_total"
+ACTIONS = "pluginctl_plugin_actions_total"
 
 
-# --- the misbehaving runtimes (a process of their own) --------------------------------------
-
-class ChaosRuntimes:
-    """Many runtimes behind one port; a share of them can be told to answer 503, hang past
-    the caller's timeout, answer garbage, or forget everything (a box recreated)."""
-
-    def __init__(self) -> None:
-        self.installed: dict[str, dict[str, str]] = {}
-        self.mode = "none"
-        self.share = 0.0
-
-    def _faulty(self, workspace_id: str) -> bool:
-        return self.mode != "none" and zlib.crc32(workspace_id.encode()) % 1000 < self.share * 1000
-
-    async def _misbehave(self, workspace_id: str) -> web.Response | None:
-        if not self._faulty(workspace_id):
-            return None
-        if self.mode == "runtime-5xx":
-            return web.json_response({"error": "unavailable"}, status=503)
-        if self.mode == "runtime-hang":
-            await asyncio.sleep(30)
-        return web.Response(body=b"\xff<garbage", content_type="text/html")
-
-    async def _list(self, request: web.Request) -> web.Response:
-        workspace_id = request.match_info["id"]
-        fault = await self._misbehave(workspace_id)
-        if fault is not None:
-            return fault
-        plugins = self.installed.get(workspace_id, {})
-        return web.json_response({"plugins": [{"name": n, "source": s}
-                                              for n, s in sorted(plugins.items())]})
-
-    async def _install(self, request: web.Request) -> web.Response:
-        workspace_id = request.match_info["id"]
-        fault = await self._misbehave(workspace_id)
-        if fault is not None:
-            return fault
-        body = await request.json()
-        await asyncio.sleep(0.01)
-        self.installed.setdefault(workspace_id, {})[request.match_info["name"]] = body["source"]
-        return web.json_response({"restart_required": False})
-
-    async def _control(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.mode, self.share = body.get("mode", "none"), float(body.get("share", 0))
-        for workspace_id in body.get("wipe", []):
-            self.installed.pop(workspace_id, None)
-        return web.json_response({"ok": True})
-
-    async def _state(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.installed)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/w/{id}/plugins", self._list)
-        app.router.add_put("/w/{id}/plugins/{name}", self._install)
-        app.router.add_post("/control", self._control)
-        app.router.add_get("/state", self._state)
-        return app
+class Fault(enum.StrEnum):
+    RUNTIME_5XX = "runtime-5xx"
+    RUNTIME_HANG = "runtime-hang"
+    RUNTIME_GARBAGE = "runtime-garbage"
+    BOXES_RECREATED = "boxes-recreated"
+    HEARTBEATS_LOST = "heartbeats-lost"
+    BAD_INPUT = "bad-input"
+    SLOW_CLIENTS = "slow-clients"
 
 
-RUNTIMES_SERVER = """
-import sys
-from aiohttp import web
-from controller.sim.soak import ChaosRuntimes
-web.run_app(ChaosRuntimes().app(), host="127.0.0.1", port=int(sys.argv[1]), print=None,
-            access_log=None)
-"""
+FAULTS = tuple(Fault)
+TROUBLE = {Fault.RUNTIME_5XX: Misbehaviour.UNAVAILABLE, Fault.RUNTIME_HANG: Misbehaviour.HANG,
+           Fault.RUNTIME_GARBAGE: Misbehaviour.GARBAGE}
 
-
-# --- the soak --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Profile:
@@ -122,14 +72,21 @@ class Profile:
 
 @dataclass
 class Tally:
-    heartbeats: Counter[int] = field(default_factory=Counter)  # status -> count
-    heartbeat_errors: int = 0  # no answer at all (connection refused, timeout)
-    lost_on_purpose: int = 0
+    """What the soak itself did and saw (the fleet keeps the heartbeats' tally)."""
+
     bad_inputs: Counter[int] = field(default_factory=Counter)  # status -> count
     slow_clients: int = 0
-    register_retries: int = 0
     faults: list[str] = field(default_factory=list)
+    template_changed: bool = False
     rss_kb: list[tuple[float, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Timings:
+    first_convergence: float
+    settle: float
+    rss_after_warmup_kb: int
+    rss_end_kb: int
 
 
 def _manifests(directory: Path, ids: list[str], extra: bool) -> None:
@@ -168,6 +125,15 @@ def _bad_requests(token: str, other_token: str) -> list[tuple[str, dict[str, str
     ]
 
 
+def _issue_tokens(sessions: Sessions, ids: list[str], path: Path) -> dict[str, str]:
+    secrets = {workspace_id: generate() for workspace_id in ids}
+    with transaction(sessions) as session:
+        for workspace_id, secret in secrets.items():
+            queries.add_token(session, workspace_id, digest(secret), utcnow(), "soak")
+    path.write_text(json.dumps(secrets))
+    return secrets
+
+
 async def run_soak(profile: Profile, say: Say, database: str | None = None) -> dict[str, Any]:
     """Run the soak; returns the figures and `passed`."""
     ids = [f"soak-{i}" for i in range(profile.workspaces)]
@@ -180,15 +146,11 @@ async def run_soak(profile: Profile, say: Say, database: str | None = None) -> d
         engine = make_engine(db)
         upgrade(engine)
         sessions = make_sessions(engine)
-        secrets = {workspace_id: generate() for workspace_id in ids}
-        with transaction(sessions) as session:
-            for workspace_id, secret in secrets.items():
-                queries.add_token(session, workspace_id, digest(secret),
-                                  utcnow(), "soak")
-        runtimes_port, registry_port = free_port(), free_port()
-        runtimes = subprocess.Popen([sys.executable, "-c", RUNTIMES_SERVER,
-                                     str(runtimes_port)], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+        secrets = _issue_tokens(sessions, ids, work / "tokens.json")
+        registry_port = free_port()
+        registry = f"http://127.0.0.1:{registry_port}"
+        fleet = FleetProcess(install_delay=0.01, registry_url=registry,
+                             tokens_file=work / "tokens.json")
         controller = subprocess.Popen(
             [sys.executable, "-m", "controller", "--log-level", "warning", "run",
              "--manifests", str(manifests), "--db", db, "--listen",
@@ -196,252 +158,285 @@ async def run_soak(profile: Profile, say: Say, database: str | None = None) -> d
              "--offline-after", "60", "--concurrency", "32"],
             stdout=subprocess.DEVNULL, stderr=(work / "controller.log").open("wb"))
         try:
-            figures = await _drive(profile, say, ids, secrets, manifests, sessions,
-                                   f"http://127.0.0.1:{runtimes_port}", runtimes,
-                                   f"http://127.0.0.1:{registry_port}", controller)
+            soak = Soak(profile, say, ids=ids, secrets=secrets, manifests=manifests,
+                        fleet=fleet, registry=registry, controller=controller)
+            figures = await soak.run(sessions)
             if not figures["passed"]:
                 log = (work / "controller.log").read_text(errors="replace").splitlines()
                 figures["controller_log_tail"] = log[-20:]
             return figures
         finally:
-            for process in (controller, runtimes):
-                process.terminate()
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            controller.terminate()
+            try:
+                controller.wait(30)
+            except subprocess.TimeoutExpired:
+                controller.kill()
+            await fleet.stop()
             engine.dispose()
 
 
-async def _up(client: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]
-              ) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited with {process.returncode}")
+class Soak:
+    """One soak run against a running controller and fleet: warm-up, the fault schedule,
+    the settling, then the figures and checks."""
+
+    def __init__(self, profile: Profile, say: Say, *, ids: list[str], secrets: dict[str, str],
+                 manifests: Path, fleet: FleetProcess, registry: str,
+                 controller: subprocess.Popen[bytes]) -> None:
+        self.profile = profile
+        self.say = say
+        self.ids = ids
+        self.secrets = secrets
+        self.manifests = manifests
+        self.fleet = fleet
+        self.registry = registry
+        self.controller = controller
+        self.expected = set(TEMPLATE_PLUGINS)
+        self.tally = Tally()
+        self.rand = random.Random(5)
+        self.client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                            timeout=aiohttp.ClientTimeout(total=10))
+
+    async def run(self, sessions: Sessions) -> dict[str, Any]:
         try:
-            async with client.get(url) as answer:
-                if answer.status < 500:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-async def _drive(profile: Profile, say: Say, ids: list[str], secrets: dict[str, str],
-                 manifests: Path, sessions: Any, runtimes: str,
-                 runtimes_process: subprocess.Popen[bytes], registry: str,
-                 controller: subprocess.Popen[bytes]) -> dict[str, Any]:
-    tally = Tally()
-    rand = random.Random(5)
-    connector = aiohttp.TCPConnector(limit=64)
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
-        await _up(client, f"{runtimes}/state", runtimes_process)
-        await _up(client, f"{registry}/healthz", controller)
-
-        async def post(path: str, workspace_id: str, body: dict[str, Any]) -> int:
-            async with client.post(registry + path, json=body, headers={
-                    "Authorization": f"Bearer {secrets[workspace_id]}"}) as answer:
-                await answer.read()
-                return answer.status
-
-        async def register(workspace_id: str) -> int:
-            """As a runtime does: try again (after a pause) until the registry answers."""
-            for attempt in range(10):
-                try:
-                    code = await post("/registry/register", workspace_id, {
-                        "workspace_id": workspace_id, "url": f"{runtimes}/w/{workspace_id}"})
-                    if code < 500:
-                        return code
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                tally.register_retries += 1
-                await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
-            return 0
-
-        say(f"registering {len(ids)} workspaces")
-        for start in range(0, len(ids), 200):
-            codes = await asyncio.gather(*(register(w) for w in ids[start:start + 200]))
-            if any(code != 200 for code in codes):
-                raise RuntimeError(f"register failed: {Counter(codes)}")
-
-        async def state() -> dict[str, dict[str, str]]:
-            async with client.get(f"{runtimes}/state") as answer:
-                data: dict[str, dict[str, str]] = await answer.json()
-                return data
-
-        async def converged(expected: set[str]) -> int:
-            installed = await state()
-            return sum(1 for w in ids if set(installed.get(w, {}).values()) >= expected)
-
-        lossy = [False]
-        stop = asyncio.Event()
-
-        async def heartbeats() -> None:
-            per_tick, tick = profile.rate / 20, 0.05
-            carry, index = 0.0, 0
-            next_at = time.monotonic()
-            pending: set[asyncio.Task[None]] = set()
-
-            async def one(workspace_id: str) -> None:
-                try:
-                    code = await post("/registry/heartbeat", workspace_id,
-                                      {"workspace_id": workspace_id})
-                    tally.heartbeats[code] += 1
-                    if code == 409:  # the registry lost us: register again, as asked
-                        await register(workspace_id)
-                except (aiohttp.ClientError, TimeoutError):
-                    tally.heartbeat_errors += 1
-
-            while not stop.is_set():
-                carry += per_tick
-                batch, carry = int(carry), carry - int(carry)
-                for _ in range(batch):
-                    workspace_id = ids[index % len(ids)]
-                    index += 1
-                    if lossy[0] and rand.random() < 0.3:
-                        tally.lost_on_purpose += 1
-                        continue
-                    if len(pending) < 512:  # a controller that falls behind is not buried
-                        task = asyncio.create_task(one(workspace_id))
-                        pending.add(task)
-                        task.add_done_callback(pending.discard)
-                next_at += tick
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            await asyncio.gather(*pending, return_exceptions=True)
-
-        async def sample_rss() -> None:
-            started = time.monotonic()
-            while not stop.is_set():
-                rss = proc_status_kb("VmRSS", controller.pid)
-                tally.rss_kb.append((time.monotonic() - started, rss))
-                await asyncio.sleep(2)
-
-        async def control(**body: Any) -> None:
-            async with client.post(f"{runtimes}/control", json=body) as answer:
-                await answer.read()
-
-        async def bad_inputs() -> None:
-            for path, headers, body in _bad_requests(secrets[ids[0]], secrets[ids[1]]):
-                async with client.post(registry + path, data=body,
-                                       headers=headers) as answer:
-                    await answer.read()
-                    tally.bad_inputs[answer.status] += 1
-
-        async def slow_clients(seconds: float) -> None:
-            async def one() -> None:
-                try:
-                    _, writer = await asyncio.open_connection(*_host_port(registry))
-                    writer.write(b"POST /registry/heartbeat HTTP/1.1\r\nHost: x\r\n")
-                    await asyncio.sleep(seconds)
-                    writer.close()
-                except OSError:
-                    pass
-            tally.slow_clients += 100
-            await asyncio.gather(*(one() for _ in range(100)))
-
-        load = asyncio.create_task(heartbeats())
-        sampler = asyncio.create_task(sample_rss())
-        expected = set(TEMPLATE_PLUGINS)
-        started = time.monotonic()
-        try:
-            while await converged(expected) < len(ids):
-                if time.monotonic() - started > 300:
-                    raise RuntimeError("no first convergence within 5 minutes")
-                await asyncio.sleep(0.5)
-            warm = time.monotonic() - started
-            say(f"first convergence in {warm:.1f}s; faults begin")
-            baseline = proc_status_kb("VmRSS", controller.pid)
-            soak_started = time.monotonic()
-            step = 0
-            while time.monotonic() - soak_started < profile.seconds:
-                fault = FAULTS[step % len(FAULTS)]
-                step += 1
-                tally.faults.append(fault)
-                elapsed = time.monotonic() - soak_started
-                if step == len(FAULTS) // 2 + 1 and expected == set(TEMPLATE_PLUGINS):
-                    _manifests(manifests, ids, extra=True)  # a template change halfway
-                    expected = {*TEMPLATE_PLUGINS, ADDED_PLUGIN}
-                    say(f"[{elapsed:5.0f}s] template changed: one plugin added everywhere")
-                say(f"[{elapsed:5.0f}s] fault: {fault}")
-                if fault.startswith("runtime-"):
-                    await control(mode=fault, share=0.2)
-                elif fault == "boxes-recreated":
-                    wiped = rand.sample(ids, max(1, len(ids) // 20))
-                    await control(wipe=wiped)
-                    await asyncio.gather(*(register(w) for w in wiped))
-                elif fault == "heartbeats-lost":
-                    lossy[0] = True
-                elif fault == "bad-input":
-                    await bad_inputs()
-                elif fault == "slow-clients":
-                    await slow_clients(min(profile.cycle, 15.0))
-                await asyncio.sleep(max(0.0, profile.cycle - (time.monotonic() - soak_started
-                                                              - elapsed)))
-                await control(mode="none")
-                lossy[0] = False
-            say("faults end; waiting for convergence")
-            settle_started = time.monotonic()
-            while (done := await converged(expected)) < len(ids):
-                if time.monotonic() - settle_started > 900:
-                    break  # reported below as not converged
-                await asyncio.sleep(1)
-            settle = time.monotonic() - settle_started
-            final = proc_status_kb("VmRSS", controller.pid)
+            await self.fleet.started()
+            await self._up(f"{self.registry}/healthz")
+            self.say(f"registering {len(self.ids)} workspaces")
+            await self.fleet.register(self.ids)
+            await self.fleet.post("/fleet/heartbeats", {"rate": self.profile.rate})
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(self._sample_rss(stop))
+            try:
+                timings = await self._phases()
+            finally:
+                stop.set()
+                await sampler
+            await self.fleet.post("/fleet/heartbeats", {"rate": 0})
+            state = await self.fleet.get("/fleet/state")
+            page = await scrape(self.client, self.registry)
         finally:
-            stop.set()
-            await asyncio.gather(load, sampler, return_exceptions=True)
+            await self.client.close()
+        return self._figures(timings, state, page, sessions)
 
-    with transaction(sessions) as session:
-        observed = queries.load_observed(session)
-    registered = sum(1 for w in ids if w in observed and observed[w].url is not None)
-    policy = Policy()
-    owned_ok = sum(1 for w in ids if w in observed and observed[w].is_online(
-        utcnow(), policy.offline_after) and {p.source for p in observed[w].owned.values()}
-        >= expected)
-    heartbeat_total = sum(tally.heartbeats.values())
-    sent_seconds = profile.seconds + warm + settle
-    growth = (final - baseline) / baseline if baseline else 0.0
-    bad_5xx = sum(n for code, n in tally.bad_inputs.items() if code >= 500)
-    figures = {
-        "workspaces": len(ids),
-        "soak_seconds": round(profile.seconds),
-        "target_heartbeats_per_second": profile.rate,
-        "heartbeats_per_second": round(heartbeat_total / sent_seconds, 1),
-        "heartbeat_answers": dict(sorted(tally.heartbeats.items())),
-        "heartbeats_without_answer": tally.heartbeat_errors,
-        "heartbeats_lost_on_purpose": tally.lost_on_purpose,
-        "register_retries": tally.register_retries,
-        "faults": tally.faults,
-        "bad_inputs": sum(tally.bad_inputs.values()),
-        "bad_input_answers": dict(sorted(tally.bad_inputs.items())),
-        "slow_clients": tally.slow_clients,
-        "first_convergence_seconds": round(warm, 1),
-        "settle_seconds": round(settle, 1),
-        "converged": done,
-        "registered": registered,
-        "recorded_in_sync": owned_ok,
-        "registrations_lost": len(ids) - registered,
-        "rss_after_warmup_mb": round(baseline / 1024, 1),
-        "rss_end_mb": round(final / 1024, 1),
-        "rss_peak_mb": round(max(kb for _, kb in tally.rss_kb) / 1024, 1),
-        "rss_growth": round(growth, 3),
-        # Once a minute from the start of the load (the trend tells growth from a leak).
-        "rss_mb_each_minute": _each_minute(tally.rss_kb),
+    async def _up(self, url: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.controller.poll() is not None:
+                raise RuntimeError(f"the controller exited with {self.controller.returncode}")
+            try:
+                async with self.client.get(url) as answer:
+                    if answer.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{url} did not come up")
+
+    async def _phases(self) -> Timings:
+        started = time.monotonic()
+        while await self._converged() < len(self.ids):
+            if time.monotonic() - started > FIRST_CONVERGENCE_SECONDS:
+                raise RuntimeError("no first convergence within 5 minutes")
+            await asyncio.sleep(0.5)
+        warm = time.monotonic() - started
+        self.say(f"first convergence in {warm:.1f}s; faults begin")
+        baseline = proc_status_kb("VmRSS", self.controller.pid)
+        await self._schedule()
+        self.say("faults end; waiting for convergence")
+        settle = await self._settle()
+        return Timings(warm, settle, baseline, proc_status_kb("VmRSS", self.controller.pid))
+
+    async def _converged(self) -> int:
+        installed: dict[str, dict[str, str]] = (await self.fleet.get("/fleet/state"))["installed"]
+        return sum(1 for w in self.ids if set(installed.get(w, {}).values()) >= self.expected)
+
+    async def _schedule(self) -> None:
+        """Every fault in turn for `cycle` seconds each, until `seconds` are over; the
+        template gains a plugin halfway through the first round."""
+        started = time.monotonic()
+        step = 0
+        while time.monotonic() - started < self.profile.seconds:
+            fault = FAULTS[step % len(FAULTS)]
+            step += 1
+            began = time.monotonic()
+            if step == len(FAULTS) // 2 + 1 and not self.tally.template_changed:
+                _manifests(self.manifests, self.ids, extra=True)
+                self.expected = {*TEMPLATE_PLUGINS, ADDED_PLUGIN}
+                self.tally.template_changed = True
+                self.say(f"[{began - started:5.0f}s] template changed: one plugin added")
+            self.say(f"[{began - started:5.0f}s] fault: {fault}")
+            self.tally.faults.append(fault)
+            await self._inject(fault)
+            await asyncio.sleep(max(0.0, self.profile.cycle - (time.monotonic() - began)))
+            await self.fleet.post("/fleet/trouble", {"mode": Misbehaviour.NONE})
+            await self.fleet.post("/fleet/heartbeats", {"loss": 0.0})
+
+    async def _inject(self, fault: Fault) -> None:
+        if fault in TROUBLE:
+            trouble = Trouble(TROUBLE[fault], TROUBLED_SHARE)
+            await self.fleet.post("/fleet/trouble", {"mode": trouble.mode,
+                                                     "share": trouble.share})
+            # A converged fleet needs no runtime calls: some troubled boxes are re-created
+            # too, so that the controller must call runtimes that misbehave.
+            troubled = [w for w in self.ids if trouble.hits(w)]
+            wiped = self.rand.sample(troubled, min(len(troubled), self._few()))
+            await self.fleet.post("/fleet/recreate", {"ids": wiped})
+        elif fault is Fault.BOXES_RECREATED:
+            wiped = self.rand.sample(self.ids, self._few())
+            await self.fleet.post("/fleet/recreate", {"ids": wiped})
+        elif fault is Fault.HEARTBEATS_LOST:
+            await self.fleet.post("/fleet/heartbeats", {"loss": HEARTBEAT_LOSS})
+        elif fault is Fault.BAD_INPUT:
+            await self._bad_inputs()
+        elif fault is Fault.SLOW_CLIENTS:
+            await self._slow_clients(min(self.profile.cycle, 15.0))
+
+    def _few(self) -> int:
+        return max(1, len(self.ids) // 20)
+
+    async def _bad_inputs(self) -> None:
+        for path, headers, body in _bad_requests(self.secrets[self.ids[0]],
+                                                 self.secrets[self.ids[1]]):
+            async with self.client.post(self.registry + path, data=body,
+                                        headers=headers) as answer:
+                await answer.read()
+                self.tally.bad_inputs[answer.status] += 1
+
+    async def _slow_client(self, seconds: float) -> None:
+        """Sends half a request's headers, then nothing, for `seconds`."""
+        host, port = self.registry.removeprefix("http://").rsplit(":", 1)
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /registry/heartbeat HTTP/1.1\r\nHost: x\r\n")
+            await asyncio.sleep(seconds)
+            writer.close()
+        except OSError:
+            pass
+
+    async def _slow_clients(self, seconds: float) -> None:
+        self.tally.slow_clients += SLOW_CLIENTS
+        await asyncio.gather(*(self._slow_client(seconds) for _ in range(SLOW_CLIENTS)))
+
+    async def _in_sync_by_metrics(self) -> bool:
+        """The controller's own word: its last full pass saw every workspace online and
+        none drifted."""
+        page = await scrape(self.client, self.registry)
+        return (page.total("pluginctl_drifted_workspaces") == 0
+                and page.total("pluginctl_workspaces", phase="Online") == len(self.ids))
+
+    async def _settle(self) -> float:
+        """Until the fleet holds what is declared and the controller says so too (or the
+        settle time is over: reported as not converged)."""
+        started = time.monotonic()
+        while time.monotonic() - started < SETTLE_SECONDS:
+            if (await self._converged() == len(self.ids)
+                    and await self._in_sync_by_metrics()):
+                break
+            await asyncio.sleep(1)
+        return time.monotonic() - started
+
+    async def _sample_rss(self, stop: asyncio.Event) -> None:
+        started = time.monotonic()
+        while not stop.is_set():
+            rss = proc_status_kb("VmRSS", self.controller.pid)
+            self.tally.rss_kb.append((time.monotonic() - started, rss))
+            try:
+                await asyncio.wait_for(stop.wait(), 2)
+            except TimeoutError:
+                continue
+
+    def _recorded(self, sessions: Sessions) -> tuple[int, int]:
+        """(registered, recorded online with every declared plugin owned) in the store."""
+        with transaction(sessions) as session:
+            observed = queries.load_observed(session, now=utcnow())
+        now, offline_after = utcnow(), Policy().offline_after
+        registered = sum(1 for w in self.ids if w in observed and observed[w].url is not None)
+        in_sync = sum(1 for w in self.ids if w in observed
+                      and observed[w].is_online(now, offline_after)
+                      and {p.source for p in observed[w].owned.values()} >= self.expected)
+        return registered, in_sync
+
+    def _figures(self, timings: Timings, state: dict[str, Any], page: Scrape,
+                 sessions: Sessions) -> dict[str, Any]:
+        fleet_tally = state["registry"]
+        answered = {int(code): n for code, n in fleet_tally["heartbeats"].items()}
+        counted = page.by(REQUESTS, "code", endpoint="/registry/heartbeat")
+        registered, in_sync = self._recorded(sessions)
+        sent_seconds = self.profile.seconds + timings.first_convergence + timings.settle
+        baseline, final = timings.rss_after_warmup_kb, timings.rss_end_kb
+        figures = {
+            "workspaces": len(self.ids),
+            "soak_seconds": round(self.profile.seconds),
+            "target_heartbeats_per_second": self.profile.rate,
+            "heartbeats_per_second": round(sum(answered.values()) / sent_seconds, 1),
+            "heartbeat_answers": dict(sorted(fleet_tally["heartbeats"].items())),
+            "heartbeats_counted_by_registry": {k: int(v) for k, v in sorted(counted.items())},
+            "heartbeats_without_answer": fleet_tally["without_answer"],
+            "heartbeats_lost_on_purpose": fleet_tally["lost_on_purpose"],
+            "register_retries": fleet_tally["register_retries"],
+            "faults": self.tally.faults,
+            "template_changed": self.tally.template_changed,
+            "bad_inputs": sum(self.tally.bad_inputs.values()),
+            "bad_input_answers": dict(sorted(self.tally.bad_inputs.items())),
+            "slow_clients": self.tally.slow_clients,
+            "first_convergence_seconds": round(timings.first_convergence, 1),
+            "settle_seconds": round(timings.settle, 1),
+            "converged": sum(1 for w in self.ids if set(state["installed"].get(w, {}).values())
+                             >= self.expected),
+            "registered": registered,
+            "recorded_in_sync": in_sync,
+            "registrations_lost": len(self.ids) - registered,
+            "declared_plugins": len(self.expected),
+            "installs_seen_by_runtimes": state["puts"],
+            "installs_ok": int(page.total(ACTIONS, action="install", result="ok")),
+            "failed_actions": int(page.total(ACTIONS, result="failed")),
+            "drifted_workspaces": int(page.total("pluginctl_drifted_workspaces")),
+            "online_workspaces": int(page.total("pluginctl_workspaces", phase="Online")),
+            "rss_after_warmup_mb": round(baseline / 1024, 1),
+            "rss_end_mb": round(final / 1024, 1),
+            "rss_peak_mb": round(max(kb for _, kb in self.tally.rss_kb) / 1024, 1),
+            "rss_growth": round((final - baseline) / baseline, 3) if baseline else 0.0,
+            # Once a minute from the start of the load (the trend tells growth from a leak).
+            "rss_mb_each_minute": _each_minute(self.tally.rss_kb),
+        }
+        figures["checks"] = checks(figures, self.tally, self.profile,
+                                   running=self.controller.poll() is None)
+        figures["passed"] = all(figures["checks"].values())
+        return figures
+
+
+
+def checks(figures: dict[str, Any], tally: Tally, profile: Profile, *, running: bool
+           ) -> dict[str, bool]:
+    """What the soak requires of its figures (all true: passed)."""
+    n = figures["workspaces"]
+    bad = tally.bad_inputs
+    faults = tally.faults
+    answered, counted = figures["heartbeat_answers"], figures["heartbeats_counted_by_registry"]
+    # A soak long enough for a round of faults must have had them all, in order.
+    steps = min(len(FAULTS), int(profile.seconds // profile.cycle))
+    return {
+        "every workspace converged": figures["converged"] == n,
+        "every online workspace recorded in sync": figures["recorded_in_sync"] == n,
+        "no registration lost": figures["registered"] == n,
+        "the controller reports all online, none drifted":
+            figures["online_workspaces"] == n and figures["drifted_workspaces"] == 0,
+        "every fault came round": len(faults) >= steps
+            and faults == [FAULTS[i % len(FAULTS)] for i in range(len(faults))],
+        "the template changed halfway": tally.template_changed == (len(faults)
+                                                                   > len(FAULTS) // 2),
+        "runtime faults were felt (failed actions)":
+            not set(faults) & set(TROUBLE) or figures["failed_actions"] > 0,
+        "every install the controller counted reached a box":
+            figures["installs_seen_by_runtimes"] >= figures["installs_ok"]
+            >= n * figures["declared_plugins"],
+        "the registry counted every heartbeat it answered 200":
+            0 < answered.get("200", 0) <= counted.get("200", 0),
+        "every bad input refused with a 4xx":
+            sum(bad.values()) == len(_bad_requests("", "")) * faults.count(Fault.BAD_INPUT)
+            and all(400 <= code < 500 for code in bad),
+        "RSS grew less than 10%": figures["rss_growth"] < 0.10,
+        "controller still running": running,
     }
-    checks = {
-        "every workspace converged": done == len(ids),
-        "every online workspace recorded in sync": owned_ok == len(ids),
-        "no registration lost": registered == len(ids),
-        "no 5xx for bad input": bad_5xx == 0 and sum(tally.bad_inputs.values()) > 0,
-        "RSS grew less than 10%": growth < 0.10,
-        "controller still running": controller.poll() is None,
-    }
-    figures["checks"] = checks
-    figures["passed"] = all(checks.values())
-    return figures
 
 
 def _each_minute(samples: list[tuple[float, int]]) -> list[float]:
@@ -450,11 +445,6 @@ def _each_minute(samples: list[tuple[float, int]]) -> list[float]:
     for at, kb in samples:
         picked.setdefault(int(at // 60), round(kb / 1024, 1))
     return [picked[minute] for minute in sorted(picked)]
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
 
 
 def report_lines(figures: dict[str, Any]) -> list[str]:

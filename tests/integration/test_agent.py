@@ -24,12 +24,13 @@ from controller.agent.box import DiskBox, RestartCommand
 from controller.agent.disk import PluginsDir
 from controller.agent.runtime import AgentServer
 from controller.agent.sources import SourceConfig, Sources
-from controller.domain.models import Plugin, Policy
-from controller.engine.reconciler import reconcile_once
+from controller.domain.models import Plugin, Policy, utcnow
+from controller.engine.passes import reconcile_once
 from controller.runtime.driver import RuntimeCallError, RuntimeDriver
 from controller.store import Sessions, queries, transaction
+from controller.store.queries import records
 from tests.support.gitrepos import Repo, http_server
-from tests.support.helpers import Registry, desired_from, wait_for
+from tests.support.helpers import Registry, desired_from, seen_of, wait_for
 
 V1 = {"web-search/plugin.json": '{"version": "1"}\n', "web-search/bin/run": "#!/bin/sh\n",
       "web-search/README.md": "v1\n", "other/x.txt": "not part of web-search\n"}
@@ -412,14 +413,14 @@ async def test_restart_runs_the_configured_command_and_reports_its_failure(
     await box.driver.restart(box.server.url)
     await box.server.restarted()  # the agent heartbeats its report with the error at once
     with transaction(registry.sessions) as session:
-        seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+        seen = queries.load_observed(session, now=utcnow(), only=["ws-1"])["ws-1"]
     assert seen.runtime_error == "restart command exited with 3: no such service"
 
     box.disk.restart_command = RestartCommand(("true",))
     await box.driver.restart(box.server.url)
     await box.server.restarted()
     with transaction(registry.sessions) as session:
-        assert queries.load_observed(session, only=["ws-1"])["ws-1"].runtime_error is None
+        assert seen_of(session, "ws-1").runtime_error is None
 
 
 # --- against the loop ----------------------------------------------------------------------------
@@ -462,7 +463,7 @@ async def test_a_report_built_before_an_install_never_undoes_it(
         await reconcile_once(desired, sessions, driver, policy)
     assert box.server.count("PUT") == 1  # installed exactly once
     with transaction(sessions) as session:
-        seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+        seen = queries.load_observed(session, now=utcnow(), only=["ws-1"])["ws-1"]
     assert seen.report is not None and "web-search" in seen.report
 
 
@@ -549,7 +550,7 @@ async def test_sigkill_mid_install_leaves_the_old_tree_and_a_restart_cleans_up(
 
         async def url() -> str | None:
             with transaction(registry.sessions) as session:
-                seen = queries.load_observed(session, only=["ws-1"]).get("ws-1")
+                seen = queries.load_observed(session, now=utcnow(), only=["ws-1"]).get("ws-1")
             return seen.url if seen is not None and seen.url != previous else None
 
         return process, await wait_for(url, "the agent registered")
@@ -661,7 +662,6 @@ async def _listening(port: int) -> bool:
 
 
 def test_a_restart_forgets_the_report_unless_the_box_reported_since(sessions: Sessions) -> None:
-    from controller.domain.models import utcnow
     from controller.domain.outcomes import Changes
 
     plugin = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
@@ -676,7 +676,7 @@ def test_a_restart_forgets_the_report_unless_the_box_reported_since(sessions: Se
                                                   report_forget=True, report_seq=seq,
                                                   restarted_at=now), now)])
         with transaction(sessions) as session:
-            report = queries.load_observed(session, only=["ws-1"])["ws-1"].report
+            report = queries.load_observed(session, now=utcnow(), only=["ws-1"])["ws-1"].report
         return None if report is None else dict(report)
 
     # The install answered seq 10; the box reported (seq 11) after it: that report stands.
@@ -871,7 +871,6 @@ def test_one_agent_per_plugins_directory(tmp_path: Path) -> None:
 
 
 def test_a_report_sent_after_an_observe_is_not_replaced_by_it(sessions: Sessions) -> None:
-    from controller.domain.models import utcnow
     from controller.domain.outcomes import Changes
 
     newer = Plugin("web-search", WEB_V2, "sha256:" + "2" * 64)
@@ -884,7 +883,7 @@ def test_a_report_sent_after_an_observe_is_not_replaced_by_it(sessions: Sessions
         queries.apply_many(session, [(Changes("ws-1", report_replace=(older,),
                                               report_seq=10), now)])
     with transaction(sessions) as session:
-        report = queries.load_observed(session, only=["ws-1"])["ws-1"].report
+        report = queries.load_observed(session, now=utcnow(), only=["ws-1"])["ws-1"].report
     assert report is not None and report["web-search"] == newer
 
 
@@ -935,7 +934,6 @@ def test_a_register_committed_while_a_pass_records_is_not_overwritten(
         sessions: Sessions, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process (the registry) stores a register between the loop's read of the
     report and its write: the register must survive (SQLite has no FOR UPDATE)."""
-    from controller.domain.models import utcnow
     from controller.domain.outcomes import Changes
     from controller.store import make_engine, make_sessions
 
@@ -951,7 +949,7 @@ def test_a_register_committed_while_a_pass_records_is_not_overwritten(
             queries.record_register(session, "ws-1", "http://127.0.0.1:2", [plugin], utcnow(),
                                     seq=20)
 
-    real_report = queries._report
+    real_report = records.report_from_json
     racer: list[threading.Thread] = []
 
     def report_then_race(data: Any) -> Any:
@@ -961,14 +959,14 @@ def test_a_register_committed_while_a_pass_records_is_not_overwritten(
             racer[0].join(timeout=1.0)  # done at once without the write lock; else it waits
         return real_report(data)
 
-    monkeypatch.setattr(queries, "_report", report_then_race)
+    monkeypatch.setattr(records, "report_from_json", report_then_race)
     with transaction(sessions) as session:  # the restart's forget, recorded late
         queries.apply_many(session, [(Changes("ws-1", report_forget=True, report_seq=10,
                                               restarted_at=now), now)])
     racer[0].join(timeout=30)
     other.dispose()
     with transaction(sessions) as session:
-        seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+        seen = queries.load_observed(session, now=utcnow(), only=["ws-1"])["ws-1"]
     assert seen.url == "http://127.0.0.1:2"
     assert seen.report == {"web-search": plugin}
 

@@ -28,12 +28,14 @@ from controller.domain.outcomes import Changes
 from controller.domain.status import PluginState
 from controller.domain.status import build as build_status
 from controller.engine import service
-from controller.engine.reconciler import Hints, PassCallback, PassReport
+from controller.engine.loop import PassCallback
+from controller.engine.queue import WorkQueue
+from controller.engine.report import PassReport
 from controller.registry.app import Ingest, issue_token
 from controller.registry.serving import start_site
+from controller.sim.fleet import serve_fleet
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
 from tests.support import pg
-from tests.support.fleet import serve_fleet
 from tests.support.helpers import (
     NOTES,
     SEO,
@@ -43,6 +45,7 @@ from tests.support.helpers import (
     fleet_dir,
     has,
     one_pass,
+    seen_of,
     wait_for,
 )
 
@@ -106,7 +109,7 @@ async def test_a_faulty_runtime_backs_off_alone_and_converges_once_healed(
             clock.tick(15)
         now = utcnow()
         with transaction(sessions) as session:
-            observed = queries.load_observed(session)["broken"]
+            observed = queries.load_observed(session, now=utcnow())["broken"]
         state = build_status(desired.workspaces["broken"], observed, now, policy)
         seo = next(p for p in state.plugins if p.name == "seo-all")
         assert seo.state is PluginState.FAILED and message in seo.message, seo
@@ -123,7 +126,7 @@ async def test_a_faulty_runtime_backs_off_alone_and_converges_once_healed(
     assert healed.in_sync, healed.summary()
     assert has(broken, SEO, NOTES)
     with transaction(sessions) as session:
-        assert queries.load_observed(session)["broken"].attempts == {}
+        assert queries.load_observed(session, now=utcnow())["broken"].attempts == {}
 
 
 @asynccontextmanager
@@ -133,7 +136,8 @@ async def controller(sessions: Sessions, desired: Desired, policy: Policy,
     stop = asyncio.Event()
     ports: list[int] = []
     serving = asyncio.create_task(service.serve(lambda: desired, sessions, policy,
-                                                "127.0.0.1", 0, 1.0, started=ports.append,
+                                                host="127.0.0.1", port=0, interval=1.0,
+                                                started=ports.append,
                                                 stop=stop, on_pass=on_pass))
     await wait_for(lambda: ports or serving.done(), "the registry listening")
     try:
@@ -164,7 +168,7 @@ async def runtimes(sessions: Sessions, registry_url: str, names: list[str],
 
 def owned_everywhere(sessions: Sessions, names: list[str]) -> bool:
     with transaction(sessions) as session:
-        observed = queries.load_observed(session)
+        observed = queries.load_observed(session, now=utcnow())
     return all(name in observed and set(observed[name].owned) == {"seo-all", "notes"}
                and not observed[name].attempts for name in names)
 
@@ -200,7 +204,7 @@ async def test_postgres_stopped_mid_pass_and_started_again() -> None:
             for plugin in ("seo-all", "notes"):
                 assert runtime.count("PUT", f"/plugins/{plugin}") <= 2, runtime.calls
         with transaction(sessions) as session:
-            observed = queries.load_observed(session)
+            observed = queries.load_observed(session, now=utcnow())
         assert sorted(observed) == names
     finally:
         engine.dispose()
@@ -293,7 +297,7 @@ async def test_registry_restarted_while_heartbeats_flow(tmp_path: Path) -> None:
 
 def online(sessions: Sessions, workspace_id: str) -> bool:
     with transaction(sessions) as session:
-        observed = queries.load_observed(session, only=[workspace_id])
+        observed = queries.load_observed(session, now=utcnow(), only=[workspace_id])
     return observed[workspace_id].is_online(utcnow(), timedelta(seconds=3))
 
 
@@ -349,15 +353,15 @@ async def test_lost_edges_still_converge_within_two_full_passes(
     second full pass after its register got through (the documented bound)."""
     rand = random.Random(7)
     dropped: list[str] = []
-    original = Hints.__call__
+    original = WorkQueue.__call__
 
-    def lossy_hint(self: Hints, workspace_id: str, *reason: Any) -> None:
+    def lossy_hint(self: WorkQueue, workspace_id: str, *reason: Any) -> None:
         if rand.random() < LOSS:
             dropped.append(workspace_id)
         else:
             original(self, workspace_id, *reason)
 
-    monkeypatch.setattr(Hints, "__call__", lossy_hint)
+    monkeypatch.setattr(WorkQueue, "__call__", lossy_hint)
     names = [f"ws-{i:02d}" for i in range(12)]
     full_passes = [0]
     converged_at: dict[str, int] = {}
@@ -408,7 +412,7 @@ async def test_clock_jumps_wedge_nothing(sessions: Sessions) -> None:
 
     def phase() -> Phase:
         with transaction(sessions) as session:
-            seen = queries.load_observed(session, only=["ws-1"])["ws-1"]
+            seen = queries.load_observed(session, now=utcnow(), only=["ws-1"])["ws-1"]
         return planner.phase_of(None, seen, utcnow(), policy, desired_known=False)
 
     def alive() -> None:
@@ -442,7 +446,7 @@ async def test_clock_jumps_wedge_nothing(sessions: Sessions) -> None:
         with transaction(sessions) as session:
             assert queries.claim(session, ["ws-1"], "replica-b", now,
                                  now + timedelta(seconds=130)) == {"ws-1"}
-            attempt = queries.load_observed(session, only=["ws-1"])["ws-1"].attempts["seo-all"]
+            attempt = seen_of(session, "ws-1").attempts["seo-all"]
             queries.revoke_tokens(session, [tokens.digest(token)], now)
         assert backoff.is_due(attempt, now, policy)
         ingest.flush({})

@@ -142,9 +142,34 @@ async def test_a_slow_body_gets_408_and_a_stuck_store_503(live: Live) -> None:
         await asyncio.Event().wait()
         return True
 
-    live.app[INGEST].heartbeat = stuck  # type: ignore[method-assign]
+    live.app[INGEST].heartbeat = stuck  # type: ignore[method-assign,assignment]
     async with aiohttp.ClientSession() as client, client.post(
             f"{live.url}/registry/heartbeat", headers=auth(live.token),
             json={"workspace_id": "ws-1"}) as response:
         assert response.status == 503
         assert "not answered within 2s" in (await response.json())["error"]
+
+
+async def test_the_guarded_site_is_started_and_stopped_by_the_runner(sessions: Sessions) -> None:
+    """The guard sits on aiohttp's public API only: the runner's `server` is a factory of
+    plain asyncio protocols (the guard forwards their callbacks, not a BufferedProtocol's),
+    and the guarded site is a BaseSite the runner knows, so that cleanup() stops listening."""
+    app = make_app(sessions, limits=LIMITS)
+    runner = runner_for(app)
+    await runner.setup()
+    assert runner.server is not None
+    protocol = runner.server()
+    assert isinstance(protocol, asyncio.Protocol)
+    assert not isinstance(protocol, asyncio.BufferedProtocol)
+    port = await start_site(runner, "127.0.0.1", 0)
+    try:
+        assert [site.name for site in runner.sites] == [f"http://127.0.0.1:{port}"]
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200
+            assert len(app[GUARD].open) == 1  # the client's keep-alive connection, guarded
+    finally:
+        await runner.cleanup()
+    assert not runner.sites and not app[GUARD].open
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)

@@ -17,7 +17,9 @@ from controller.domain.models import RUNTIME_KEY, ActionKind, Phase, Plugin, Pol
 from controller.domain.status import PluginState
 from controller.domain.status import build as build_status
 from controller.domain.tokens import runtime_secret_for
-from controller.engine.reconciler import PassReport, run_forever
+from controller.engine.loop import run_forever
+from controller.engine.queue import MAX_HINTED, Request, Trigger, WorkQueue
+from controller.engine.report import PassReport
 from controller.runtime.driver import RuntimeDriver
 from controller.store import Sessions, queries, transaction
 from tests.support.helpers import (
@@ -160,7 +162,7 @@ async def test_failing_runtime_backs_off_and_others_converge(
     assert healthy.count("PUT") == 2
 
     with transaction(sessions) as session:
-        observed = queries.load_observed(session)
+        observed = queries.load_observed(session, now=utcnow())
     state = build_status(desired.workspaces["broken"], observed["broken"], now, policy)
     seo = next(p for p in state.plugins if p.name == "seo-all")
     assert seo.state is PluginState.FAILED
@@ -186,7 +188,7 @@ async def test_backoff_resets_after_success(
         healed = await one_pass(fleet("ws-1"), sessions, policy)
     assert healed.in_sync
     with transaction(sessions) as session:
-        assert queries.load_observed(session)["ws-1"].attempts == {}
+        assert queries.load_observed(session, now=utcnow())["ws-1"].attempts == {}
 
 
 async def test_paused_stale_and_suspended_workspaces_get_no_calls(
@@ -287,7 +289,7 @@ async def test_unreachable_runtime_reports_error_and_backs_off(
     failed = next(r for r in report.results if r.workspace_id == "gone")
     assert failed.failures and "GET /plugins" in failed.failures[0].message
     with transaction(sessions) as session:
-        attempt = queries.load_observed(session)["gone"].attempts[RUNTIME_KEY]
+        attempt = queries.load_observed(session, now=utcnow())["gone"].attempts[RUNTIME_KEY]
     assert attempt.failures == 1 and attempt.next_retry_at > attempt.last_attempt_at
 
 
@@ -307,7 +309,8 @@ async def test_pass_reads_state_in_constant_queries(
         counts = []
         for _ in range(2):
             with count_statements(sessions) as statements:
-                report = await one_pass(desired, sessions, policy, only=ids)
+                report = await one_pass(desired, sessions, policy,
+                                        request=Request(only=frozenset(ids)))
             assert report.in_sync and report.online == count
             counts.append(len(statements))
         return counts[0], counts[1]
@@ -349,7 +352,7 @@ async def test_dry_run_changes_nothing(
     planned = report.results[0].planned
     assert planned == ("install notes (missing)", "install seo-all (missing)")
     with transaction(sessions) as session:
-        assert queries.load_observed(session)["ws-1"].owned == {}
+        assert queries.load_observed(session, now=utcnow())["ws-1"].owned == {}
 
 
 async def test_digest_pin_mismatch_is_drift(
@@ -398,7 +401,7 @@ async def test_a_slow_runtime_never_delays_the_others_in_the_loop(
     async with RuntimeDriver(timeout=policy.call_timeout) as driver:
         loop_task = asyncio.create_task(run_forever(
             lambda: fleet("slow", "fast"), sessions, driver, policy, interval=0.2, stop=stop,
-            hints=registry.hints, on_pass=lambda report, _trigger: reports.append(report)))
+            queue=registry.hints, on_pass=lambda report, _trigger: reports.append(report)))
         try:
             await slow.register()
             await wait_until(lambda: slow.count("PUT") >= 1, 5, "the slow install to start")
@@ -417,14 +420,12 @@ async def test_a_slow_runtime_never_delays_the_others_in_the_loop(
 
 
 async def test_a_storm_of_hints_becomes_one_full_pass(sessions: Sessions, policy: Policy) -> None:
-    from controller.engine.reconciler import MAX_HINTED, Hints
-
-    hints = Hints()
+    hints = WorkQueue()
     seen: list[tuple[str, PassReport]] = []
     stop = asyncio.Event()
     async with RuntimeDriver(timeout=policy.call_timeout) as driver:
         task = asyncio.create_task(run_forever(
-            lambda: fleet(), sessions, driver, policy, interval=3600, stop=stop, hints=hints,
+            lambda: fleet(), sessions, driver, policy, interval=3600, stop=stop, queue=hints,
             on_pass=lambda report, trigger: seen.append((trigger, report))))
         await wait_until(lambda: len(seen) == 1, 10, "the first full pass")
         hints("one")
@@ -510,22 +511,21 @@ async def test_each_workspace_says_what_brought_it_into_the_pass(
     """A periodic pass attributes a workspace's actions to what changed: its desired state
     (template-change) or nothing it can name (periodic); a hint keeps its reason (registry,
     manual); an action that failed before is a retry."""
-    from controller.engine.reconciler import TRIGGER, Trigger
-
     extra = [{"source": "local://plugins/extra"}]
     one = await runtime_factory("ws-1")
     two = await runtime_factory("ws-2")
     for runtime in (one, two):
         await runtime.register()
-    TRIGGER.set(Trigger.PERIODIC)
-    first = await one_pass(fleet("ws-1", "ws-2"), sessions, policy,
-                           hinted={"ws-1": Trigger.REGISTRY})
+    periodic = Request(trigger=Trigger.PERIODIC)
+    first = await one_pass(fleet("ws-1", "ws-2"), sessions, policy, request=replace(
+        periodic, hinted={"ws-1": Trigger.REGISTRY}))
     assert {r.workspace_id: r.trigger for r in first.results} == {
         "ws-1": "registry", "ws-2": "periodic"}
     for _ in range(4):  # restarts the installs asked for; then found in sync and remembered
         for runtime in (one, two):
             await runtime.restarted()
-        if (await one_pass(fleet("ws-1", "ws-2"), sessions, policy)).synced == 2:
+        if (await one_pass(fleet("ws-1", "ws-2"), sessions, policy,
+                           request=periodic)).synced == 2:
             break
     else:
         raise AssertionError("the fleet was never recognised in sync")
@@ -535,21 +535,20 @@ async def test_each_workspace_says_what_brought_it_into_the_pass(
                            workspace_yaml("ws-2"))
     two.plugins.clear()
     await two.register()
-    second = await one_pass(changed, sessions, policy)
+    second = await one_pass(changed, sessions, policy, request=periodic)
     triggers = {r.workspace_id: {r.trigger_of(o.action) for o in r.outcomes}
                 for r in second.results}
     assert triggers == {"ws-1": {"template-change"}, "ws-2": {"periodic"}}
 
     two.plugins.clear()
     await two.register()
-    manual = await one_pass(changed, sessions, policy, hinted={"ws-2": Trigger.MANUAL})
+    manual = await one_pass(changed, sessions, policy, request=replace(
+        periodic, hinted={"ws-2": Trigger.MANUAL}))
     assert {r.workspace_id: r.trigger for r in manual.results}["ws-2"] == "manual"
 
 
 def test_a_hinted_workspace_keeps_its_weightiest_reason() -> None:
-    from controller.engine.reconciler import Hints, Trigger
-
-    hints = Hints()
+    hints = WorkQueue()
     hints("a", Trigger.MANUAL)
     hints("a")  # a heartbeat after the request does not hide the request
     hints("b")
@@ -630,3 +629,29 @@ async def test_restarts_outside_the_budget_window_are_deleted(
     with transaction(sessions) as session:
         kept = session.execute(select(func.count()).select_from(RestartRow)).scalar_one()
     assert runtime.restarts == 4 and kept == 1
+
+
+async def test_a_pass_cut_off_gives_back_its_claims(
+    sessions: Sessions, policy: Policy, runtime_factory: RuntimeFactory
+) -> None:
+    """A pass cancelled while it waits on a runtime (a shutdown, a lost lease) gives back its
+    claims before it ends, off the event loop, even when cancelled again meanwhile: another
+    replica need not wait for them to run out."""
+    patient = replace(policy, call_timeout=30.0, workspace_timeout=60.0)
+    runtime = await runtime_factory("ws-1", faults=Faults(install_delay=3.0))
+    await runtime.register()
+
+    def claim() -> tuple[str, object] | None:
+        with transaction(sessions) as session:
+            return queries.claim_of(session, "ws-1")
+
+    passing = asyncio.create_task(one_pass(fleet("ws-1"), sessions, patient))
+    await wait_until(lambda: runtime.count("PUT") >= 1, 10, "the install to start")
+    assert claim() is not None
+    passing.cancel()
+    await asyncio.sleep(0)  # the pass is now giving its claims back ...
+    passing.cancel()  # ... and is cancelled once more
+    with pytest.raises(asyncio.CancelledError):
+        await passing
+    await wait_until(lambda: claim() is None, 5, "the claim to be given back")
+    assert runtime.count("PUT") == 1

@@ -16,7 +16,8 @@ from controller.domain.networks import RuntimeNetworks
 from controller.registry.app import issue_token, make_app
 from controller.registry.serving import start_site
 from controller.runtime.driver import RuntimeCallError, RuntimeDriver
-from controller.store import Sessions, queries, transaction
+from controller.store import Sessions, transaction
+from tests.support.helpers import seen_of
 
 LOOPBACK_ONLY_ELSEWHERE = RuntimeNetworks.parse("10.0.0.0/8, fd00::/8")
 
@@ -82,7 +83,7 @@ async def test_the_registry_refuses_a_register_outside_the_allow_list(
             status, text = await register("http://127.0.0.1:9000/")
             assert status == 422 and "outside the allowed runtime networks" in text
             with transaction(sessions) as session:
-                assert queries.load_observed(session)["ws-1"].url is None  # nothing written
+                assert seen_of(session, "ws-1").url is None  # nothing written
             status, _ = await register("http://10.4.0.7:9000/")
             assert status == 200
             status, _ = await register("http://runtime.ws-1.svc:9000/")  # names: at call time

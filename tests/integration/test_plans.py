@@ -12,7 +12,7 @@ import pytest
 from controller.agent.simulated import Faults
 from controller.domain.models import Policy
 from controller.engine import plans
-from controller.engine.reconciler import reconcile_once
+from controller.engine.passes import reconcile_once
 from controller.runtime.driver import RuntimeDriver
 from controller.store import Sessions
 from tests.support.helpers import NOTES, SEO, RuntimeFactory, fleet, has
@@ -37,7 +37,7 @@ async def test_a_long_apply_keeps_its_claims_and_no_pass_acts_meanwhile(
 
     async with RuntimeDriver.for_policy(policy) as driver:
         applying = asyncio.create_task(plans.apply_plan(
-            plan, desired, sessions, driver, one_at_a_time, replica="apply"))
+            desired, sessions, driver, one_at_a_time, plan=plan, replica="apply"))
         await asyncio.sleep(CLAIM + 0.5)  # the first claims would have run out by now
         intruder = await reconcile_once(desired, sessions, driver, policy, replica="intruder")
         report = await applying

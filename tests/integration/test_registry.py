@@ -13,7 +13,7 @@ import pytest
 
 from controller.domain.models import Plugin, utcnow
 from controller.store import count_statements, queries, transaction
-from tests.support.helpers import Registry, snapshot, wait_for
+from tests.support.helpers import Registry, seen_of, snapshot, wait_for
 
 PLUGINS = [{"name": "seo-all", "source": "gitea://org/repo/agent-skills/seo-all#v1"}]
 
@@ -45,7 +45,7 @@ async def test_register_and_heartbeat_record_facts(
     assert (status, body) == (200, {"status": "online"})
     assert set(registry.hints.take()) == {"ws-1"}
     with transaction(registry.sessions) as session:
-        seen = queries.load_observed(session)["ws-1"]
+        seen = queries.load_observed(session, now=utcnow())["ws-1"]
     assert seen.url == "http://10.0.0.7:8080" and seen.report is None
     assert seen.last_seen_at is not None
 
@@ -53,21 +53,21 @@ async def test_register_and_heartbeat_record_facts(
                               {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
     assert (status, body) == (200, {"status": "ok"})
     with transaction(registry.sessions) as session:
-        seen = queries.load_observed(session)["ws-1"]
+        seen = queries.load_observed(session, now=utcnow())["ws-1"]
     assert seen.report is not None and list(seen.report) == ["seo-all"]
 
     # Without `plugins` nothing is known from the call: the last report stays.
     status, _ = await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1"}, token)
     assert status == 200
     with transaction(registry.sessions) as session:
-        assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]
+        assert list(seen_of(session, "ws-1").report or {}) == ["seo-all"]
 
     # `[]` is a report: it replaces the last one.
     status, _ = await post(http, registry, "/registry/heartbeat",
                            {"workspace_id": "ws-1", "plugins": []}, token)
     assert status == 200
     with transaction(registry.sessions) as session:
-        assert queries.load_observed(session)["ws-1"].report == {}
+        assert seen_of(session, "ws-1").report == {}
 
     # A new register without a report drops the old one: a restarted box may have lost it.
     await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1", "plugins": PLUGINS},
@@ -75,7 +75,7 @@ async def test_register_and_heartbeat_record_facts(
     await post(http, registry, "/registry/register",
                {"workspace_id": "ws-1", "url": "http://10.0.0.7:8080"}, token)
     with transaction(registry.sessions) as session:
-        assert queries.load_observed(session)["ws-1"].report is None
+        assert seen_of(session, "ws-1").report is None
 
 
 async def test_healthz(registry: Registry, http: aiohttp.ClientSession) -> None:
@@ -190,14 +190,14 @@ async def test_still_alive_is_batched_and_flushed_within_a_second(
     token = registry.token("ws-1")
     await post(http, registry, "/registry/register", {**REGISTER, "plugins": PLUGINS}, token)
     with transaction(registry.sessions) as session:
-        registered_seen = queries.load_observed(session)["ws-1"].last_seen_at
+        registered_seen = queries.load_observed(session, now=utcnow())["ws-1"].last_seen_at
     assert registered_seen is not None
     status, _ = await post(http, registry, "/registry/heartbeat", {"workspace_id": "ws-1"}, token)
     assert status == 200
 
     async def flushed() -> bool:
         with transaction(registry.sessions) as session:
-            seen = queries.load_observed(session)["ws-1"].last_seen_at
+            seen = queries.load_observed(session, now=utcnow())["ws-1"].last_seen_at
         return seen is not None and seen > registered_seen
 
     deadline = asyncio.get_running_loop().time() + 3
@@ -216,7 +216,7 @@ async def test_a_changed_report_is_durable_when_the_call_returns(
     await post(http, registry, "/registry/heartbeat",
                {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
     with transaction(registry.sessions) as session:  # no waiting: it is already there
-        assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]
+        assert list(seen_of(session, "ws-1").report or {}) == ["seo-all"]
 
 
 async def test_a_revoked_token_stops_working_within_a_flush(
@@ -255,7 +255,7 @@ async def test_a_repeated_report_is_compared_with_the_store_not_with_the_last_ca
                            {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
     assert status == 200
     with transaction(registry.sessions) as session:  # no waiting: it is already there
-        assert list(queries.load_observed(session)["ws-1"].report or {}) == ["seo-all"]
+        assert list(seen_of(session, "ws-1").report or {}) == ["seo-all"]
     assert set(registry.hints.take()) == {"ws-1"}
 
 
@@ -276,7 +276,7 @@ async def test_concurrent_heartbeats_share_a_check_and_each_gets_its_answer(
     assert [status for status, _ in answers] == [200] * 30 + [409] * 10
     assert set(registry.hints.take()) == set(list(tokens)[:30])  # each report is new to the store
     with transaction(registry.sessions) as session:
-        observed = queries.load_observed(session)
+        observed = queries.load_observed(session, now=utcnow())
     assert all(list(observed[w].report or {}) == ["seo-all"] for w in list(tokens)[:30])
     checks = [s for s in statements if s.lstrip().upper().startswith("SELECT")
               and "report_digest" in s]
@@ -298,7 +298,7 @@ async def test_a_heartbeat_with_a_lower_seq_never_overwrites_a_newer_report(
 
     def stored() -> list[str]:
         with transaction(registry.sessions) as session:
-            return list(queries.load_observed(session)["ws-1"].report or {})
+            return list(seen_of(session, "ws-1").report or {})
 
     await post(http, registry, "/registry/register", {**REGISTER, "seq": 1}, token)
     await beat(PLUGINS, 5)
@@ -327,8 +327,8 @@ async def test_the_openapi_document_matches_the_models_and_the_running_server(
 ) -> None:
     """The committed document is what the request models generate (regenerate with
     `python -c "from controller.registry import openapi; print(openapi.text(), end='')"
-    > controller/registry/registry-openapi.json`), the server serves it, every route the server has is
-    in it and every operation in it is served."""
+    > controller/registry/registry-openapi.json`), the server serves it, every route the server
+    has is in it and every operation in it is served."""
     from controller.registry import openapi
     from controller.registry.app import make_app
 
@@ -366,7 +366,7 @@ async def test_a_reported_error_and_modified_plugin_are_stored_with_the_report(
                             "error": "restart command exited with 1"}, token)
     assert status == 200
     with transaction(registry.sessions) as session:
-        seen = queries.load_observed(session)["ws-1"]
+        seen = queries.load_observed(session, now=utcnow())["ws-1"]
     assert seen.runtime_error == "restart command exited with 1"
     assert seen.report is not None and seen.report["seo-all"].modified
 
@@ -375,4 +375,4 @@ async def test_a_reported_error_and_modified_plugin_are_stored_with_the_report(
                            {"workspace_id": "ws-1", "plugins": edited}, token)
     assert status == 200
     with transaction(registry.sessions) as session:
-        assert queries.load_observed(session)["ws-1"].runtime_error is None
+        assert queries.load_observed(session, now=utcnow())["ws-1"].runtime_error is None

@@ -17,8 +17,8 @@ from sqlalchemy import create_engine
 
 from controller.registry.app import issue_token
 from controller.registry.serving import free_port
+from controller.sim.fleet import Fleet, serve_fleet
 from controller.store import make_engine, make_sessions, upgrade
-from tests.support.fleet import Fleet, serve_fleet
 from tests.support.helpers import TEMPLATE, fresh_postgres_database, wait_for, workspace_yaml
 
 WORKSPACES = 45

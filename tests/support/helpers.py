@@ -24,8 +24,10 @@ from sqlalchemy.engine import make_url
 from controller.agent.simulated import ReferenceRuntime
 from controller.domain import desired as desired_mod
 from controller.domain.desired import Desired
-from controller.domain.models import Plugin, Policy
-from controller.engine.reconciler import Hints, PassReport, reconcile_once
+from controller.domain.models import Plugin, Policy, utcnow
+from controller.engine.passes import reconcile_once
+from controller.engine.queue import WorkQueue
+from controller.engine.report import PassReport
 from controller.registry.app import issue_token
 from controller.registry.serving import free_port
 from controller.runtime.driver import RuntimeDriver
@@ -85,7 +87,7 @@ NOTES = Plugin("notes", "local://plugins/notes")
 
 
 class Registry:
-    def __init__(self, server: TestServer, hints: Hints, sessions: Sessions) -> None:
+    def __init__(self, server: TestServer, hints: WorkQueue, sessions: Sessions) -> None:
         self.server = server
         self.hints = hints
         self.sessions = sessions
@@ -190,3 +192,9 @@ def fleet_dir(tmp_path: Path, names: list[str], *documents: str) -> Path:
     (directory / "fleet.yaml").write_text("---\n".join(
         [TEMPLATE, *(workspace_yaml(name) for name in names), *documents]))
     return directory
+
+
+def seen_of(session: Any, workspace_id: str) -> Any:
+    """What the store holds of one workspace now (controller.domain.models.Observed)."""
+    from controller.store import queries
+    return queries.load_observed(session, now=utcnow(), only=[workspace_id])[workspace_id]

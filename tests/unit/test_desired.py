@@ -3,11 +3,13 @@ broken in one place without stopping the rest."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from controller.domain.models import InvalidSpec, derive_plugin_name
+from controller.domain.reasons import InvalidReason
 from controller.engine import manifests
 from tests.support.helpers import TEMPLATE, desired_from, workspace_yaml
 
@@ -56,18 +58,22 @@ def test_template_with_two_entries_of_one_name_fails_its_workspaces_only() -> No
     assert state.workspaces["ok"].error is None
     error = state.workspaces["uses-broken"].error or ""
     assert "both declare plugin 'seo-all'" in error and "default/broken" in error
+    assert state.workspaces["uses-broken"].reason is InvalidReason.TEMPLATE_INVALID
+    assert state.workspaces["ok"].reason is None
 
 
 def test_two_sources_for_one_name_in_a_workspace_is_an_error_for_it() -> None:
     state = desired_from(TEMPLATE, workspace_yaml("ws", plugins=[
         {"source": "local://a/tool"}, {"source": "local://b/tool"}]), workspace_yaml("fine"))
     assert "declared twice with different sources" in (state.workspaces["ws"].error or "")
+    assert state.workspaces["ws"].reason is InvalidReason.CONFLICTING_PLUGIN
     assert state.workspaces["fine"].error is None
 
 
 def test_unknown_template_is_reported_on_that_workspace() -> None:
     state = desired_from(workspace_yaml("ws", templateRef={"name": "nope"}))
     assert state.workspaces["ws"].error == "template default/nope not found"
+    assert state.workspaces["ws"].reason is InvalidReason.TEMPLATE_NOT_FOUND
 
 
 def test_duplicate_workspace_id_is_rejected_with_a_reason() -> None:
@@ -75,7 +81,8 @@ def test_duplicate_workspace_id_is_rejected_with_a_reason() -> None:
                          workspace_yaml("b", workspaceId="same"))
     assert state.workspaces["same"].object_ref == "default/a"
     assert len(state.rejected) == 1
-    assert (state.rejected[0].error or "").startswith("DuplicateWorkspaceId")
+    assert "already claimed by default/a" in (state.rejected[0].error or "")
+    assert state.rejected[0].reason is InvalidReason.DUPLICATE_WORKSPACE_ID
 
 
 def test_spec_typos_and_wrong_types_are_errors_naming_the_field() -> None:
@@ -84,7 +91,25 @@ def test_spec_typos_and_wrong_types_are_errors_naming_the_field() -> None:
     messages = [str(e) for e in state.errors]
     assert any("Workspace default/ws" in m and "spec.suspnd" in m for m in messages), messages
     assert any("Workspace default/ws2" in m and "spec.suspend" in m for m in messages), messages
+    assert {e.reason for e in state.errors} == {InvalidReason.BAD_SPEC}
     assert state.workspaces == {}
+
+
+def test_every_invalid_workspace_carries_its_reason_beside_the_message() -> None:
+    """Each way a workspace can be invalid sets a reason; none is read back from prose."""
+    state = desired_from(
+        TEMPLATE,
+        workspace_yaml("bad-id", workspaceId="no spaces"),
+        workspace_yaml("bad-plugin", plugins=[{"source": "not a source"}]),
+        workspace_yaml("no-template", templateRef={"name": "nope"}))
+    assert {w.object_ref: w.reason for w in state.workspaces.values()} == {
+        "default/bad-id": InvalidReason.BAD_WORKSPACE_ID,
+        "default/bad-plugin": InvalidReason.BAD_PLUGIN,
+        "default/no-template": InvalidReason.TEMPLATE_NOT_FOUND,
+    }
+    assert all(w.error for w in state.workspaces.values())
+    with pytest.raises(ValueError, match="together"):
+        replace(state.workspaces["bad-plugin"], reason=None)  # an error never travels alone
 
 
 def test_manifest_directory_broken_file_named_others_carry_on(tmp_path: Path) -> None:
@@ -103,6 +128,8 @@ def test_manifest_directory_broken_file_named_others_carry_on(tmp_path: Path) ->
     assert len(errors) == 2, errors
     assert any("broken.yaml" in e and "cannot read" in e for e in errors)
     assert any("wrong-kind.yml" in e and "Workspce" in e for e in errors)
+    assert {e.reason for e in state.errors} == {InvalidReason.UNREADABLE,
+                                                InvalidReason.FOREIGN_VERSION}
 
 
 def test_manifests_are_re_read_so_edits_apply(tmp_path: Path) -> None:

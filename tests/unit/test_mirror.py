@@ -19,6 +19,7 @@ from controller.domain.models import (
     Plugin,
 )
 from controller.domain.planner import Held
+from controller.domain.reasons import InvalidReason
 from controller.domain.status import PluginState, PluginStatus, WorkspaceStatus
 from controller.kube import conditions as mirror
 
@@ -27,10 +28,11 @@ CRDS = Path(__file__).parents[2] / "crds"
 
 
 def state(phase: Phase = Phase.ONLINE, *plugins: PluginStatus, in_sync: bool = True,
-          error: str | None = None, restart_pending: bool = False) -> WorkspaceStatus:
+          error: str | None = None, restart_pending: bool = False,
+          invalid: InvalidReason | None = None) -> WorkspaceStatus:
     installed = sum(p.state is PluginState.INSTALLED for p in plugins)
     return WorkspaceStatus("ws", "ns/ws", "base", phase, len(plugins), installed, plugins,
-                           in_sync, error, None, restart_pending, 3, NOW, NOW)
+                           in_sync, error, None, restart_pending, 3, NOW, NOW, invalid)
 
 
 def conditions(s: WorkspaceStatus) -> dict[str, tuple[str, str]]:
@@ -48,9 +50,11 @@ def test_conditions_follow_kstatus() -> None:
     assert conditions(state(Phase.ONLINE, OK, FAILED, in_sync=False)) == {
         "Ready": ("False", "Failed"), "Reconciling": ("True", "Failed"),
         "Stalled": ("False", "NotStalled")}
-    dup = state(Phase.INVALID, in_sync=False, error="DuplicateWorkspaceId: x is claimed")
+    dup = state(Phase.INVALID, in_sync=False, error="DuplicateWorkspaceId: x is claimed",
+                invalid=InvalidReason.DUPLICATE_WORKSPACE_ID)
     assert conditions(dup)["Stalled"] == ("True", "DuplicateWorkspaceId")
-    missing = state(Phase.INVALID, in_sync=False, error="template ns/t not found")
+    missing = state(Phase.INVALID, in_sync=False, error="template ns/t not found",
+                    invalid=InvalidReason.TEMPLATE_NOT_FOUND)
     assert conditions(missing)["Stalled"] == ("True", "TemplateNotFound")
     assert conditions(state(Phase.UNREGISTERED, in_sync=False))["Reconciling"] == (
         "True", "WaitingForRuntime")
@@ -157,12 +161,14 @@ def test_every_crd_field_has_a_description() -> None:
 
 
 def test_events_say_what_started_each_action() -> None:
-    from controller.engine.reconciler import WorkspaceResult
+    from controller.engine.queue import Trigger
+    from controller.engine.report import WorkspaceResult
 
     install = Action(ActionKind.INSTALL, "missing", Plugin("b", "local://b"))
     restart = Action(ActionKind.RESTART, "requested by an earlier install")
-    result = WorkspaceResult("ws", (), (Outcome(install, ok=True), Outcome(restart, ok=True)),
-                             False, prior_failures=frozenset({"b"}), trigger="template-change")
+    result = WorkspaceResult(workspace_id="ws", plans=(),
+                             outcomes=(Outcome(install, ok=True), Outcome(restart, ok=True)),
+                             prior_failures=frozenset({"b"}), trigger=Trigger.TEMPLATE_CHANGE)
     events = mirror.events_for(result.outcomes, result.prior_failures, held_now=False,
                                held_before=False, trigger_of=result.trigger_of)
     assert [e.message.rpartition(" ")[2] for e in events] == ["retry]", "template-change]"]
@@ -181,3 +187,48 @@ def test_a_workspace_the_guard_holds_is_stalled_with_the_reason() -> None:
     assert conditions(state(Phase.ONLINE, OK))["Ready"] == ("True", "InSync")
     assert {c.type: c.reason for c in mirror.conditions_for(
         state(Phase.ONLINE, OK), guard=Held("x", "y"))}["Ready"] == "InSync"
+
+
+def test_a_condition_reason_comes_from_the_reason_never_from_the_wording() -> None:
+    """Rewording a message cannot change what `kubectl wait` and health checks match on:
+    every reason maps to a condition reason, and the message plays no part in it."""
+    assert set(mirror.INVALID_CONDITION) == set(InvalidReason)
+    assert {reason.value for reason in mirror.ConditionReason} >= {
+        "DuplicateWorkspaceId", "TemplateNotFound", "InvalidSpec"}
+    # Messages that say the opposite of their reason, or nothing at all.
+    misleading = ("", "DuplicateWorkspaceId: not really", "template ns/t not found",
+                  "anything a future edit may write")
+    for reason in InvalidReason:
+        for message in misleading:
+            said = mirror.conditions_for(state(Phase.INVALID, in_sync=False, error=message,
+                                               invalid=reason))
+            assert {c.type: (c.status, c.reason) for c in said} == {
+                "Ready": ("False", mirror.INVALID_CONDITION[reason]),
+                "Reconciling": ("False", mirror.INVALID_CONDITION[reason]),
+                "Stalled": ("True", mirror.INVALID_CONDITION[reason])}, (reason, message)
+            assert said[0].message == message  # the prose is shown, as it is
+
+
+def test_reasons_from_desired_state_reach_the_conditions_unchanged() -> None:
+    """From YAML to the Stalled condition: the user-facing reasons of the e2e suite."""
+    from controller.domain import status
+    from controller.domain.models import Policy
+    from tests.support.helpers import TEMPLATE, desired_from, workspace_yaml
+
+    # A broken template's message begins "template ", as a missing one's does: InvalidSpec.
+    broken = TEMPLATE.replace("name: base", "name: broken").replace(
+        "local://plugins/notes", "local://other/seo-all")
+    desired = desired_from(TEMPLATE, broken,
+                           workspace_yaml("a", workspaceId="same"),
+                           workspace_yaml("b", workspaceId="same"),
+                           workspace_yaml("orphan", templateRef={"name": "nope"}),
+                           workspace_yaml("uses-broken", templateRef={"name": "broken"}))
+
+    def stalled(wanted: object) -> str:
+        built = status.build(wanted, None, NOW, Policy())  # type: ignore[arg-type]
+        return next(c.reason for c in mirror.conditions_for(built) if c.type == "Stalled")
+
+    assert stalled(desired.rejected[0]) == "DuplicateWorkspaceId"
+    assert stalled(desired.workspaces["orphan"]) == "TemplateNotFound"
+    assert stalled(desired.workspaces["uses-broken"]) == "InvalidSpec"
+    assert stalled(desired.workspaces["same"]) == "NotStalled"

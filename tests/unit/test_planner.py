@@ -23,6 +23,7 @@ from controller.domain.models import (
     Policy,
     WaitKind,
 )
+from controller.domain.reasons import InvalidReason
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 POLICY = Policy()
@@ -159,7 +160,8 @@ def test_restart_budget() -> None:
 def test_phases_in_order_of_precedence() -> None:
     online = observed([])
     assert planner.phase_of(None, online, NOW, POLICY) is Phase.UNMANAGED
-    assert planner.phase_of(desired(error="bad"), online, NOW, POLICY) is Phase.INVALID
+    invalid = desired(error="bad", reason=InvalidReason.BAD_SPEC)
+    assert planner.phase_of(invalid, online, NOW, POLICY) is Phase.INVALID
     assert planner.phase_of(desired(suspended=True), online, NOW, POLICY) is Phase.SUSPENDED
     assert planner.phase_of(desired(), None, NOW, POLICY) is Phase.UNREGISTERED
     assert planner.phase_of(desired(), observed(dormant=True), NOW, POLICY) is Phase.DORMANT

@@ -1,0 +1,131 @@
+"""What a pass returns, at the end of the flow: a WorkspaceResult per workspace it planned
+or acted on, and the PassReport over all of them that the CLI prints, the loop logs, the
+metrics count and the operator mirrors into status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from controller.domain import planner
+from controller.domain.desired import ObjectError
+from controller.domain.models import (
+    Action,
+    ActionKind,
+    DesiredWorkspace,
+    Observed,
+    Outcome,
+    Phase,
+    Wait,
+    WorkspacePlan,
+)
+from controller.engine.queue import Trigger
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkspaceResult:
+    workspace_id: str
+    plans: tuple[WorkspacePlan, ...]
+    outcomes: tuple[Outcome, ...] = ()
+    restart_pending: bool = False
+    error: str | None = None  # the pass could not finish this workspace
+    prior_failures: frozenset[str] = frozenset()  # attempt keys already failing before
+    trigger: Trigger = Trigger.MANUAL  # what brought this workspace into the pass
+
+    @classmethod
+    def unacted(cls, seen: Observed, plan: WorkspacePlan, *, trigger: Trigger,
+                error: str | None = None) -> WorkspaceResult:
+        """A workspace planned but not acted on: nothing to do, a dry run, or (with
+        `error`) it could not be."""
+        return cls(workspace_id=seen.workspace_id, plans=(plan,),
+                   restart_pending=seen.restart_pending, error=error,
+                   prior_failures=frozenset(seen.attempts), trigger=trigger)
+
+    def trigger_of(self, action: Action) -> Trigger:
+        """What started this action: a retry if it was failing before, else the workspace's."""
+        return Trigger.RETRY if action.key in self.prior_failures else self.trigger
+
+    @property
+    def waits(self) -> tuple[Wait, ...]:
+        return self.plans[-1].waits if self.plans else ()
+
+    @property
+    def failures(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if not o.ok)
+
+    @property
+    def planned(self) -> tuple[str, ...]:
+        return tuple(a.describe() for p in self.plans for a in p.actions)
+
+    @property
+    def in_sync(self) -> bool:
+        return (self.error is None and not self.failures and not self.waits
+                and not self.restart_pending)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassReport:
+    started_at: datetime
+    finished_at: datetime
+    dry_run: bool
+    results: tuple[WorkspaceResult, ...]
+    invalid: tuple[DesiredWorkspace, ...] = ()  # online, but desired state is unusable
+    skipped: dict[Phase, int] = field(default_factory=dict)  # online but suspended/unmanaged
+    busy: int = 0  # still being handled by an earlier pass (a slow runtime): left to it
+    scope: frozenset[str] | None = None  # the workspaces this pass was about; None: all
+    synced: int = 0  # recognised in sync from their digests alone: not even planned
+    guard: planner.Held | None = None  # the blast-radius guard held this pass: why
+    guarded: int = 0  # workspaces with actions the guard held (not in results)
+    manifest_errors: tuple[ObjectError, ...] = ()
+
+    @property
+    def online(self) -> int:
+        return len(self.results) + self.synced + self.busy + self.guarded
+
+    def count(self, kind: ActionKind, ok: bool = True) -> int:
+        if self.dry_run:
+            return sum(1 for r in self.results for p in r.plans for a in p.actions
+                       if a.kind is kind) if ok else 0
+        return sum(1 for r in self.results for o in r.outcomes
+                   if o.action.kind is kind and o.ok is ok)
+
+    @property
+    def failed(self) -> int:
+        return sum(len(r.failures) + (r.error is not None) for r in self.results)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(r.waits) for r in self.results)
+
+    @property
+    def held(self) -> int:
+        return sum(1 for r in self.results if r.restart_pending)
+
+    def summary(self) -> str:
+        verb = "would " if self.dry_run else ""
+        parts = [
+            f"{self.online} online",
+            f"{verb}install {self.count(ActionKind.INSTALL)}",
+            f"{verb}remove {self.count(ActionKind.REMOVE)}",
+            f"{verb}restart {self.count(ActionKind.RESTART)}",
+            f"observe {self.count(ActionKind.OBSERVE)}" if self.dry_run
+            else f"failed {self.failed}",
+            f"backing off {self.waiting}",
+            f"held {self.held}",
+            f"invalid {len(self.invalid)}",
+        ]
+        state = "in sync" if self.in_sync else ("drift found" if self.dry_run else "out of sync")
+        if self.guard is not None:
+            state += (f"; the blast-radius guard {'would hold' if self.dry_run else 'held'} "
+                      f"this pass: it {self.guard} (`pluginctl plan` shows what it would do; "
+                      "--force to act anyway)")
+        return ", ".join(parts) + f" -> {state}"
+
+    @property
+    def in_sync(self) -> bool:
+        """Every online, managed workspace is as declared (for a dry run: needs nothing)."""
+        if self.invalid or self.guard is not None:
+            return False
+        if self.dry_run:
+            return all(p.in_sync for r in self.results for p in r.plans)
+        return all(r.in_sync for r in self.results)

@@ -1,0 +1,54 @@
+"""Store operations, by concern. Each takes the session first, may flush, never commits (the
+caller owns the transaction) and returns plain domain values, never ORM objects. Callers use
+`queries.<operation>`; the modules below say which concern an operation belongs to."""
+
+from controller.store.queries.claims import claim, claim_of, release
+from controller.store.queries.observed import load_observed, mark_synced, online_digests
+from controller.store.queries.records import apply_many
+from controller.store.queries.reports import (
+    CLOCK_SKEW,
+    Register,
+    record_changed_report,
+    record_register,
+    record_registers,
+    set_dormant,
+    stored_report_digests,
+    touch,
+)
+from controller.store.queries.seeding import naive_read, seed_fleet
+from controller.store.queries.tokens import (
+    active_tokens,
+    add_token,
+    all_active_tokens,
+    revoke_tokens,
+    revoked_since,
+    token_workspace,
+    tokens_of,
+)
+
+__all__ = [
+    "CLOCK_SKEW",
+    "Register",
+    "active_tokens",
+    "add_token",
+    "all_active_tokens",
+    "apply_many",
+    "claim",
+    "claim_of",
+    "load_observed",
+    "mark_synced",
+    "naive_read",
+    "online_digests",
+    "record_changed_report",
+    "record_register",
+    "record_registers",
+    "release",
+    "revoke_tokens",
+    "revoked_since",
+    "seed_fleet",
+    "set_dormant",
+    "stored_report_digests",
+    "token_workspace",
+    "tokens_of",
+    "touch",
+]
