@@ -11,6 +11,7 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from controller.domain.status import PluginState
 from controller.domain.status import build as build_status
 from controller.engine import service
 from controller.engine.loop import PassCallback
-from controller.engine.queue import WorkQueue
+from controller.engine.queue import Trigger, WorkQueue
 from controller.engine.report import PassReport
 from controller.registry.app import Ingest, issue_token
 from controller.registry.serving import start_site
@@ -301,19 +302,24 @@ def online(sessions: Sessions, workspace_id: str) -> bool:
     return observed[workspace_id].is_online(utcnow(), timedelta(seconds=3))
 
 
+@dataclass
+class PassCount:
+    full: int = 0  # full passes the loop has finished
+
+
 class Tracked(ReferenceRuntime):
     """Remembers how many full passes the loop had finished when its register first got
     through to the registry."""
 
-    def __init__(self, *args: Any, passes: list[int], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, passes: PassCount, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.passes = passes  # [full passes finished so far], shared with the test
+        self.passes = passes  # full passes finished so far, shared with the test
         self.registered_at: int | None = None
 
     async def register(self) -> dict[str, Any]:
         answer = await super().register()
         if self.registered_at is None:
-            self.registered_at = self.passes[0]
+            self.registered_at = self.passes.full
         return answer
 
 
@@ -363,15 +369,15 @@ async def test_lost_edges_still_converge_within_two_full_passes(
 
     monkeypatch.setattr(WorkQueue, "__call__", lossy_hint)
     names = [f"ws-{i:02d}" for i in range(12)]
-    full_passes = [0]
+    full_passes = PassCount()
     converged_at: dict[str, int] = {}
     fleet_: list[Tracked] = []
 
-    def on_pass(_report: PassReport, trigger: str) -> None:
-        full_passes[0] += trigger == "periodic"
+    def on_pass(_report: PassReport, trigger: Trigger) -> None:
+        full_passes.full += trigger == Trigger.PERIODIC
         for runtime in fleet_:
             if runtime.workspace_id not in converged_at and has(runtime, SEO, NOTES):
-                converged_at[runtime.workspace_id] = full_passes[0]
+                converged_at[runtime.workspace_id] = full_passes.full
 
     policy = Policy(call_timeout=2.0)
     async with controller(sessions, fleet(*names), policy, on_pass) as url, \
