@@ -103,7 +103,27 @@ async def serve(
                 raise ValueError("serve() needs a source of desired state or a loop")
             loop_factory = standalone_loop(source, sessions, policy, interval=interval,
                                            on_pass=on_pass, replica=replica, metrics=metrics)
-        await loop_factory(queue, stop)
+        await _until_stopped(loop_factory(queue, stop), stop, close=runner.cleanup)
     finally:
-        await runner.cleanup()
+        if runner.server is not None:  # not closed yet
+            await runner.cleanup()
         log.info("stopped")
+
+
+async def _until_stopped(loop: Awaitable[None], stop: asyncio.Event, *,
+                         close: Callable[[], Awaitable[None]]) -> None:
+    """Run the loop until it ends or `stop` is set. Once stopping, the registry stops
+    serving first (in-flight requests finish, idle keep-alive connections close), so that a
+    loop that waits for every task to end, as kopf does, is not held up by open ones."""
+    task = asyncio.ensure_future(loop)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await close()
+        await task
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -123,9 +123,17 @@ class Watch:
             if version is not None:
                 self.deleted[kind][key_of(body)] = version
 
-    def registry(self, kube: KubeClient) -> kopf.OperatorRegistry:
+    def registry(self, kube: KubeClient, *, on_cleanup: Callable[[], None]
+                 ) -> kopf.OperatorRegistry:
+        """kopf's handlers. `on_cleanup` runs when kopf begins to stop (a signal, or its
+        stop flag): kopf then waits 5 s for every task started after it to end before it
+        cancels them, so ours must start ending at once."""
         registry = kopf.OperatorRegistry()
         connection = kube.connection()
+
+        @kopf.on.cleanup(id="cleanup", registry=registry)
+        async def cleanup(**_: Any) -> None:
+            on_cleanup()
 
         @kopf.on.login(id="login", registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
@@ -224,7 +232,8 @@ async def run_operator(
     watch = Watch(hints)
     kopf_stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     kopf_task = asyncio.create_task(kopf.operator(
-        registry=watch.registry(kube), clusterwide=True, standalone=True, stop_flag=kopf_stop))
+        registry=watch.registry(kube, on_cleanup=stop.set), clusterwide=True, standalone=True,
+        stop_flag=kopf_stop))
     # kopf takes over SIGINT/SIGTERM in the main thread: when it stops, so does everything.
     # kopf also cancels, when it stops, every task started after it: nothing here may rely
     # on a helper task to carry a stop signal, hence callbacks and plain events.
