@@ -249,8 +249,8 @@ class Sources:
         scratch = self._trees / f".{cached.name}.{uuid.uuid4().hex[:8]}"
         running = _Running()
         try:
-            await asyncio.to_thread(self._export, repo, f"{commit}:{subpath}", scratch, where,
-                                    running)
+            await asyncio.to_thread(self._export, repo, f"{commit}:{subpath}", scratch,
+                                    where=where, running=running)
         except asyncio.CancelledError:
             running.cancel()  # the time limit: git is killed, the thread stops and cleans up
             raise
@@ -261,7 +261,7 @@ class Sources:
             shutil.rmtree(scratch, ignore_errors=True)
         return Fetched(cached / "tree", digest, commit)
 
-    def _export(self, repo: Path, treeish: str, scratch: Path, where: str,
+    def _export(self, repo: Path, treeish: str, scratch: Path, *, where: str,
                 running: _Running) -> None:
         """Write `treeish` (a commit's subdirectory) into `scratch/tree` blob by blob, as
         git stores it: no checkout, no `.gitattributes` (no export-subst, export-ignore or
@@ -273,7 +273,7 @@ class Sources:
             entries = self._listing(repo, treeish, where, running)
             destination = scratch / "tree"
             destination.mkdir(parents=True)
-            self._write_blobs(repo, entries, destination, where, running)
+            self._write_blobs(repo, entries, destination, where=where, running=running)
             tree.check(destination, self.config.limits)
             (scratch / "digest").write_text(tree.digest(destination) + "\n")
         except tree.TreeError as error:
@@ -351,7 +351,7 @@ class Sources:
         return entries
 
     def _write_blobs(self, repo: Path, entries: list[tuple[int, bytes, bytes]],
-                     destination: Path, where: str, running: _Running) -> None:
+                     destination: Path, *, where: str, running: _Running) -> None:
         """One `git cat-file --batch` for all blobs, asked and answered one at a time. No
         path is written through a symlink of the plugin's own (git's fsck refuses such trees
         too; this does not depend on it)."""

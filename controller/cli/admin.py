@@ -104,7 +104,7 @@ def token_list(workspace_id: str, db: str | None, output: str) -> None:
 @click.option("--all", "revoke_all", is_flag=True, help="Every token of the workspace.")
 @db_option
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
-def token_revoke(workspace_id: str, fingerprints: tuple[str, ...], token_stdin: bool,
+def token_revoke(*, workspace_id: str, fingerprints: tuple[str, ...], token_stdin: bool,
                  revoke_all: bool, db: str | None, dry_run: bool) -> None:
     """Revoke tokens of WORKSPACE_ID. Every registry replica refuses them within a second.
 

@@ -97,7 +97,7 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_policy(offline_after: float, concurrency: int, call_timeout: float,
-                restart_budget: int, runtime_networks: str = "",
+                *, restart_budget: int, runtime_networks: str = "",
                 workspace_timeout: float | None = None,
                 runtime_secret_file: Path | None = None, allow_unpinned: bool = False,
                 runtime_secret_per_workspace: bool = False, max_removal_share: float = 0.25,

@@ -43,7 +43,7 @@ from controller.store import queries, transaction
 @output_option
 @click.option("--offline-after", type=click.FloatRange(min=1), default=90.0, show_default=True)
 @allow_unpinned_option
-def status_command(db: str | None, manifests: Path | None, use_kubernetes: bool,
+def status_command(*, db: str | None, manifests: Path | None, use_kubernetes: bool,
                    kubeconfig: str | None, kube_context: str | None, output: str,
                    offline_after: float, allow_unpinned: bool) -> None:
     """Per workspace: phase, desired vs installed, drift, last error, next retry.
@@ -112,7 +112,7 @@ def status_json(s: status.WorkspaceStatus) -> dict[str, Any]:
 @click.option("--offline-after", type=click.FloatRange(min=1), default=90.0, show_default=True)
 @click.option("--restart-budget", type=click.IntRange(min=0), default=3, show_default=True)
 @allow_unpinned_option
-def explain_command(workspace_id: str, manifests: Path | None, use_kubernetes: bool,
+def explain_command(*, workspace_id: str, manifests: Path | None, use_kubernetes: bool,
                     kubeconfig: str | None, kube_context: str | None, db: str | None,
                     output: str, offline_after: float, restart_budget: int,
                     allow_unpinned: bool) -> None:
@@ -135,7 +135,8 @@ def explain_command(workspace_id: str, manifests: Path | None, use_kubernetes: b
     if wanted is None and seen is None:
         raise Failure(f"no workspace {workspace_id}: no Workspace declares it and no runtime "
                       "has registered it")
-    found = explain(wanted, seen, now, policy, Claim(*held) if held is not None else None)
+    found = explain(wanted, seen, now, policy=policy,
+                    claim=Claim(*held) if held is not None else None)
     if output == "json":
         click.echo(json.dumps(explanation_json(found), indent=2))
     else:

@@ -187,7 +187,7 @@ def read_token(token_file: Path | None) -> str:
               help="Simulation: installs of NAME fail.")
 @click.option("--plugin", "preinstalled", multiple=True, metavar="SOURCE",
               help="Simulation: a plugin installed by the user before the controller came.")
-def agent(workspace_id: str, token_file: Path | None, registry: str, listen: str,
+def agent(*, workspace_id: str, token_file: Path | None, registry: str, listen: str,
           advertise_url: str | None, heartbeat_interval: float, plugins_dir: Path | None,
           cache_dir: Path | None, source_roots: Sequence[str], local_root: Path | None,
           fetch_timeout: float, max_plugin_bytes: int, max_plugin_files: int,
@@ -364,7 +364,7 @@ def _sizes(value: str) -> list[int]:
 @click.option("--postgres", "postgres_url", default=None, metavar="URL",
               help="A PostgreSQL server to measure on too (fresh databases are created on "
                    "it; use a throwaway server).")
-def bench(as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: int,
+def bench(*, as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: int,
           heartbeat_seconds: float, connections: int, converge_workspaces: int,
           memory_workspaces: int, single_registers: int, postgres_url: str | None) -> None:
     """Measure pluginctl against naive baselines run in the same command."""
@@ -429,7 +429,7 @@ SOAK_PROFILES = {"ci": (300, 150.0, 70.0, 10.0), "full": (5000, 1000.0, 600.0, 4
 @click.option("--postgres", metavar="URL", default=None,
               help="Soak on this PostgreSQL database (default: a temporary SQLite file).")
 @click.option("--json", "as_json", is_flag=True)
-def soak(profile: str, workspaces: int | None, rate: float | None, seconds: float | None,
+def soak(*, profile: str, workspaces: int | None, rate: float | None, seconds: float | None,
          cycle: float | None, postgres: str | None, as_json: bool) -> None:
     """Run the controller under heartbeat load with faults on a schedule; exit 1 unless
     every workspace converged, none was lost, and RSS grew less than 10%."""

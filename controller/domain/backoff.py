@@ -17,7 +17,7 @@ def delay(failures: int, policy: Policy, rand: float) -> timedelta:
 
 
 def after_failure(
-    previous: Attempt | None, error: str, now: datetime, policy: Policy, rand: float
+    previous: Attempt | None, error: str, now: datetime, *, policy: Policy, rand: float
 ) -> Attempt:
     failures = (previous.failures if previous else 0) + 1
     return Attempt(

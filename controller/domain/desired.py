@@ -166,7 +166,8 @@ def add_object(catalog: Catalog, obj: object, origin: str) -> None:
     spec = obj.get("spec") or {}
     try:
         if kind == TEMPLATE_KIND:
-            _add_template(catalog, namespace, name, TemplateSpec.model_validate(spec), origin, ref)
+            _add_template(catalog, namespace, name, spec=TemplateSpec.model_validate(spec),
+                          origin=origin, ref=ref)
         else:
             workspace_spec = WorkspaceSpec.model_validate(spec)
             catalog.workspaces.append(
@@ -178,7 +179,7 @@ def add_object(catalog: Catalog, obj: object, origin: str) -> None:
 
 
 def _add_template(
-    catalog: Catalog, namespace: str, name: str, spec: TemplateSpec, origin: str, ref: str
+    catalog: Catalog, namespace: str, name: str, *, spec: TemplateSpec, origin: str, ref: str
 ) -> None:
     key = (namespace, name)
     if key in catalog.templates:

@@ -66,7 +66,7 @@ class Explanation:
 
 
 def explain(desired: DesiredWorkspace | None, observed: Observed | None, now: datetime,
-            policy: Policy, claim: Claim | None = None) -> Explanation:
+            *, policy: Policy, claim: Claim | None = None) -> Explanation:
     state = status.build(desired, observed, now, policy)
     report = observed.report if observed is not None else None
     owned = observed.owned if observed is not None else {}
@@ -106,11 +106,11 @@ def explain(desired: DesiredWorkspace | None, observed: Observed | None, now: da
 
     restarts = planner.recent_restarts(observed, now, policy) if observed is not None else []
     runtime_attempt = observed.attempts.get(RUNTIME_KEY) if observed is not None else None
-    next_pass = _next_pass(desired, observed, now, policy, state.phase)
+    next_pass = _next_pass(desired, observed, now, policy=policy, phase=state.phase)
     return Explanation(
         workspace_id=state.workspace_id, object_ref=state.object_ref, template=state.template,
         phase=state.phase, in_sync=state.in_sync,
-        verdict=_verdict(state, desired, observed, now, policy),
+        verdict=_verdict(state, desired, observed, now=now, policy=policy),
         url=observed.url if observed is not None else None,
         registered_at=observed.registered_at if observed is not None else None,
         last_seen_at=state.last_seen_at, report_at=state.report_at,
@@ -126,7 +126,7 @@ def explain(desired: DesiredWorkspace | None, observed: Observed | None, now: da
 
 
 def _verdict(state: status.WorkspaceStatus, desired: DesiredWorkspace | None,
-             observed: Observed | None, now: datetime, policy: Policy) -> str:
+             observed: Observed | None, *, now: datetime, policy: Policy) -> str:
     match state.phase:
         case Phase.UNMANAGED:
             return ("no Workspace declares this id: pluginctl makes no calls to it and "
@@ -158,7 +158,7 @@ def _verdict(state: status.WorkspaceStatus, desired: DesiredWorkspace | None,
 
 
 def _next_pass(desired: DesiredWorkspace | None, observed: Observed | None, now: datetime,
-               policy: Policy, phase: Phase) -> tuple[str, ...]:
+               *, policy: Policy, phase: Phase) -> tuple[str, ...]:
     if desired is None or observed is None or phase is not Phase.ONLINE:
         return ("nothing: it is not an online, managed workspace",)
     plan = planner.plan(desired, observed, now, policy)

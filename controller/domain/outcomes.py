@@ -41,7 +41,7 @@ def changes_from(
     observed: Observed,
     outcomes: list[Outcome],
     now: datetime,
-    policy: Policy,
+    *, policy: Policy,
     rand: Callable[[], float],
 ) -> Changes:
     report_replace: tuple[Plugin, ...] | None = None
@@ -60,7 +60,8 @@ def changes_from(
         key = action.key
         if not outcome.ok:
             previous = attempts.get(key) or observed.attempts.get(key)
-            attempts[key] = backoff.after_failure(previous, outcome.message, now, policy, rand())
+            attempts[key] = backoff.after_failure(previous, outcome.message, now, policy=policy,
+                                                  rand=rand())
             if action.kind is ActionKind.RESTART:
                 restart_pending = True
             continue

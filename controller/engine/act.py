@@ -61,7 +61,7 @@ class Claimed:
 def _claim_and_load(session: Session, *, ctx: PassContext, workspace_ids: Sequence[str],
                     until: datetime, read_all: bool) -> Claimed:
     claimed = set() if ctx.dry_run else queries.claim(
-        session, workspace_ids, ctx.replica, utcnow(), until)
+        session, workspace_ids, ctx.replica, now=utcnow(), until=until)
     observed = queries.load_observed(
         session, now=ctx.now, offline_after=ctx.policy.offline_after,
         restart_window=ctx.policy.restart_window,
@@ -189,7 +189,7 @@ async def execute_workspace(
         log.exception("unexpected error while acting on %s", seen.workspace_id)
         error = f"unexpected error: {type(exc).__name__}: {exc}"
 
-    changes = outcomes.changes_from(seen, done, ctx.now, ctx.policy, ctx.rand)
+    changes = outcomes.changes_from(seen, done, ctx.now, policy=ctx.policy, rand=ctx.rand)
     try:
         await recorder.record(changes, ctx.now)
     except DatabaseError as exc:

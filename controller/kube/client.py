@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -29,6 +29,7 @@ LEASE_CALL_SECONDS = 5.0
 #: Any other call to the API server that takes longer has failed.
 KUBE_CALL_SECONDS = 30.0
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,10 @@ class KubeClient:
         self.core: Any = kubernetes.client.CoreV1Api(self.api)
         self.coordination: Any = kubernetes.client.CoordinationV1Api(self.api)
 
-    async def call(self, function: Callable[..., T], *args: Any) -> T:
+    async def call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking call of this client on the client's own threads."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(function, *args))
+            self._executor, functools.partial(function, *args, **kwargs))
 
     def connection(self) -> Connection:
         c = self.configuration
@@ -158,7 +159,7 @@ class KubeClient:
     # --- events ----------------------------------------------------------------------------
 
     def create_event(self, involved: dict[str, Any], event_type: str, reason: str,
-                     message: str, now: datetime, instance: str) -> None:
+                     *, message: str, now: datetime, instance: str) -> None:
         metadata = involved.get("metadata", {})
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {

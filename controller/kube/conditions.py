@@ -144,7 +144,7 @@ def workspace_status(
     state: WorkspaceStatus,
     obj: Mapping[str, Any],
     now: datetime,
-    token_secret: str | None,
+    *, token_secret: str | None,
     guard: Held | None = None,
 ) -> dict[str, Any]:
     """The full status of one Workspace object."""
@@ -232,7 +232,7 @@ def _subject(action: Action) -> str:
 
 
 def events_for(outcomes: Iterable[Outcome], failing_before: Iterable[str],
-               held_now: bool, held_before: bool,
+               held_now: bool, *, held_before: bool,
                trigger_of: Callable[[Action], str] | None = None) -> list[Event]:
     """Events for what a pass did: installs, removals, restarts, the first failure of a
     streak (not one per retry), and a restart hold when it begins. Each action's Event says

@@ -123,6 +123,34 @@ class Watch:
             if version is not None:
                 self.deleted[kind][key_of(body)] = version
 
+    def workspace_changed(self, body: Mapping[str, Any], event_type: str | None) -> None:
+        """A Workspace event: hint it if a person asked for a pass or its spec changed."""
+        self.ready.set()
+        self._event("workspaces", event_type, body)
+        spec, meta, current = body.get("spec") or {}, body.get("metadata") or {}, \
+            body.get("status") or {}
+        requested = (meta.get("annotations") or {}).get(mirror.REQUESTED_AT)
+        workspace_id = str(spec.get("workspaceId") or meta.get("name"))
+        if requested is not None and requested != current.get("lastHandledReconcileAt"):
+            self.hints(workspace_id, Trigger.MANUAL)
+        elif current.get("observedGeneration") != meta.get("generation"):
+            self.hints(workspace_id, Trigger.TEMPLATE_CHANGE)
+
+    def template_changed(self, body: Mapping[str, Any], event_type: str | None) -> None:
+        """A WorkspaceTemplate event: a changed spec hints every Workspace built from it."""
+        self.ready.set()
+        self._event("templates", event_type, body)
+        meta, current = body.get("metadata") or {}, body.get("status") or {}
+        if current.get("observedGeneration") == meta.get("generation"):
+            return
+        namespace, name = meta.get("namespace"), meta.get("name")
+        for obj in self._values("workspace_index"):
+            spec = obj.get("spec") or {}
+            if obj["metadata"].get("namespace") == namespace and \
+                    (spec.get("templateRef") or {}).get("name") == name:
+                self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]),
+                           Trigger.TEMPLATE_CHANGE)
+
     def registry(self, kube: KubeClient, *, on_cleanup: Callable[[], None]
                  ) -> kopf.OperatorRegistry:
         """kopf's handlers. `on_cleanup` runs when kopf begins to stop (a signal, or its
@@ -175,31 +203,12 @@ class Watch:
             # kopf runs this only once every index is filled: desired state is complete.
             # Async on purpose, as the other event handlers: kopf runs a sync handler on a
             # worker thread, and the ready event and the work queue belong to the loop.
-            self.ready.set()
-            self._event("workspaces", type, body)
-            spec, meta, current = body.get("spec") or {}, body.get("metadata") or {}, \
-                body.get("status") or {}
-            requested = (meta.get("annotations") or {}).get(mirror.REQUESTED_AT)
-            workspace_id = str(spec.get("workspaceId") or meta.get("name"))
-            if requested is not None and requested != current.get("lastHandledReconcileAt"):
-                self.hints(workspace_id, Trigger.MANUAL)
-            elif current.get("observedGeneration") != meta.get("generation"):
-                self.hints(workspace_id, Trigger.TEMPLATE_CHANGE)
+            self.workspace_changed(body, type)
 
         @kopf.on.event(API_GROUP, API_VERSION, TEMPLATES, id="template_event",
                        registry=registry)
         async def template_event(body: kopf.Body, type: str | None, **_: Any) -> None:
-            self.ready.set()
-            self._event("templates", type, body)
-            meta, current = body.get("metadata") or {}, body.get("status") or {}
-            if current.get("observedGeneration") != meta.get("generation"):
-                namespace, name = meta.get("namespace"), meta.get("name")
-                for obj in self._values("workspace_index"):
-                    spec = obj.get("spec") or {}
-                    if obj["metadata"].get("namespace") == namespace and \
-                            (spec.get("templateRef") or {}).get("name") == name:
-                        self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]),
-                                   Trigger.TEMPLATE_CHANGE)
+            self.template_changed(body, type)
 
         @kopf.on.event("v1", "secrets", labels={mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY},
                        id="secret_event", registry=registry)
@@ -254,8 +263,9 @@ async def run_operator(
                 if stop.is_set():
                     break
             stops = (stop, elector.lost) if elector is not None else (stop,)
-            await _lead(watch, sink, sessions, policy, interval, stops, after_pass, resync,
-                        on_failure)
+            await _lead(watch, sink, sessions, policy=policy, interval=interval, stop=stops,
+                        on_pass=after_pass, resync=resync,
+                        on_failure=on_failure)
     finally:
         if elector_task is not None:
             await elector_task
@@ -276,7 +286,7 @@ async def _resync_forever(kube: KubeClient, watch: Watch, every: float) -> None:
             log.warning("resync failed, the last one stays: %s", error)
 
 
-async def _lead(watch: Watch, sink: StatusWriter, sessions: Sessions, policy: Policy,
+async def _lead(watch: Watch, sink: StatusWriter, sessions: Sessions, *, policy: Policy,
                 interval: float, stop: tuple[asyncio.Event, ...],
                 on_pass: PassCallback, resync: float,
                 on_failure: FailureCallback | None = None) -> None:

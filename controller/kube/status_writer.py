@@ -100,8 +100,8 @@ class StatusWriter:
             current = obj.get("status") or {}
             previous_status[wanted.workspace_id if is_claimant else uid] = current
             base = dict(obj, status=self.written.get(uid, current))
-            new = mirror.workspace_status(state, base, now, secret_names.get(key),
-                                          report.guard if report is not None else None)
+            new = mirror.workspace_status(state, base, now, token_secret=secret_names.get(key),
+                                          guard=report.guard if report is not None else None)
             ready[key] = mirror.is_ready(new)
             await self._patch(WORKSPACES, obj, current=current, new=new)
 
@@ -162,10 +162,11 @@ class StatusWriter:
             held_now = result.restart_pending and not (result.plans and
                                                        result.plans[-1].may_restart)
             for event in mirror.events_for(result.outcomes, result.prior_failures, held_now,
-                                           held_before, trigger_of=result.trigger_of):
+                                           held_before=held_before, trigger_of=result.trigger_of):
                 try:
                     await self.kube.call(self.kube.create_event, obj, event.type,
-                                         event.reason, event.message, now, self.identity)
+                                         event.reason, message=event.message, now=now,
+                                         instance=self.identity)
                     self.writes += 1
                 except KubeError as error:
                     log.warning("%s", error)

@@ -144,7 +144,7 @@ class Ingest:
                                           error))
 
     async def register(self, workspace_id: str, url: str, report: list[Plugin] | None,
-                       seq: int | None = None, error: str | None = None) -> None:
+                       *, seq: int | None = None, error: str | None = None) -> None:
         """Record a register (durable when this returns)."""
         await self._queue(_Waiting(workspace_id, report,
                                    asyncio.get_running_loop().create_future(), url, seq, error))
@@ -223,8 +223,8 @@ class Ingest:
                 for workspace_id, waiting in differ.items():
                     # Conditional: whatever another writer stored meanwhile is compared again.
                     if queries.record_changed_report(session, workspace_id,
-                                                     waiting.report or [], now, waiting.seq,
-                                                     waiting.error):
+                                                     waiting.report or [], now=now, seq=waiting.seq,
+                                                     error=waiting.error):
                         changed.add(workspace_id)
         return answers, changed
 
@@ -392,8 +392,8 @@ async def register(request: web.Request) -> web.Response:
     reason = request.app[NETWORKS].host_refusal(urlsplit(parsed.url).hostname or "")
     if reason is not None:
         raise RequestError(422, f"url: {reason}")
-    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report(), parsed.seq,
-                                       parsed.error)
+    await request.app[INGEST].register(workspace_id, parsed.url, parsed.report(), seq=parsed.seq,
+                                       error=parsed.error)
     log.info("registered %s at %s", workspace_id, parsed.url)
     return _ok(b"online")
 
@@ -423,7 +423,7 @@ def issue_token(sessions: Sessions, workspace_id: str, issuer: str = "cli") -> s
     kept."""
     secret = tokens.generate()
     with transaction(sessions) as session:
-        queries.add_token(session, workspace_id, tokens.digest(secret), utcnow(), issuer)
+        queries.add_token(session, workspace_id, tokens.digest(secret), now=utcnow(), issuer=issuer)
     return secret
 
 
@@ -455,7 +455,7 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 def make_app(sessions: Sessions, hint: Hint | None = None,
              networks: RuntimeNetworks | None = None,
-             limits: Limits | None = None, metrics: Metrics | None = None) -> web.Application:
+             *, limits: Limits | None = None, metrics: Metrics | None = None) -> web.Application:
     middlewares = [request_limits, _errors] if metrics is None else \
         [request_limits, _measured, _errors]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)

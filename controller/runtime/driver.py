@@ -45,7 +45,7 @@ class RuntimeDriver:
     """One HTTP connection pool for all runtimes of a pass, or of a long-running loop."""
 
     def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl",
-                 networks: RuntimeNetworks | None = None, secret: str | None = None,
+                 networks: RuntimeNetworks | None = None, *, secret: str | None = None,
                  per_workspace: bool = False) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._headers = {"User-Agent": user_agent}

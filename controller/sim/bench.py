@@ -211,7 +211,7 @@ async def _heartbeats_counted(base_url: str) -> int:
                           endpoint="/registry/heartbeat", code="200"))
 
 
-async def heartbeat(target: Target, workspaces: int, seconds: float, connections: int,
+async def heartbeat(target: Target, workspaces: int, seconds: float, *, connections: int,
                     say: Say) -> dict[str, Any]:
     url = target.url_for("heartbeat")
     engine = make_engine(url)
@@ -288,7 +288,7 @@ async def _storm_then_singles(fleet: FleetProcess, ids: list[str], singles: list
 
 
 async def _install_all(client: aiohttp.ClientSession, fleet: FleetProcess, workspace_id: str,
-                       plugins: list[Plugin], limit: asyncio.Semaphore) -> None:
+                       *, plugins: list[Plugin], limit: asyncio.Semaphore) -> None:
     async with limit:
         for plugin in plugins:
             async with client.put(f"{fleet.runtime_url(workspace_id)}/plugins/{plugin.name}",
@@ -306,7 +306,7 @@ async def _direct_installs(ids: list[str], plugins: list[Plugin], latency: float
         limit = asyncio.Semaphore(concurrency)
         started = time.time()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as client:
-            await asyncio.gather(*(_install_all(client, direct, i, plugins, limit)
+            await asyncio.gather(*(_install_all(client, direct, i, plugins=plugins, limit=limit)
                                    for i in ids))
         seconds = time.time() - started
         state = await direct.get("/fleet/state")
@@ -321,7 +321,8 @@ def _tokens_file(sessions: Sessions, ids: list[str], path: Path) -> Path:
     secrets = {workspace_id: f"plc_bench_{workspace_id}" for workspace_id in ids}
     with transaction(sessions) as session:
         for workspace_id, secret in secrets.items():
-            queries.add_token(session, workspace_id, tokens.digest(secret), utcnow(), "bench")
+            queries.add_token(session, workspace_id, tokens.digest(secret), now=utcnow(),
+                              issuer="bench")
     path.write_text(json.dumps(secrets))
     return path
 
@@ -513,9 +514,9 @@ async def run(sizes: Sizes, postgres_url: str | None, scratch: Path, say: Say
                                           "python": sys.version.split()[0]}}
     for target in targets:
         result["noop_pass"] += await noop_pass(target, sizes.noop, sizes.naive_max, say)
-        result["heartbeat"].append(await heartbeat(target, sizes.heartbeat_workspaces,
-                                                   sizes.heartbeat_seconds, sizes.connections,
-                                                   say))
+        result["heartbeat"].append(await heartbeat(
+            target, sizes.heartbeat_workspaces, sizes.heartbeat_seconds,
+            connections=sizes.connections, say=say))
         result["converge"].append(await converge(
             target, sizes.converge_workspaces, 0.02, scratch,
             singles_count=sizes.single_registers, say=say))

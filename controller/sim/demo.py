@@ -269,7 +269,7 @@ class Demo:
     """The demo's state: the publisher, the boxes, and what the story waits for."""
 
     def __init__(self, scratch: Path, manifest_dir: Path, desired: Desired,
-                 sessions: Sessions, policy: Policy, seconds: float) -> None:
+                 *, sessions: Sessions, policy: Policy, seconds: float) -> None:
         self.scratch = scratch
         self.manifest_dir = manifest_dir  # the copy the controller reads
         self.desired = desired
@@ -535,7 +535,8 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
         # Short backoff and interval so that a few retries fit in a few seconds.
         policy = Policy(call_timeout=5.0, backoff_base=timedelta(seconds=1),
                         backoff_cap=timedelta(seconds=4))
-        demo = Demo(scratch, copy, manifests.load(copy), make_sessions(engine), policy, seconds)
+        demo = Demo(scratch, copy, manifests.load(copy), sessions=make_sessions(engine),
+                    policy=policy, seconds=seconds)
         demo.say("demo", f"working in {scratch}/ (deleted at exit)")
         upgrade = await demo.publish(workspaces)
 

@@ -129,7 +129,7 @@ def _issue_tokens(sessions: Sessions, ids: list[str], path: Path) -> dict[str, s
     secrets = {workspace_id: generate() for workspace_id in ids}
     with transaction(sessions) as session:
         for workspace_id, secret in secrets.items():
-            queries.add_token(session, workspace_id, digest(secret), utcnow(), "soak")
+            queries.add_token(session, workspace_id, digest(secret), now=utcnow(), issuer="soak")
     path.write_text(json.dumps(secrets))
     return secrets
 

@@ -275,7 +275,8 @@ async def test_progress_is_shown_on_a_terminal_only(
     (manifest_dir / "workspaces.yaml").write_text("---\n".join(workspace_yaml(n) for n in names))
     with transaction(registry.sessions) as session:
         for name in names:  # converged already: the pass has nothing to do but check
-            queries.record_register(session, name, "http://127.0.0.1:9", [SEO, NOTES], utcnow())
+            queries.record_register(session, name, "http://127.0.0.1:9", report=[SEO, NOTES],
+                                    now=utcnow())
     args = ["reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url]
 
     code, _, err = await pluginctl(*args)

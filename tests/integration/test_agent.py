@@ -667,8 +667,8 @@ def test_a_restart_forgets_the_report_unless_the_box_reported_since(sessions: Se
     plugin = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
     now = utcnow()
     with transaction(sessions) as session:
-        queries.record_register(session, "ws-1", "http://127.0.0.1:1", [], now, seq=5)
-        queries.record_changed_report(session, "ws-1", [plugin], now, seq=11)
+        queries.record_register(session, "ws-1", "http://127.0.0.1:1", report=[], now=now, seq=5)
+        queries.record_changed_report(session, "ws-1", [plugin], now=now, seq=11)
 
     def after_restart(seq: int) -> dict[str, Plugin] | None:
         with transaction(sessions) as session:
@@ -877,8 +877,8 @@ def test_a_report_sent_after_an_observe_is_not_replaced_by_it(sessions: Sessions
     older = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
     now = utcnow()
     with transaction(sessions) as session:
-        queries.record_register(session, "ws-1", "http://127.0.0.1:1", None, now, seq=5)
-        queries.record_changed_report(session, "ws-1", [newer], now, seq=12)
+        queries.record_register(session, "ws-1", "http://127.0.0.1:1", report=None, now=now, seq=5)
+        queries.record_changed_report(session, "ws-1", [newer], now=now, seq=12)
         # A GET /plugins answered with seq 10, recorded after the heartbeat of seq 12.
         queries.apply_many(session, [(Changes("ws-1", report_replace=(older,),
                                               report_seq=10), now)])
@@ -940,13 +940,14 @@ def test_a_register_committed_while_a_pass_records_is_not_overwritten(
     plugin = Plugin("web-search", WEB_V1, "sha256:" + "1" * 64)
     now = utcnow()
     with transaction(sessions) as session:
-        queries.record_register(session, "ws-1", "http://127.0.0.1:1", [], now, seq=5)
+        queries.record_register(session, "ws-1", "http://127.0.0.1:1", report=[], now=now, seq=5)
     other = make_engine(db_url)  # another process's connection
     registry_sessions = make_sessions(other)
 
     def register_again() -> None:
         with registry_sessions.begin() as session:
-            queries.record_register(session, "ws-1", "http://127.0.0.1:2", [plugin], utcnow(),
+            queries.record_register(session, "ws-1", "http://127.0.0.1:2", report=[plugin],
+                                    now=utcnow(),
                                     seq=20)
 
     real_report = records.report_from_json

@@ -255,7 +255,7 @@ def add_tokens(sessions: Sessions, workspace_ids: list[str]) -> None:
     with transaction(sessions) as session:
         for workspace_id in workspace_ids:
             queries.add_token(session, workspace_id, tokens.digest(token_of(workspace_id)),
-                              utcnow(), "test")
+                              now=utcnow(), issuer="test")
 
 
 def stored_report_sources(sessions: Sessions, workspace_id: str) -> set[str]:

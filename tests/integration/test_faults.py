@@ -427,8 +427,8 @@ async def test_clock_jumps_wedge_nothing(sessions: Sessions) -> None:
 
     with freeze_time("2026-06-01 12:00:00") as clock:
         with transaction(sessions) as session:
-            queries.add_token(session, "ws-1", tokens.digest(token), utcnow())
-            queries.record_register(session, "ws-1", "http://127.0.0.1:9", [], utcnow())
+            queries.add_token(session, "ws-1", tokens.digest(token), now=utcnow())
+            queries.record_register(session, "ws-1", "http://127.0.0.1:9", report=[], now=utcnow())
         ingest.warm_up()
         ingest.flush({})
         assert phase() is Phase.ONLINE
@@ -438,8 +438,8 @@ async def test_clock_jumps_wedge_nothing(sessions: Sessions) -> None:
         alive()
         assert phase() is Phase.ONLINE
         with transaction(sessions) as session:
-            assert queries.claim(session, ["ws-1"], "dead-replica", utcnow(),
-                                 utcnow() + timedelta(seconds=130)) == {"ws-1"}
+            assert queries.claim(session, ["ws-1"], "dead-replica", now=utcnow(),
+                                 until=utcnow() + timedelta(seconds=130)) == {"ws-1"}
             queries.apply_many(session, [(Changes("ws-1", attempts={"seo-all": Attempt(
                 1, "HTTP 500", utcnow(), utcnow() + timedelta(seconds=5))}), utcnow())])
 
@@ -450,8 +450,8 @@ async def test_clock_jumps_wedge_nothing(sessions: Sessions) -> None:
         assert phase() is Phase.OFFLINE  # not "online" for another day
         now = utcnow()
         with transaction(sessions) as session:
-            assert queries.claim(session, ["ws-1"], "replica-b", now,
-                                 now + timedelta(seconds=130)) == {"ws-1"}
+            assert queries.claim(session, ["ws-1"], "replica-b", now=now,
+                                 until=now + timedelta(seconds=130)) == {"ws-1"}
             attempt = seen_of(session, "ws-1").attempts["seo-all"]
             queries.revoke_tokens(session, [tokens.digest(token)], now)
         assert backoff.is_due(attempt, now, policy)

@@ -250,7 +250,7 @@ async def test_a_repeated_report_is_compared_with_the_store_not_with_the_last_ca
     registry.hints.take()
     with transaction(registry.sessions) as session:
         queries.record_changed_report(session, "ws-1", [Plugin("other", "local://other")],
-                                      utcnow())
+                                      now=utcnow())
     status, _ = await post(http, registry, "/registry/heartbeat",
                            {"workspace_id": "ws-1", "plugins": PLUGINS}, token)
     assert status == 200

@@ -156,15 +156,17 @@ class RunProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: asyncio.subprocess.Process | None = None
+        self.log = manifests.parent / f"run-{self.port}.log"  # for failure messages only
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller", *self.args, "--listen",
-            f"127.0.0.1:{self.port}", stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "controller", *self.args, "--listen",
+                f"127.0.0.1:{self.port}", stdout=asyncio.subprocess.DEVNULL, stderr=log)
 
         async def healthy() -> bool:
-            assert self.process is not None and self.process.returncode is None, "exited"
+            assert self.process is not None and self.process.returncode is None, \
+                f"exited: {self.log.read_text(errors='replace')[-2000:]}"
             try:
                 async with aiohttp.ClientSession() as client, client.get(
                         f"{self.url}/healthz") as answer:

@@ -67,13 +67,14 @@ def test_conditions_follow_kstatus() -> None:
 
 def test_transition_time_is_kept_while_a_condition_holds() -> None:
     obj = {"metadata": {"generation": 3, "annotations": {}}}
-    first = mirror.workspace_status(state(Phase.ONLINE, OK), obj, NOW, "s")
+    first = mirror.workspace_status(state(Phase.ONLINE, OK), obj, NOW, token_secret="s")
     later = mirror.workspace_status(state(Phase.ONLINE, OK), {**obj, "status": first},
-                                    NOW + timedelta(hours=1), "s")
+                                    NOW + timedelta(hours=1), token_secret="s")
     assert later == first  # nothing changed: identical, so no write
     assert mirror.status_patch(first, later) is None
     failed = mirror.workspace_status(state(Phase.ONLINE, OK, FAILED, in_sync=False),
-                                     {**obj, "status": first}, NOW + timedelta(hours=2), "s")
+                                     {**obj,
+                                      "status": first}, NOW + timedelta(hours=2), token_secret="s")
     ready = next(c for c in failed["conditions"] if c["type"] == "Ready")
     stalled = next(c for c in failed["conditions"] if c["type"] == "Stalled")
     assert ready["lastTransitionTime"] == "2026-01-01T02:00:00Z"
@@ -90,7 +91,8 @@ def test_status_patch_removes_fields_that_went_away() -> None:
 def test_requested_at_is_echoed() -> None:
     obj = {"metadata": {"generation": 1,
                         "annotations": {mirror.REQUESTED_AT: "please"}}}
-    assert mirror.workspace_status(state(), obj, NOW, None)["lastHandledReconcileAt"] == "please"
+    assert mirror.workspace_status(state(), obj, NOW,
+                                   token_secret=None)["lastHandledReconcileAt"] == "please"
 
 
 def test_events_first_failure_only_and_hold_once() -> None:

@@ -202,7 +202,7 @@ def simulate(seen: Observed, runtime: dict[str, Plugin], actions: tuple[Action, 
             results.append(Outcome(action, True))
         else:
             results.append(Outcome(action, True))
-    changes = outcomes.changes_from(seen, results, NOW, POLICY, lambda: 0.5)
+    changes = outcomes.changes_from(seen, results, NOW, policy=POLICY, rand=lambda: 0.5)
     report = dict(seen.report) if seen.report is not None else None
     if changes.report_replace is not None:
         report = {p.name: p for p in changes.report_replace}
@@ -248,15 +248,15 @@ def test_applying_a_plan_then_planning_again_yields_nothing(
 def test_failure_outcome_records_backoff_and_success_clears_it() -> None:
     action = Action(ActionKind.INSTALL, "missing", A1)
     seen = observed([])
-    failed = outcomes.changes_from(seen, [Outcome(action, False, "HTTP 500")], NOW, POLICY,
-                                   lambda: 0.0)
+    failed = outcomes.changes_from(seen, [Outcome(action, False, "HTTP 500")], NOW, policy=POLICY,
+                                   rand=lambda: 0.0)
     assert failed.attempts["a"].failures == 1
     assert failed.attempts["a"].next_retry_at == NOW + timedelta(seconds=5)
     seen = replace(seen, attempts=dict(failed.attempts))
-    again = outcomes.changes_from(seen, [Outcome(action, False, "HTTP 500")], NOW, POLICY,
-                                  lambda: 0.0)
+    again = outcomes.changes_from(seen, [Outcome(action, False, "HTTP 500")], NOW, policy=POLICY,
+                                  rand=lambda: 0.0)
     assert again.attempts["a"].failures == 2
-    ok = outcomes.changes_from(seen, [Outcome(action, True)], NOW, POLICY, lambda: 0.0)
+    ok = outcomes.changes_from(seen, [Outcome(action, True)], NOW, policy=POLICY, rand=lambda: 0.0)
     assert ok.clear_attempts == ("a",) and ok.own == (A1,)
 
 
@@ -264,7 +264,8 @@ def test_restart_outcome_forgets_the_report() -> None:
     restart = Action(ActionKind.RESTART, "asked")
     seen = observed([A1], restart_pending=True, attempts={
         RUNTIME_KEY: Attempt(1, "x", NOW, NOW)})
-    changes = outcomes.changes_from(seen, [Outcome(restart, True)], NOW, POLICY, lambda: 0.0)
+    changes = outcomes.changes_from(seen, [Outcome(restart, True)], NOW, policy=POLICY,
+                                    rand=lambda: 0.0)
     assert changes.report_forget and changes.restart_pending is False
     assert changes.restarted_at == NOW and changes.clear_attempts == (RUNTIME_KEY,)
 
@@ -288,7 +289,8 @@ def test_explain_verdicts_ownership_and_next_pass() -> None:
     wanted = replace(desired(A2, B), declared_by={"a": Declaration("WorkspaceTemplate", "t", 0),
                                                   "b": Declaration("Workspace", "ws", 1)})
     seen = observed([A1, USER], owned=[A1], restarts=(NOW - timedelta(minutes=10),))
-    found = explain(wanted, seen, NOW, POLICY, Claim("replica-1", NOW + timedelta(seconds=30)))
+    found = explain(wanted, seen, NOW, policy=POLICY, claim=Claim("replica-1",
+                                                                  NOW + timedelta(seconds=30)))
     assert not found.in_sync and found.verdict.startswith("out of sync: a pending")
     assert [(p.name, p.declared_by, p.owner, p.state) for p in found.plugins] == [
         ("a", "WorkspaceTemplate default/t spec.plugins[0]", "pluginctl", "Pending"),
@@ -301,10 +303,11 @@ def test_explain_verdicts_ownership_and_next_pass() -> None:
     assert found.claim == Claim("replica-1", NOW + timedelta(seconds=30))
 
     offline = explain(wanted, replace(seen, last_seen_at=NOW - timedelta(minutes=5)), NOW,
-                      POLICY, Claim("gone", NOW - timedelta(seconds=1)))
+                      policy=POLICY, claim=Claim("gone", NOW - timedelta(seconds=1)))
     assert offline.verdict.startswith("offline: last heartbeat 5m ago (offline after 90s)")
     assert offline.next_pass == ("nothing: it is not an online, managed workspace",)
     assert offline.claim is None  # a claim that ran out is nobody's
-    assert explain(None, seen, NOW, POLICY).verdict.startswith("no Workspace declares this id")
-    synced = explain(desired(A1), observed([A1], owned=[A1]), NOW, POLICY)
+    assert explain(None, seen, NOW,
+                   policy=POLICY).verdict.startswith("no Workspace declares this id")
+    synced = explain(desired(A1), observed([A1], owned=[A1]), NOW, policy=POLICY)
     assert synced.in_sync and synced.next_pass == ("nothing: it is in sync",)

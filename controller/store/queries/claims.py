@@ -17,7 +17,7 @@ from controller.store.tables import (
 )
 
 
-def claim(session: Session, workspace_ids: Collection[str], replica: str, now: datetime,
+def claim(session: Session, workspace_ids: Collection[str], replica: str, *, now: datetime,
           until: datetime) -> set[str]:
     """Claim these workspaces for `replica` until `until`: those that no other replica holds
     (or whose claim ran out, or runs out more than CLOCK_SKEW later than a claim made now

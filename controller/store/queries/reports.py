@@ -27,7 +27,7 @@ from controller.store.tables import (
 
 
 def record_register(
-    session: Session, workspace_id: str, url: str, report: list[Plugin] | None, now: datetime,
+    session: Session, workspace_id: str, url: str, *, report: list[Plugin] | None, now: datetime,
     seq: int | None = None, error: str | None = None,
 ) -> None:
     """A runtime (re)started: where it is, and what it has if it said so. Without a report the
@@ -68,7 +68,7 @@ def record_registers(session: Session, registers: list[Register], now: datetime)
 
 
 def record_changed_report(
-    session: Session, workspace_id: str, report: list[Plugin], now: datetime,
+    session: Session, workspace_id: str, report: list[Plugin], *, now: datetime,
     seq: int | None = None, error: str | None = None,
 ) -> bool:
     """Store a reported plugin set if it differs from the stored one (and mark the workspace

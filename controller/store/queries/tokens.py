@@ -26,7 +26,7 @@ def token_workspace(session: Session, token_hash: str) -> str | None:
     )
 
 
-def add_token(session: Session, workspace_id: str, token_hash: str, now: datetime,
+def add_token(session: Session, workspace_id: str, token_hash: str, *, now: datetime,
               issuer: str = "cli") -> None:
     ensure_workspace(session, workspace_id)
     session.flush()
