@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -38,12 +39,29 @@ def token() -> None:
 
 
 @token.command("create")
-@click.argument("workspace_id")
+@click.argument("workspace_id", required=False)
+@click.option("--from-file", "from_file", type=click.File("r", encoding="utf-8"),
+              metavar="FILE",
+              help="Create one token for each workspace id in FILE (one a line; blank lines "
+                   "and # comments ignored; - for stdin), all in one transaction, and print "
+                   'JSON lines {"workspace_id": ..., "token": ...}. A bad or repeated id '
+                   "fails the whole file: nothing is written.")
 @db_option
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
-def token_create(workspace_id: str, db: str | None, dry_run: bool) -> None:
-    """Create a token for WORKSPACE_ID and print it once; only its hash is stored."""
-    workspace_id = workspace_id_arg(workspace_id)
+def token_create(workspace_id: str | None, from_file: TextIO | None, db: str | None,
+                 dry_run: bool) -> None:
+    """Create a token for WORKSPACE_ID (or for each workspace in --from-file) and print it
+    once; only its hash is stored."""
+    if (workspace_id is None) == (from_file is None):
+        raise click.UsageError("give either WORKSPACE_ID or --from-file FILE" +
+                               (", not both" if workspace_id is not None else ""))
+    if from_file is not None:
+        _create_from_file(from_file, db, dry_run=dry_run)
+    elif workspace_id is not None:
+        _create_one(workspace_id_arg(workspace_id), db, dry_run=dry_run)
+
+
+def _create_one(workspace_id: str, db: str | None, *, dry_run: bool) -> None:
     sessions = open_store(db)
     if dry_run:
         with transaction(sessions) as session:
@@ -55,6 +73,69 @@ def token_create(workspace_id: str, db: str | None, dry_run: bool) -> None:
     click.echo(secret)
     if sys.stderr.isatty():
         click.echo("Store this token now: it is not shown again.", err=True)
+
+
+#: Problems of a --from-file shown one by one before the command gives up.
+SHOWN_PROBLEMS = 20
+
+
+def _create_from_file(source: TextIO, db: str | None, *, dry_run: bool) -> None:
+    workspace_ids = _read_workspace_ids(source)
+    sessions = open_store(db)
+    if dry_run:
+        with transaction(sessions) as session:
+            live = queries.with_live_tokens(session, workspace_ids)
+        click.echo(f"would create a token for each of {len(workspace_ids)} workspace(s) "
+                   f"({len(live)} of them have live tokens already)")
+        return
+    secrets = [tokens.generate() for _ in workspace_ids]
+    with transaction(sessions) as session:
+        queries.add_tokens(session, [(workspace_id, tokens.digest(secret)) for
+                                     workspace_id, secret in zip(workspace_ids, secrets,
+                                                                 strict=True)],
+                           now=utcnow(), issuer="cli")
+    # Shown only once the transaction is committed: a token printed is a token that works.
+    click.echo("".join(json.dumps({"workspace_id": workspace_id, "token": secret}) + "\n"
+                       for workspace_id, secret in zip(workspace_ids, secrets, strict=True)),
+               nl=False)
+    if sys.stderr.isatty():
+        click.echo(f"Store these {len(secrets)} tokens now: they are not shown again.",
+                   err=True)
+
+
+def _read_workspace_ids(source: TextIO) -> list[str]:
+    """The workspace ids of a --from-file, in order; every bad or repeated line is reported
+    by number and nothing is returned."""
+    name = getattr(source, "name", "FILE")
+    first_line: dict[str, int] = {}
+    problems = []
+    try:
+        for number, line in enumerate(source, start=1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                check_workspace_id(text)
+            except InvalidSpec as error:
+                problems.append(f"{name}:{number}: {error}")
+                continue
+            if text in first_line:
+                problems.append(f"{name}:{number}: workspace id {text!r} repeats line "
+                                f"{first_line[text]}")
+                continue
+            first_line[text] = number
+    except UnicodeDecodeError as error:
+        raise Failure(f"cannot read {name}: not UTF-8 text ({error.reason})") from error
+    if problems:
+        for problem in problems[:SHOWN_PROBLEMS]:
+            click.echo(f"error: {problem}", err=True)
+        more = len(problems) - SHOWN_PROBLEMS
+        raise Failure(f"{len(problems)} bad line(s) in {name}"
+                      + (f" ({more} not shown)" if more > 0 else "")
+                      + "; no token was created")
+    if not first_line:
+        raise Failure(f"no workspace ids in {name}; no token was created")
+    return list(first_line)
 
 
 @token.command("runtime-secret")

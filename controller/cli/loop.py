@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +75,29 @@ from controller.runtime.driver import RuntimeDriver
               help="Passes plan and log what they would do (`would install …`) but call no "
                    "runtime and record nothing; the operator writes nothing to the cluster. "
                    "The registry still records registers and heartbeats.")
+@click.option("--forget-after", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="DAYS",
+              help="Days after which the store forgets a workspace that desired state no "
+                   "longer declares and whose runtime has not reported since: its record, "
+                   "the plugins pluginctl installed there, its failures and restarts. Paused "
+                   "workspaces, workspaces holding a token and every declared workspace, "
+                   "however long offline, are kept; failure records this old are dropped "
+                   "everywhere. 0: never. (Revoked tokens are deleted a day after their "
+                   "revocation, restarts once the restart budget no longer counts them.) "
+                   "Checked about once an hour.")
 @policy_options
 def run(*, manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
         kube_context: str | None, db: str | None, listen: str, interval: float,
         lease_namespace: str | None, leader_election: bool, identity: str | None,
-        resync: float, max_connections: int, dry_run: bool, **policy_args: Any) -> None:
+        resync: float, max_connections: int, dry_run: bool, forget_after: float,
+        **policy_args: Any) -> None:
     """Serve the registry API and run the periodic reconcile loop: standalone over a manifest
     directory, or as the Kubernetes operator (--kubernetes)."""
     check_one_source(manifests, use_kubernetes)
     host, port = parse_listen(listen)
-    policy = make_policy(**policy_args, dry_run=dry_run)
+    policy = dataclasses.replace(
+        make_policy(**policy_args, dry_run=dry_run),
+        forget_after=timedelta(days=forget_after) if forget_after else None)
     limits = Limits(max_connections=max_connections)
     metrics = Metrics()
     if manifests is not None:

@@ -270,6 +270,9 @@ class Policy:
     max_removal_share: float = 0.25
     max_workspaces: int = 0
     dry_run: bool = False  # the loop plans and reports only: no runtime calls, no writes
+    # The loop forgets a workspace that desired state no longer declares and that has not
+    # reported for this long (and failure records this old); None: never.
+    forget_after: timedelta | None = timedelta(days=30)
 
     def refusal(self, plugin: Plugin) -> str | None:
         """Why the controller will not install this plugin at all, or None."""

@@ -1,11 +1,13 @@
 """The periodic loop, the top of the engine: a full pass every interval, a small pass for
 hinted workspaces in between (both from the work queue), each pass in a task of its own so
-that a slow runtime never delays the next one. The standalone process and the operator
-(while it leads) run it; only where desired state comes from differs."""
+that a slow runtime never delays the next one; beside them, about once an hour, a prune
+that keeps the store's tables bounded. The standalone process and the operator (while it
+leads) run it; only where desired state comes from differs."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -13,13 +15,13 @@ from dataclasses import dataclass, field, replace
 
 from controller.domain import planner
 from controller.domain.desired import Desired, DesiredStateError, ObjectError
-from controller.domain.models import Policy
+from controller.domain.models import Policy, utcnow
 from controller.engine.context import DEFAULT_REPLICA
 from controller.engine.passes import reconcile_once
 from controller.engine.queue import Request, Trigger, WorkQueue
 from controller.engine.report import PassReport
 from controller.runtime.driver import RuntimeDriver
-from controller.store import DatabaseError, Sessions
+from controller.store import DatabaseError, Sessions, in_thread, queries
 
 log = logging.getLogger("pluginctl.reconciler")
 
@@ -27,6 +29,7 @@ DesiredSource = Callable[[], Desired]
 HINT_GATHER = 0.05  # seconds a hint waits for others before its pass starts
 PassCallback = Callable[[PassReport, Trigger], None]  # (report, what started the pass)
 FailureCallback = Callable[[Trigger], None]  # (what started a pass that could not run)
+PRUNE_EVERY = 3600.0  # seconds between prunes of the store (store/queries/prune.py)
 
 
 async def run_forever(
@@ -54,6 +57,7 @@ async def run_forever(
     passes = Passes(source=source, sessions=sessions, driver=driver, policy=policy,
                     queue=queue or WorkQueue(), replica=replica, rand=rand,
                     on_pass=on_pass, on_failure=on_failure)
+    pruning = Pruning(sessions=sessions, policy=policy)
     next_full = clock()
     try:
         while not any(s.is_set() for s in stops):
@@ -73,9 +77,11 @@ async def run_forever(
                 # so that one pass serves the burst instead of one pass per hint.
                 await _wait_any(stops, HINT_GATHER)
                 passes.start(passes.queue.next_request(full=False))
+            pruning.start_if_due(passes.desired, clock())
             await asyncio.sleep(0)  # let the pass claim its workspaces before the next one
     finally:
         await passes.wind_down(grace=policy.call_timeout)
+        await pruning.wind_down(grace=policy.call_timeout)
 
 
 def _planned() -> asyncio.Event:
@@ -100,6 +106,7 @@ class Passes:
     running: set[asyncio.Task[None]] = field(default_factory=set)
     full_planned: asyncio.Event = field(default_factory=_planned)  # the last full pass's
     last_errors: tuple[ObjectError, ...] = ()  # logged already: not again every pass
+    desired: Desired | None = None  # what the last full pass read, for the prune
     holding: planner.Held | None = None  # what held the last full pass, if anything
 
     def start_full(self) -> None:
@@ -140,6 +147,8 @@ class Passes:
             self.last_errors = desired.errors
         if request.only is not None:
             request = replace(request, hold=self.holding)
+        else:
+            self.desired = desired
         try:
             return await reconcile_once(
                 desired, self.sessions, self.driver, self.policy, request=request,
@@ -155,6 +164,53 @@ class Passes:
         if not self.running:
             return
         _, pending = await asyncio.wait(self.running, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def declared_ids(desired: Desired) -> frozenset[str] | None:
+    """Every workspace id desired state names (those whose objects lost a claim to the id
+    too), or None when some of it could not be read: an unreadable object may name any."""
+    if desired.errors:
+        return None
+    return frozenset(desired.workspaces) | {w.workspace_id for w in desired.rejected}
+
+
+@dataclass(kw_only=True)
+class Pruning:
+    """The store's prune (queries.prune), a small step beside the passes: the first once a
+    full pass has read desired state, then at most every `every` seconds, never two at once,
+    never in a dry run. A failed one waits for its next turn like any other."""
+
+    sessions: Sessions
+    policy: Policy
+    every: float = PRUNE_EVERY
+    next_at: float = 0.0  # on the loop's clock
+    task: asyncio.Task[None] | None = None
+
+    def start_if_due(self, desired: Desired | None, now: float) -> None:
+        if (self.policy.dry_run or desired is None or now < self.next_at
+                or (self.task is not None and not self.task.done())):
+            return
+        self.next_at = now + self.every
+        self.task = asyncio.create_task(self._prune(declared_ids(desired)))
+
+    async def _prune(self, declared: frozenset[str] | None) -> None:
+        try:
+            pruned = await in_thread(self.sessions, functools.partial(
+                queries.prune, now=utcnow(), declared=declared,
+                forget_after=self.policy.forget_after,
+                restart_window=self.policy.restart_window))
+        except DatabaseError as error:
+            log.warning("could not prune the store, trying again in %gs: %s", self.every, error)
+            return
+        log.log(logging.INFO if pruned.total else logging.DEBUG, "pruned the store: %s", pruned)
+
+    async def wind_down(self, *, grace: float) -> None:
+        if self.task is None or self.task.done():
+            return
+        _, pending = await asyncio.wait({self.task}, timeout=grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -1,10 +1,13 @@
 """Connections and schema: the engine for a database URL, the session factory, and
-`pluginctl db upgrade` (Alembic, under an advisory lock on PostgreSQL)."""
+`pluginctl db upgrade` (Alembic, under an advisory lock on PostgreSQL and a file lock beside
+an embedded SQLite file)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import logging
 import os
 import threading
 import weakref
@@ -17,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +30,8 @@ DEFAULT_URL = "sqlite:///pluginctl.db"
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Any constant will do: it only has to be the same for every replica of pluginctl.
 _ADVISORY_LOCK_ID = 0x706C7567  # "plug"
+
+log = logging.getLogger("pluginctl.store")
 
 
 class DatabaseError(Unavailable):
@@ -109,10 +114,12 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Migrate to the newest schema; returns (revision before, revision after). Two replicas
-    running this at once on PostgreSQL take turns on an advisory lock."""
+    """Migrate to the newest schema; returns (revision before, revision after). Processes
+    running this at once take turns: on an advisory lock with PostgreSQL, on a lock file
+    beside the database file with SQLite. Whoever comes second finds the schema at head
+    (the revision is read under the lock) and has nothing to do."""
     try:
-        with engine.connect() as connection:
+        with _embedded_lock(engine), engine.connect() as connection:
             with _migration_lock(connection):
                 before = MigrationContext.configure(connection).get_current_revision()
                 command.upgrade(_alembic_config(connection), "head")
@@ -123,9 +130,48 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                             f"{_first_line(error)}") from error
 
 
+def sqlite_lock_path(url: URL) -> Path | None:
+    """The lock file beside an SQLite database file (`<file>.lock`); None for an in-memory
+    database, which no other process can see."""
+    database = url.database or ""
+    if url.query.get("mode") == "memory" or database in ("", ":memory:"):
+        return None
+    if database.startswith("file:"):  # a URI filename (uri=true)
+        database = database.removeprefix("file:")
+    return Path(database + ".lock")
+
+
+@contextmanager
+def _embedded_lock(engine: Engine) -> Iterator[None]:
+    """Hold an exclusive lock on the SQLite file's lock file (nothing for other databases):
+    SQLite has no advisory lock of its own, and Alembic's DDL on it is not one transaction.
+    The lock file stays: removing it would let a process that opened it before the removal
+    lock a file nobody else sees."""
+    path = sqlite_lock_path(engine.url) if engine.dialect.name == "sqlite" else None
+    if path is None:
+        yield
+        return
+    try:
+        handle = path.open("a")
+    except OSError as error:
+        raise DatabaseError(f"cannot open the migration lock {path}: "
+                            f"{error.strerror or error}") from error
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process migrating %s", _safe(str(engine.url)))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_schema(engine: Engine, *, migrate_embedded: bool = True) -> None:
     """Make sure the schema is current before use. The embedded SQLite database is migrated on
-    the spot; a shared PostgreSQL database must be migrated on purpose (`pluginctl db upgrade`)
+    the spot (under its file lock: the first commands on a fresh file often start together);
+    a shared PostgreSQL database must be migrated on purpose (`pluginctl db upgrade`)
     so that replicas of different versions never race a migration."""
     current = current_revision(engine)
     head = head_revision()

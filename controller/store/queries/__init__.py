@@ -4,6 +4,7 @@ caller owns the transaction) and returns plain domain values, never ORM objects.
 
 from controller.store.queries.claims import claim, claim_of, release
 from controller.store.queries.observed import load_observed, mark_synced, online_digests
+from controller.store.queries.prune import Pruned, forget_workspaces, prune
 from controller.store.queries.records import apply_many
 from controller.store.queries.reports import (
     CLOCK_SKEW,
@@ -17,28 +18,38 @@ from controller.store.queries.reports import (
 )
 from controller.store.queries.seeding import naive_read, seed_fleet
 from controller.store.queries.tokens import (
+    REVOKED_TOKEN_RETENTION,
     active_tokens,
     add_token,
+    add_tokens,
     all_active_tokens,
+    forget_revoked_tokens,
     revoke_tokens,
     revoked_since,
     token_workspace,
     tokens_of,
+    with_live_tokens,
 )
 
 __all__ = [
     "CLOCK_SKEW",
+    "REVOKED_TOKEN_RETENTION",
+    "Pruned",
     "Register",
     "active_tokens",
     "add_token",
+    "add_tokens",
     "all_active_tokens",
     "apply_many",
     "claim",
     "claim_of",
+    "forget_revoked_tokens",
+    "forget_workspaces",
     "load_observed",
     "mark_synced",
     "naive_read",
     "online_digests",
+    "prune",
     "record_changed_report",
     "record_register",
     "record_registers",
@@ -51,4 +62,5 @@ __all__ = [
     "token_workspace",
     "tokens_of",
     "touch",
+    "with_live_tokens",
 ]
