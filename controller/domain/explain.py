@@ -20,6 +20,11 @@ from controller.domain.models import (
 )
 from controller.domain.status import PluginState
 
+#: The state of a reported plugin the loop does not act on: neither declared nor pluginctl's
+#: to remove, or on a workspace it does not manage (unmanaged, invalid). Not a PluginState:
+#: the Workspace status never lists such plugins.
+LEFT_ALONE = "LeftAlone"
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -36,7 +41,7 @@ class PluginExplanation:
     wanted: Plugin | None
     installed: Plugin | None  # as the runtime last reported it
     owner: str  # "pluginctl" (installed because declared), "not pluginctl", or "-"
-    state: str  # a PluginState, or "LeftAlone" for a plugin that is neither declared nor ours
+    state: str  # a PluginState, or LEFT_ALONE for a plugin the loop does not act on
     message: str
     failures: int
     next_retry_at: datetime | None
@@ -97,12 +102,11 @@ def explain(desired: DesiredWorkspace | None, observed: Observed | None, now: da
     for name in sorted(report or {}):
         if name in shown or report is None:
             continue
-        mine = name in owned
+        # Plugins status.build lists (declared, or ours to remove) are shown above; the rest
+        # the loop leaves where they are.
         plugins.append(PluginExplanation(
-            name, None, None, report[name], owner(name),
-            PluginState.REMOVING.value if mine else "LeftAlone",
-            "installed by pluginctl, no longer declared" if mine
-            else "not declared and not installed by pluginctl: never touched", 0, None))
+            name, None, None, report[name], owner(name), LEFT_ALONE,
+            _left_alone(state.phase, mine=name in owned), 0, None))
 
     restarts = planner.recent_restarts(observed, now, policy) if observed is not None else []
     runtime_attempt = observed.attempts.get(RUNTIME_KEY) if observed is not None else None
@@ -123,6 +127,15 @@ def explain(desired: DesiredWorkspace | None, observed: Observed | None, now: da
         restart_budget_frees_at=restarts[0] + policy.restart_window if restarts else None,
         next_pass=next_pass, claim=claim if claim is not None and claim.until > now else None,
     )
+
+
+def _left_alone(phase: Phase, *, mine: bool) -> str:
+    if not mine:
+        return "not declared and not installed by pluginctl: never touched"
+    if phase is Phase.UNMANAGED:
+        return ("installed by pluginctl; no Workspace declares this id any more, so it is "
+                "left as it is")
+    return "installed by pluginctl; left as it is while the desired state cannot be used"
 
 
 def _verdict(state: status.WorkspaceStatus, desired: DesiredWorkspace | None,
@@ -159,6 +172,8 @@ def _verdict(state: status.WorkspaceStatus, desired: DesiredWorkspace | None,
 
 def _next_pass(desired: DesiredWorkspace | None, observed: Observed | None, now: datetime,
                *, policy: Policy, phase: Phase) -> tuple[str, ...]:
+    if phase is Phase.UNMANAGED:
+        return ("nothing: no Workspace declares it, so no calls are made",)
     if desired is None or observed is None or phase is not Phase.ONLINE:
         return ("nothing: it is not an online, managed workspace",)
     plan = planner.plan(desired, observed, now, policy)

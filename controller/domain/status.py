@@ -87,7 +87,10 @@ def build(
             message = ("waiting for the runtime's report" if report is None
                        else "missing" if have is None else f"installed from {have.source}")
             plugins.append(PluginStatus(name, want.source, PluginState.PENDING, message))
-    for name in sorted(observed.owned if observed else {}):
+    # Only a managed workspace with usable desired state has plugins to remove: the loop
+    # leaves an unmanaged or invalid one (and one whose desired state is not at hand) alone.
+    removable = observed.owned if observed and desired and desired.error is None else {}
+    for name in sorted(removable):
         if name in wanted or report is None or name not in report:
             continue
         attempt = attempts.get(name)

@@ -3,6 +3,7 @@ wrong types, missing fields and unknown fields are errors, never silently droppe
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -18,9 +19,32 @@ from controller.domain.models import (
     Plugin,
 )
 
+#: Characters no source or URL may hold, spelled out rather than `\s`, which means three
+#: different sets to Python's `re`, to pydantic's Rust engine and to ECMA-262 (the regex
+#: dialect of the JSON Schema a client validates against): the C0 and C1 controls, DEL,
+#: space and every other Unicode space (U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
+#: U+202F, U+205F, U+3000) and the BOM U+FEFF. Only `\xHH` and `\uHHHH` escapes: all three
+#: engines read them alike.
+_UNSAFE = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+#: models.SOURCE_PATTERN with the explicit class for `\s`: exactly what the server accepts
+#: and the OpenAPI document says.
+WIRE_SOURCE_PATTERN = SOURCE_PATTERN.replace(r"\s", _UNSAFE)
+_PORT = ("(0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+         "|[0-9]{1,4}))?")
+#: An http(s) URL with a host, an optional port in range, an optional path, and no
+#: credentials, query or fragment: what `_runtime_url` accepts, in a form the OpenAPI
+#: document can carry (so that a client validating against it agrees with the server).
+RUNTIME_URL_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://"
+    r"([A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])"
+    f"(:{_PORT})?"
+    rf"(/[^?#{_UNSAFE}]*)?$"
+)
+
 WorkspaceId = Annotated[str, StringConstraints(pattern=WORKSPACE_ID_PATTERN)]
 PluginName = Annotated[str, StringConstraints(pattern=PLUGIN_NAME_PATTERN)]
-Source = Annotated[str, StringConstraints(max_length=MAX_SOURCE_LENGTH, pattern=SOURCE_PATTERN)]
+Source = Annotated[str, StringConstraints(max_length=MAX_SOURCE_LENGTH,
+                                          pattern=WIRE_SOURCE_PATTERN)]
 Digest = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DIGEST_LENGTH)]
 MAX_URL_LENGTH = 2048
 MAX_PLUGINS = 500
@@ -53,7 +77,12 @@ def _unique(plugins: list[PluginReport]) -> list[PluginReport]:
 
 Report = Annotated[
     list[PluginReport],
-    pydantic.Field(max_length=MAX_PLUGINS),
+    # JSON Schema cannot say "unique by name"; `uniqueItems` at least tells a client that
+    # the same entry twice is refused, and the description says the rest.
+    pydantic.Field(max_length=MAX_PLUGINS, json_schema_extra={
+        "uniqueItems": True,
+        "description": "What the runtime has installed; each plugin name at most once "
+                       "(422 otherwise)."}),
     pydantic.AfterValidator(_unique),
 ]
 
@@ -72,11 +101,19 @@ def _runtime_url(url: str) -> str:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as error:
         raise ValueError(f"has a bad port: {error}") from error
+    if _RUNTIME_URL.fullmatch(url) is None:  # what is left: stray characters, a bare `?`
+        raise ValueError("must be scheme://host[:port][/path] with no spaces, control "
+                         "characters, query or fragment")
     return url
 
 
+_RUNTIME_URL = re.compile(RUNTIME_URL_PATTERN)
+
 RuntimeUrl = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH),
+    # Checked by `_runtime_url` (after the checks with plainer messages); the document
+    # carries it so that a client validating against it agrees with the server.
+    pydantic.Field(json_schema_extra={"pattern": RUNTIME_URL_PATTERN}),
     pydantic.AfterValidator(_runtime_url),
 ]
 
@@ -92,9 +129,19 @@ RuntimeTrouble = Annotated[
     str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$"),
 ]
 
+
+def _integral(value: object) -> object:
+    """JSON has numbers, not integers and floats: `3.0` is the integer 3 to JSON Schema (and
+    to the OpenAPI document), so the server takes it as 3 too. Anything else is left to the
+    strict int check (`3.5`, `"3"`, `true` stay errors)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 #: An optional counter a runtime increases with every call it makes; a call with a lower
 #: one than the stored report's never overwrites it (replayed or late heartbeats).
-Seq = Annotated[int, pydantic.Field(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, pydantic.Field(ge=0, le=2**63 - 1), pydantic.BeforeValidator(_integral)]
 
 
 class RegisterRequest(_Strict):

@@ -45,12 +45,14 @@ class Metrics:
             registry=self.registry)
         self.drifted = Gauge(
             "pluginctl_drifted_workspaces", "Online workspaces not as declared after the last "
-            "full pass (failing, backing off, held, refused or invalid).",
+            "full pass (failing, backing off, refused, awaiting or held from a restart, held "
+            "by the blast-radius guard, or invalid).",
             registry=self.registry)
         self.stalled = Gauge(
             "pluginctl_stalled_workspaces", "Online workspaces not as declared after the last "
             "full pass that made no progress in it (nothing succeeded: backing off, failing "
-            "again, held, refused or invalid).", registry=self.registry)
+            "again, refused, held by the guard or the restart budget, or invalid).",
+            registry=self.registry)
         self.guard_holding = Gauge(
             "pluginctl_guard_holding", "1 while the blast-radius guard holds passes (they "
             "would remove too many plugins or act on too many workspaces; nothing is done "
@@ -96,10 +98,8 @@ class Metrics:
                 counts[phase] = counts.get(phase, 0) + count
             for phase, count in counts.items():
                 self.workspaces.labels(phase.value).set(count)
-            drifted = [r for r in report.results if not r.in_sync]
-            self.drifted.set(len(drifted) + len(report.invalid))
-            self.stalled.set(sum(1 for r in drifted if not any(o.ok for o in r.outcomes))
-                             + len(report.invalid))
+            self.drifted.set(report.drifted)
+            self.stalled.set(report.stalled)
 
         if report.guard is not None:
             self.guard_holding.set(1)

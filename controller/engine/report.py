@@ -4,6 +4,7 @@ metrics count and the operator mirrors into status."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,9 +18,12 @@ from controller.domain.models import (
     Outcome,
     Phase,
     Wait,
+    WaitKind,
     WorkspacePlan,
 )
 from controller.engine.queue import Trigger
+
+log = logging.getLogger("pluginctl.reconciler")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +94,27 @@ class PassReport:
                    if o.action.kind is kind and o.ok is ok)
 
     @property
+    def drifted(self) -> int:
+        """Online, managed workspaces not as declared after this pass — what a user means by
+        "not converged": failing, backing off, refused, awaiting a restart, held by the
+        blast-radius guard (not in `results`), or invalid. In a dry run: needing anything."""
+        return sum(1 for r in self.results if not self._converged(r)) + self.guarded \
+            + len(self.invalid)
+
+    @property
+    def stalled(self) -> int:
+        """The drifted workspaces this pass moved no step closer (nothing it did succeeded):
+        held by the guard, backing off, refused, failing again, or invalid."""
+        return sum(1 for r in self.results
+                   if not self._converged(r) and not any(o.ok for o in r.outcomes)) \
+            + self.guarded + len(self.invalid)
+
+    def _converged(self, result: WorkspaceResult) -> bool:
+        if self.dry_run:
+            return result.in_sync and all(p.in_sync for p in result.plans)
+        return result.in_sync
+
+    @property
     def failed(self) -> int:
         return sum(len(r.failures) + (r.error is not None) for r in self.results)
 
@@ -129,3 +154,30 @@ class PassReport:
         if self.dry_run:
             return all(p.in_sync for r in self.results for p in r.plans)
         return all(r.in_sync for r in self.results)
+
+
+class Refusals:
+    """The refusals (a declared plugin the policy will not install: an unpinned source) a
+    process has logged, so that each is logged once, at warning, when it appears or its
+    reason changes — not every pass, as it stands until the declaration or policy changes.
+    Fed every pass report, like the metrics."""
+
+    def __init__(self) -> None:
+        self._logged: dict[tuple[str, str], str] = {}  # (workspace, plugin) -> reason
+
+    def observe(self, report: PassReport) -> None:
+        if report.dry_run:
+            return
+        current = {(r.workspace_id, w.key): w.reason
+                   for r in report.results for w in r.waits if w.kind is WaitKind.REFUSED}
+        for (workspace_id, plugin), reason in sorted(current.items()):
+            if self._logged.get((workspace_id, plugin)) != reason:
+                log.warning("%s: install %s refused: %s", workspace_id, plugin, reason,
+                            extra={"workspace": workspace_id, "plugin": plugin,
+                                   "action": "install", "result": "refused"})
+        # What this pass looked at and found no longer refused is forgotten (logged again if
+        # it comes back); a full pass that acted looked at every workspace.
+        looked = {r.workspace_id for r in report.results}
+        everything = report.scope is None and report.guard is None
+        self._logged = {key: reason for key, reason in self._logged.items()
+                        if not everything and key[0] not in looked} | current

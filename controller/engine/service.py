@@ -15,7 +15,7 @@ from controller.engine.context import DEFAULT_REPLICA
 from controller.engine.loop import FailureCallback, PassCallback, run_forever
 from controller.engine.metrics import Metrics
 from controller.engine.queue import Trigger, WorkQueue
-from controller.engine.report import PassReport
+from controller.engine.report import PassReport, Refusals
 from controller.registry.app import make_app
 from controller.registry.serving import Limits, runner_for, start_site
 from controller.runtime.driver import RuntimeDriver
@@ -39,16 +39,18 @@ Loop = Callable[[WorkQueue, asyncio.Event], Awaitable[None]]
 
 def observed(metrics: Metrics | None, on_pass: PassCallback | None = None
              ) -> tuple[PassCallback, FailureCallback | None]:
-    """What the loop calls after each pass: `on_pass` (default: log it), and the metrics."""
+    """What the loop calls after each pass: the metrics, new refusals logged once, and
+    `on_pass` (default: log it)."""
     then = on_pass or log_pass
-    if metrics is None:
-        return then, None
+    refusals = Refusals()
 
     def both(report: PassReport, trigger: Trigger) -> None:
-        metrics.observe_pass(report, trigger)
+        if metrics is not None:
+            metrics.observe_pass(report, trigger)
+        refusals.observe(report)
         then(report, trigger)
 
-    return both, metrics.observe_failed_pass
+    return both, metrics.observe_failed_pass if metrics is not None else None
 
 
 def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: Policy, *,

@@ -16,10 +16,14 @@ from controller.registry.app import MAX_BODY_BYTES
 
 PATH = Path(__file__).with_name("registry-openapi.json")
 
+#: serving.ConnectionGuard answers a request head that is too slow, on any path; the app a
+#: body that is too slow (serving.Limits); both close the connection.
+TIMEOUT = "The request head or body did not arrive in time; the connection is closed."
 _ERRORS = {
     "400": "Malformed JSON, or a body that is not a JSON object.",
     "401": "Missing, unknown or revoked token.",
     "403": "A token of another workspace.",
+    "408": TIMEOUT,
     "413": f"Body larger than {MAX_BODY_BYTES} bytes.",
     "422": "Wrong types, missing or unknown fields, bad ids, sources or URLs; a refused "
            "runtime address (register).",
@@ -65,9 +69,10 @@ def document() -> dict[str, Any]:
                 "Still alive and, optionally, what it has now.", "HeartbeatRequest",
                 "Recorded.", {"409": "The workspace never registered."})},
             "/healthz": {"get": {"summary": "Liveness.", "responses": {
-                "200": _status("Serving.", "Status")}}},
+                "200": _status("Serving.", "Status"), "408": _status(TIMEOUT, "Error")}}},
             "/openapi.json": {"get": {"summary": "This document.", "responses": {
-                "200": {"description": "The OpenAPI document."}}}},
+                "200": {"description": "The OpenAPI document."},
+                "408": _status(TIMEOUT, "Error")}}},
         },
         "components": {
             "schemas": components,
