@@ -119,9 +119,8 @@ class Recorder:
         await done
 
     def _write(self, session: Session, group: list[tuple[Changes, datetime, Any]]) -> None:
-        queries.apply_many(session, [(changes, now) for changes, now, _ in group])
-        queries.release(session, [changes.workspace_id for changes, _, _ in group],
-                        self.replica)
+        queries.apply_many(session, [(changes, now) for changes, now, _ in group],
+                           release_for=self.replica)
 
     async def _drain(self) -> None:
         try:
@@ -157,18 +156,20 @@ class Recorder:
 
 # --- one workspace ----------------------------------------------------------------------------
 
-async def execute_workspace(
-    ctx: PassContext,
-    seen: Observed,
-    plan: WorkspacePlan,
-    *,
-    wanted: DesiredWorkspace | None,
-    recorder: Recorder,
-    deadline: float,
-) -> WorkspaceResult:
-    """Perform one workspace's plan within `deadline` seconds, record what came of it and
-    log each outcome. With `wanted`, a plan that had to observe first is planned again
-    from the fresh report and that is performed too; without, exactly `plan` (`apply`)."""
+@dataclass(frozen=True, slots=True)
+class Performed:
+    """What the runtime calls of one workspace's pass came to, before it is recorded."""
+
+    plans: tuple[WorkspacePlan, ...]
+    outcomes: tuple[Outcome, ...]
+    error: str | None = None  # the calls could not all be made
+
+
+async def perform_workspace(ctx: PassContext, seen: Observed, plan: WorkspacePlan, *,
+                            wanted: DesiredWorkspace | None, deadline: float) -> Performed:
+    """Perform one workspace's plan within `deadline` seconds. With `wanted`, a plan that had
+    to observe first is planned again from the fresh report and that is performed too;
+    without, exactly `plan` (`apply`). Only runtime calls: recording is `record_workspace`."""
     url = seen.url or ""
     plans = [plan]
     done: list[Outcome] = []
@@ -188,8 +189,16 @@ async def execute_workspace(
     except Exception as exc:  # a bug must not stop the other workspaces' turns
         log.exception("unexpected error while acting on %s", seen.workspace_id)
         error = f"unexpected error: {type(exc).__name__}: {exc}"
+    return Performed(tuple(plans), tuple(done), error)
 
-    changes = outcomes.changes_from(seen, done, ctx.now, policy=ctx.policy, rand=ctx.rand)
+
+async def record_workspace(ctx: PassContext, seen: Observed, performed: Performed, *,
+                           recorder: Recorder) -> WorkspaceResult:
+    """Record what came of one workspace's calls (giving its claim back) and log each
+    outcome."""
+    error = performed.error
+    changes = outcomes.changes_from(seen, list(performed.outcomes), ctx.now, policy=ctx.policy,
+                                    rand=ctx.rand)
     try:
         await recorder.record(changes, ctx.now)
     except DatabaseError as exc:
@@ -199,12 +208,26 @@ async def execute_workspace(
         error = f"could not record outcomes: {exc}"
     pending = seen.restart_pending if changes.restart_pending is None else changes.restart_pending
     result = WorkspaceResult(
-        workspace_id=seen.workspace_id, plans=tuple(plans), outcomes=tuple(done),
+        workspace_id=seen.workspace_id, plans=performed.plans, outcomes=performed.outcomes,
         restart_pending=pending, error=error, prior_failures=frozenset(seen.attempts),
         trigger=ctx.trigger_of(seen.workspace_id))
-    for outcome in done:
+    for outcome in performed.outcomes:
         _log_outcome(seen.workspace_id, outcome, result.trigger_of(outcome.action))
     return result
+
+
+async def execute_workspace(
+    ctx: PassContext,
+    seen: Observed,
+    plan: WorkspacePlan,
+    *,
+    wanted: DesiredWorkspace | None,
+    recorder: Recorder,
+    deadline: float,
+) -> WorkspaceResult:
+    """perform_workspace, then record_workspace."""
+    performed = await perform_workspace(ctx, seen, plan, wanted=wanted, deadline=deadline)
+    return await record_workspace(ctx, seen, performed, recorder=recorder)
 
 
 def _log_outcome(workspace_id: str, outcome: Outcome, trigger: Trigger) -> None:
@@ -294,9 +317,12 @@ class Acting:
                 return WorkspaceResult.unacted(
                     seen, plan, trigger=self.ctx.trigger_of(seen.workspace_id),
                     error="not acted on: its claim ran out while it waited")
-            return await execute_workspace(
+            performed = await perform_workspace(
                 self.ctx, seen, plan, wanted=self.ctx.wanted(seen.workspace_id),
-                recorder=self.recorder, deadline=min(self.ctx.policy.workspace_timeout, left))
+                deadline=min(self.ctx.policy.workspace_timeout, left))
+        # The slot bounds runtime calls, not bookkeeping: the next workspace's calls start
+        # while this one is recorded (records finishing together share one transaction).
+        return await record_workspace(self.ctx, seen, performed, recorder=self.recorder)
 
     async def _cut_off(self) -> None:
         """Cut off (a shutdown, or the store failed): give back what is left."""
