@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -182,6 +183,13 @@ def setup_logging(level: str, stream: TextIO = sys.stderr, log_format: str = "te
             handler.setFormatter(JsonLogFormatter())
     for noisy in ("aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    # kopf says a line per object and handler run ("Handler 'workspace_event' succeeded.")
+    # and narrates its start, and urllib3 warns on every request to an API server whose TLS
+    # is not verified (the operator says that once, at start): all of it only at debug.
+    logging.getLogger("kopf").setLevel(logging.NOTSET if debug else logging.WARNING)
+    if not debug:
+        warnings.filterwarnings("ignore", message="Unverified HTTPS request")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -333,6 +334,43 @@ def digest(directory: Path) -> None:
 
 # --- bench -------------------------------------------------------------------------------------
 
+KUBE_BENCH_WORKSPACES = 1000  # controller.sim.kube_bench.DEFAULT_WORKSPACES: about a minute
+
+
+def _bench_kubernetes(workspaces: int, *, as_json: bool) -> None:
+    """`bench --kubernetes`: the operator on a real API server, vs standalone mode."""
+    import tempfile
+
+    from controller.sim import control_plane, kube_bench
+
+    say = functools.partial(click.echo, err=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pluginctl-kube-bench-") as scratch:
+            result = asyncio.run(kube_bench.run(kube_bench.Sizes(workspaces), Path(scratch),
+                                                say))
+    except control_plane.KubeUnavailable as error:
+        raise Failure(f"bench --kubernetes needs a control plane: {error}") from error
+    if as_json:
+        click.echo(json.dumps({"kubernetes": result}, indent=2))
+        return
+    standalone = result["baseline"]["standalone"]
+    rows = [
+        ["objects -> token Secrets", f"{result['created_to_secrets_seconds']} s",
+         f"(creating {workspaces} took {result['create_seconds']} s)"],
+        ["registers -> all installed", f"{result['registers_to_installed_seconds']} s",
+         f"{result['installed_ratio_to_standalone']}x standalone "
+         f"({standalone['registers_to_installed_seconds']} s)"],
+        ["registers -> all Ready", f"{result['registers_to_ready_seconds']} s",
+         f"{result['ready_ratio_to_standalone_installed']}x standalone installed"],
+        ["template change -> all Ready", f"{result['template_change_to_ready_seconds']} s", ""],
+        ["writes in steady passes", str(result["steady_pass_writes"]), "target 0"],
+        ["installed more than once", str(result["installed_more_than_once"]),
+         f"standalone: {standalone['installed_more_than_once']}"],
+        ["operator peak RSS", f"{result['operator_peak_rss_mb']} MB",
+         f"standalone: {standalone['peak_rss_mb']} MB"],
+    ]
+    click.echo(table(["kubernetes", f"{workspaces} Workspaces", "vs"], rows))
+
 def _sizes(value: str) -> list[int]:
     try:
         sizes = [int(part) for part in value.split(",") if part.strip()]
@@ -364,9 +402,19 @@ def _sizes(value: str) -> list[int]:
 @click.option("--postgres", "postgres_url", default=None, metavar="URL",
               help="A PostgreSQL server to measure on too (fresh databases are created on "
                    "it; use a throwaway server).")
+@click.option("--kubernetes", "use_kubernetes", is_flag=True,
+              help="Run only the Kubernetes section: the operator on a real kube-apiserver "
+                   "and etcd started on loopback (from $PLUGINCTL_KUBE_BIN, or built by the "
+                   "checkout's .ci/kube-binaries; needs kubectl on PATH and the "
+                   "'cryptography' package), with --kube-workspaces Workspaces from one "
+                   "template; baseline: standalone mode in the same run.")
+@click.option("--kube-workspaces", type=click.IntRange(min=1),
+              default=KUBE_BENCH_WORKSPACES, show_default=True,
+              help="Workspaces of the Kubernetes section (the default takes about a minute).")
 def bench(*, as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspaces: int,
           heartbeat_seconds: float, connections: int, converge_workspaces: int,
-          memory_workspaces: int, single_registers: int, postgres_url: str | None) -> None:
+          memory_workspaces: int, single_registers: int, postgres_url: str | None,
+          use_kubernetes: bool, kube_workspaces: int) -> None:
     """Measure pluginctl against naive baselines run in the same command."""
     import tempfile
 
@@ -374,6 +422,9 @@ def bench(*, as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspace
 
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)
+    if use_kubernetes:
+        _bench_kubernetes(kube_workspaces, as_json=as_json)
+        return
     sizes = bench_mod.Sizes(_sizes(noop_sizes), naive_max, heartbeat_workspaces,
                             heartbeat_seconds, connections, converge_workspaces,
                             memory_workspaces, single_registers)

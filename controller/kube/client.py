@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from controller.domain.models import API_GROUP, API_VERSION, Unavailable
 
+log = logging.getLogger("pluginctl.kube")
+
 WORKSPACES = "workspaces"
 TEMPLATES = "workspacetemplates"
 
@@ -28,6 +31,9 @@ TEMPLATES = "workspacetemplates"
 LEASE_CALL_SECONDS = 5.0
 #: Any other call to the API server that takes longer has failed.
 KUBE_CALL_SECONDS = 30.0
+#: Threads (and pooled connections) for calls to the API server: the status writer keeps
+#: `status_writer.WRITES_IN_FLIGHT` of them busy at most, the rest are for leases and LISTs.
+KUBE_THREADS = 24
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -110,12 +116,20 @@ class KubeClient:
                     namespace = active.get("context", {}).get("namespace")
         except (ConfigException, OSError, TypeError, ValueError) as error:
             raise KubeError(f"cannot load Kubernetes configuration: {error}") from error
+        if not configuration.verify_ssl:
+            log.warning("TLS verification of the API server %s is off (the kubeconfig says "
+                        "insecure-skip-tls-verify): its identity is not checked",
+                        configuration.host)
+        # urllib3 keeps this many connections per host (the client's default: 5 per CPU);
+        # a call beyond them opens a connection it then throws away.
+        configuration.connection_pool_maxsize = KUBE_THREADS
         self.configuration = configuration
         self.default_namespace = namespace
         self.api: Any = _with_time_limit(kubernetes.client.ApiClient(configuration))
         # Kubernetes calls get threads of their own: an API server that hangs must never
         # take the threads the store and the registry run on.
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pluginctl-kube")
+        self._executor = ThreadPoolExecutor(max_workers=KUBE_THREADS,
+                                            thread_name_prefix="pluginctl-kube")
         self.custom: Any = kubernetes.client.CustomObjectsApi(self.api)
         self.core: Any = kubernetes.client.CoreV1Api(self.api)
         self.coordination: Any = kubernetes.client.CoordinationV1Api(self.api)

@@ -270,6 +270,17 @@ def events_for(outcomes: Iterable[Outcome], failing_before: Iterable[str],
     return events
 
 
+def combined(events: Iterable[Event]) -> list[Event]:
+    """One object's Events from one mirror, one per type and reason: three plugins
+    installed in one pass are one `Installed` Event naming the three (in order), not three
+    API writes. The first of each kind keeps its place."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for event in events:
+        merged.setdefault((event.type, event.reason), []).append(event.message)
+    return [Event(kind, reason, "; ".join(messages))
+            for (kind, reason), messages in merged.items()]
+
+
 def token_secret_name(workspace_name: str) -> str:
     suffix = "-pluginctl-token"
     if len(workspace_name) + len(suffix) <= 253:

@@ -7,12 +7,14 @@ Nothing here blocks the event loop: API calls run on the client's threads."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 
@@ -43,6 +45,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _indexed(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of a watched object without its managedFields (the server's record of
+    who wrote which field: about half of a Workspace with status, and read by nobody here;
+    10,000 of them are tens of megabytes)."""
+    obj = {str(k): _plain(v) for k, v in body.items() if k != "metadata"}
+    obj["metadata"] = {str(k): _plain(v) for k, v in (body.get("metadata") or {}).items()
+                       if k != "managedFields"}
+    return obj
 
 
 def _version(value: Mapping[str, Any] | str | None) -> int | None:
@@ -84,6 +96,46 @@ def merge_listed(watched: list[dict[str, Any]], listed: list[dict[str, Any]],
 # --- kopf: watching into memory ------------------------------------------------------------
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf builds, on every event, a deep copy of the object to diff it against the state
+    its on.create/on.update handlers last handled. This operator has none (watch and index
+    handlers only), so nothing reads that diff: skipping it saves a deep copy of every
+    object on every event, status writes included (a third of kopf's work here)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
+SpecKey = tuple[Any, ...]
+
+
+def _spec_key(obj: Mapping[str, Any]) -> SpecKey:
+    """What desired state reads of an object changes only with this: which object it is
+    (uid) and its spec (generation)."""
+    metadata = obj.get("metadata") or {}
+    return metadata.get("uid"), metadata.get("generation")
+
+
+def _workspace_id(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("spec") or {}).get("workspaceId") or obj["metadata"]["name"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """Desired state as last built, and the objects it was built from."""
+
+    workspaces: dict[Key, SpecKey]
+    templates: tuple[SpecKey, ...]
+    view: ClusterView
+    desired: Desired
+
+
 class Watch:
     """kopf's live indexes of the three kinds, and the signals they raise."""
 
@@ -93,6 +145,9 @@ class Watch:
         self.indexes: dict[str, Mapping[Any, Any]] = {}
         self.listed: ClusterView | None = None  # the last periodic LIST (resync)
         self.deleted: dict[str, dict[Key, int]] = {kind: {} for kind in KINDS}
+        self.planned: tuple[ClusterView, Desired] | None = None  # the newest pass's
+        self._built: Built | None = None  # the last desired state built, and from what
+        self._next_build = 0.0  # (monotonic) building sooner waits, unless a template changed
 
     def _values(self, name: str) -> list[dict[str, Any]]:
         index = self.indexes.get(name) or {}
@@ -108,6 +163,36 @@ class Watch:
             merge_listed(watched.of(kind), listed.of(kind), listed.versions.get(kind),
                          self.deleted[kind]) for kind in KINDS)
         return ClusterView(workspaces, templates, secrets)
+
+    def desired(self) -> Desired:
+        """Desired state now, remembered with the view it came from (`planned`) for the
+        pass's mirror. Built again only when an object came, went or changed its spec (its
+        generation): a status write, which every mirror makes, changes none of that, and
+        building it for 10,000 Workspaces takes most of a second. While Workspaces keep
+        coming (10,000 created at once each hint a pass), it is built at most half of the
+        time: a pass in between plans on the last build, and the Workspaces that build did
+        not see are hinted again, for a pass after the next build. A template change is
+        built at once."""
+        view = self.view()
+        workspaces = {key_of(obj): _spec_key(obj) for obj in view.workspaces}
+        templates = tuple(_spec_key(obj) for obj in view.templates)
+        built = self._built
+        if built is not None and built.workspaces == workspaces \
+                and built.templates == templates:
+            self.planned = (view, built.desired)
+            return built.desired
+        if built is not None and built.templates == templates \
+                and time.monotonic() < self._next_build:
+            for obj in view.workspaces:
+                if built.workspaces.get(key_of(obj)) != workspaces[key_of(obj)]:
+                    self.hints(_workspace_id(obj), Trigger.TEMPLATE_CHANGE)
+            self.planned = (built.view, built.desired)
+            return built.desired
+        started = time.monotonic()
+        self._built = Built(workspaces, templates, view, view.desired())
+        self._next_build = 2 * time.monotonic() - started
+        self.planned = (view, self._built.desired)
+        return self._built.desired
 
     def resynced(self, listed: ClusterView) -> None:
         """A fresh LIST: deletions it already shows need no remembering."""
@@ -175,6 +260,7 @@ class Watch:
         @kopf.on.startup(id="startup", registry=registry)
         def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
             settings.posting.enabled = False  # our Events are written by the mirror
+            settings.persistence.diffbase_storage = NoDiffBase()
             settings.watching.server_timeout = 300
             for name in ("workspace_index", "template_index", "secret_index"):
                 self.indexes[name] = kwargs[name]
@@ -182,19 +268,19 @@ class Watch:
         @kopf.index(API_GROUP, API_VERSION, WORKSPACES, id="workspace_index",
                     registry=registry)
         def workspace_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-            obj = _plain(body)
+            obj = _indexed(body)
             return {key_of(obj): obj}
 
         @kopf.index(API_GROUP, API_VERSION, TEMPLATES, id="template_index",
                     registry=registry)
         def template_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-            obj = _plain(body)
+            obj = _indexed(body)
             return {key_of(obj): obj}
 
         @kopf.index("v1", "secrets", labels={mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY},
                     id="secret_index", registry=registry)
         def secret_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-            obj = _plain(body)
+            obj = _indexed(body)
             return {key_of(obj): {"metadata": obj.get("metadata", {}), "data": obj.get("data")}}
 
         @kopf.on.event(API_GROUP, API_VERSION, WORKSPACES, id="workspace_event",
@@ -286,43 +372,90 @@ async def _resync_forever(kube: KubeClient, watch: Watch, every: float) -> None:
             log.warning("resync failed, the last one stays: %s", error)
 
 
+class Sink(Protocol):
+    """Where a pass is mirrored to: the status writer."""
+
+    async def apply(self, view: ClusterView, desired: Desired,
+                    report: PassReport | None) -> None: ...
+
+
+class Mirrors:
+    """Mirrors passes one at a time, in the order they ended: two mirrors never write the
+    same object at once, and the newer one writes last. Passes that end while a mirror is
+    writing are merged into the next one (their Events all kept, their scopes joined,
+    statuses built once from the newest view and store), so a burst of hint passes costs
+    one status write per object, not one per pass."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.pending: list[PassReport] = []
+        # Only the newest view and desired state are kept: a view of 10,000 objects per
+        # pass waiting would be gigabytes in a storm.
+        self.newest: tuple[ClusterView, Desired] | None = None
+        self.wake = asyncio.Event()
+        self.closing = False
+
+    def add(self, view: ClusterView, desired: Desired, report: PassReport) -> None:
+        self.pending.append(report)
+        self.newest = (view, desired)
+        self.wake.set()
+
+    def close(self) -> None:
+        """Write what is pending, then end `run`."""
+        self.closing = True
+        self.wake.set()
+
+    async def run(self) -> None:
+        while self.pending or not self.closing:
+            if not self.pending:
+                await self.wake.wait()
+                self.wake.clear()
+                continue
+            batch, self.pending = self.pending, []
+            if self.newest is not None:
+                await _mirror_safely(self.sink, *self.newest, merged(batch))
+
+
+def merged(reports: list[PassReport]) -> PassReport:
+    """Several passes' reports as one mirror sees them: every result (for its Events), the
+    union of their scopes (None if any was a full pass), the newest guard."""
+    if len(reports) == 1:
+        return reports[0]
+    scopes = [r.scope for r in reports]
+    scope = None if any(s is None for s in scopes) else frozenset().union(
+        *(s for s in scopes if s is not None))
+    return dataclasses.replace(reports[-1], scope=scope, results=tuple(
+        result for report in reports for result in report.results))
+
+
 async def _lead(watch: Watch, sink: StatusWriter, sessions: Sessions, *, policy: Policy,
                 interval: float, stop: tuple[asyncio.Event, ...],
                 on_pass: PassCallback, resync: float,
                 on_failure: FailureCallback | None = None) -> None:
     log.info("leading: running passes every %gs", interval)
     resyncing = asyncio.create_task(_resync_forever(sink.kube, watch, resync))
-    latest: list[tuple[ClusterView, Desired]] = []  # what the newest pass planned against
-
-    def source() -> Desired:
-        view = watch.view()
-        desired = view.desired()
-        latest[:] = [(view, desired)]
-        return desired
+    mirrors = Mirrors(sink)
+    mirroring = asyncio.create_task(mirrors.run())
 
     def mirrored(report: PassReport, trigger: Trigger) -> None:
         on_pass(report, trigger)
-        if latest and not policy.dry_run:  # a dry run writes nothing to the cluster either
-            view, desired = latest[0]
-            task = asyncio.get_running_loop().create_task(
-                _mirror_safely(sink, view, desired, report))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+        if watch.planned is not None and not policy.dry_run:  # a dry run writes nothing
+            mirrors.add(*watch.planned, report)
 
-    pending: set[asyncio.Task[None]] = set()
     async with RuntimeDriver.for_policy(policy, f"pluginctl/{sink.identity}") as driver:
         try:
-            await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
+            await run_forever(watch.desired, sessions, driver, policy, interval=interval, stop=stop,
                               queue=watch.hints, on_pass=mirrored, replica=sink.identity,
                               on_failure=on_failure)
         finally:
             resyncing.cancel()
             await asyncio.gather(resyncing, return_exceptions=True)
-    await asyncio.gather(*pending, return_exceptions=True)
+            mirrors.close()
+            await asyncio.gather(mirroring, return_exceptions=True)
     log.info("stopped leading: passes paused")
 
 
-async def _mirror_safely(sink: StatusWriter, view: ClusterView, desired: Desired,
+async def _mirror_safely(sink: Sink, view: ClusterView, desired: Desired,
                          report: PassReport) -> None:
     try:
         await sink.apply(view, desired, report)

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,8 +23,7 @@ from controller.engine.report import PassReport
 from controller.kube import conditions as mirror
 from controller.kube.client import TEMPLATES, WORKSPACES, KubeClient, KubeError
 from controller.kube.view import ClusterView, Key, key_of
-from controller.registry.app import issue_token
-from controller.store import DatabaseError, Sessions, in_thread, queries
+from controller.store import DatabaseError, Session, Sessions, in_thread, queries
 
 log = logging.getLogger("pluginctl.operator")
 
@@ -51,10 +50,50 @@ def desired_by_object(view: ClusterView, desired: Desired) -> dict[Key, DesiredW
     return result
 
 
+#: Status patches, Events and Secret writes in flight at once: below the client's threads
+#: (`client.KUBE_THREADS`), so that a lease renewal always finds one free.
+WRITES_IN_FLIGHT = 16
+
+
+async def _bounded(calls: Iterable[Awaitable[None]], limit: int = WRITES_IN_FLIGHT) -> None:
+    """Await `calls` (a lazy iterable: each call starts only when a worker takes it), at most
+    `limit` at a time."""
+    queue = iter(calls)
+
+    async def worker() -> None:
+        for call in queue:
+            await call
+
+    await asyncio.gather(*(worker() for _ in range(limit)))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """One object's status as this mirror wants it."""
+
+    plural: str
+    obj: Mapping[str, Any]
+    current: Mapping[str, Any]
+    new: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SecretWrite:
+    """A token Secret to write: with a fresh token when the one it holds is not live."""
+
+    key: Key  # the Workspace's
+    secret_key: Key
+    workspace_id: str
+    token: str | None  # None: issue one
+    controller_secret: str | None
+
+
 @dataclass
 class StatusWriter:
     """Writes status, Events and token Secrets; remembers what it wrote so that a watch
-    cache that lags behind never causes a second write."""
+    cache that lags behind never causes a second write. Writes to different objects go out
+    together (WRITES_IN_FLIGHT at a time); one mirror writes an object once, and mirrors run
+    one after another (`Mirrors`), so two writes to one object never race."""
 
     kube: KubeClient
     sessions: Sessions
@@ -67,26 +106,22 @@ class StatusWriter:
     async def apply(self, view: ClusterView, desired: Desired,
                     report: PassReport | None) -> None:
         """Mirror a pass. After a full pass: every Workspace, token Secret and template.
-        After a pass about a few workspaces (a hint): just those."""
+        After a pass about a few workspaces (a hint): just those, and the Secrets of those
+        that have none yet (a new Workspace gets its token without waiting for a full pass)."""
         now = utcnow()
         scope = report.scope if report is not None else None
         by_object = desired_by_object(view, desired)
         # Objects that lost their workspace id to another are in `desired.rejected`, never
         # among the claimants.
         claimants = {w.workspace_id: w.object_ref for w in desired.workspaces.values()}
-        if scope is None:
-            secret_names = await self._tokens(view, by_object, claimants, now=now)
-        else:  # a hint's pass: the Secrets are as the last full pass left them
-            secret_names = {key: mirror.token_secret_name(key[1])
-                            for key, w in by_object.items()
-                            if claimants.get(w.workspace_id) == w.object_ref}
+        secret_names = await self._tokens(view, by_object, claimants, now=now, scope=scope)
         # `now` bounds the restarts read to the budget's window, as a pass reads them.
         observed = await in_thread(self.sessions, functools.partial(
             queries.load_observed, now=now, only=scope,
             restart_window=self.policy.restart_window))
-
         ready: dict[Key, bool] = {}
         previous_status: dict[str, Mapping[str, Any]] = {}
+        writes: list[StatusWrite] = []
         for obj in view.workspaces:
             key = key_of(obj)
             wanted = by_object[key]
@@ -103,8 +138,9 @@ class StatusWriter:
             new = mirror.workspace_status(state, base, now, token_secret=secret_names.get(key),
                                           guard=report.guard if report is not None else None)
             ready[key] = mirror.is_ready(new)
-            await self._patch(WORKSPACES, obj, current=current, new=new)
-
+            if not (self.written.get(uid) == new and current == new):
+                writes.append(StatusWrite(WORKSPACES, obj, current, new))
+        await _bounded(self._patch(write) for write in writes)
         if report is not None:
             await self._events(view, claimants, report, previous_status=previous_status,
                                now=now)
@@ -117,40 +153,45 @@ class StatusWriter:
 
     async def _templates(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
                          ready: Mapping[Key, bool]) -> None:
+        users: dict[Key, list[bool]] = {}
+        for key, is_ready in ready.items():
+            template_name = by_object[key].template
+            if template_name is not None:
+                users.setdefault((key[0], template_name), []).append(is_ready)
+        writes = []
         for template in view.templates:
-            namespace, name = key_of(template)
-            users = [k for k in ready if k[0] == namespace
-                     and by_object[k].template == name]
+            mine = users.get(key_of(template), [])
             plugins = len((template.get("spec") or {}).get("plugins") or [])
-            new = mirror.template_status(template, plugins, sum(ready[k] for k in users),
-                                         len(users))
-            await self._patch(TEMPLATES, template, current=template.get("status") or {},
-                              new=new)
+            writes.append(StatusWrite(TEMPLATES, template, template.get("status") or {},
+                                      mirror.template_status(template, plugins, sum(mine),
+                                                             len(mine))))
+        await _bounded(self._patch(write) for write in writes)
 
-    async def _patch(self, plural: str, obj: Mapping[str, Any], *,
-                     current: Mapping[str, Any], new: dict[str, Any]) -> None:
-        uid = obj["metadata"].get("uid", "")
-        if self.written.get(uid) == new and current == new:
+    async def _patch(self, write: StatusWrite) -> None:
+        uid = write.obj["metadata"].get("uid", "")
+        if self.written.get(uid) == write.new and write.current == write.new:
             return
-        patch = mirror.status_patch(current, new)
+        patch = mirror.status_patch(write.current, write.new)
         if patch is None:
-            self.written[uid] = new
+            self.written[uid] = write.new
             return
-        namespace, name = key_of(obj)
+        namespace, name = key_of(write.obj)
         try:
-            await self.kube.call(self.kube.patch_status, plural, namespace, name, patch)
+            await self.kube.call(self.kube.patch_status, write.plural, namespace, name, patch)
         except KubeError as error:
             if error.status != 404:  # deleted meanwhile: nothing to report on
                 log.warning("%s", error)
             return
         self.writes += 1
-        self.written[uid] = new
+        self.written[uid] = write.new
 
     async def _events(self, view: ClusterView, claimants: Mapping[str, str],
                       report: PassReport, *,
                       previous_status: Mapping[str, Mapping[str, Any]],
                       now: datetime) -> None:
         objects = {f"{k[0]}/{k[1]}": obj for obj in view.workspaces for k in [key_of(obj)]}
+        # Per object: a mirror may carry several passes' results for one workspace.
+        events: dict[str, tuple[Mapping[str, Any], list[mirror.Event]]] = {}
         for result in report.results:
             ref = claimants.get(result.workspace_id)
             obj = objects.get(ref or "")
@@ -161,15 +202,21 @@ class StatusWriter:
                               for c in before.get("conditions") or [])
             held_now = result.restart_pending and not (result.plans and
                                                        result.plans[-1].may_restart)
-            for event in mirror.events_for(result.outcomes, result.prior_failures, held_now,
-                                           held_before=held_before, trigger_of=result.trigger_of):
-                try:
-                    await self.kube.call(self.kube.create_event, obj, event.type,
-                                         event.reason, message=event.message, now=now,
-                                         instance=self.identity)
-                    self.writes += 1
-                except KubeError as error:
-                    log.warning("%s", error)
+            said = mirror.events_for(result.outcomes, result.prior_failures, held_now,
+                                     held_before=held_before, trigger_of=result.trigger_of)
+            if said:
+                events.setdefault(ref or "", (obj, []))[1].extend(said)
+        await _bounded(self._event(obj, event, now=now) for obj, said in events.values()
+                       for event in mirror.combined(said))
+
+    async def _event(self, obj: Mapping[str, Any], event: mirror.Event, *,
+                     now: datetime) -> None:
+        try:
+            await self.kube.call(self.kube.create_event, dict(obj), event.type, event.reason,
+                                 message=event.message, now=now, instance=self.identity)
+            self.writes += 1
+        except KubeError as error:
+            log.warning("%s", error)
 
     def _controller_secret(self, workspace_id: str) -> str | None:
         """What the workspace's Secret shows its runtime to check the controller's calls:
@@ -179,11 +226,13 @@ class StatusWriter:
         return tokens.runtime_secret_for(self.policy.runtime_secret, workspace_id)
 
     async def _tokens(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
-                      claimants: Mapping[str, str], *, now: datetime) -> dict[Key, str]:
+                      claimants: Mapping[str, str], *, now: datetime,
+                      scope: frozenset[str] | None) -> dict[Key, str]:
         """Every claimed Workspace has a Secret with a live registry token; tokens and
-        Secrets of Workspaces that are gone are revoked and deleted."""
-        active = await in_thread(self.sessions, functools.partial(queries.active_tokens,
-                                                                  issuer=ISSUER))
+        Secrets of Workspaces that are gone are revoked and deleted. After a hint's pass
+        (`scope`), only the Secrets missing altogether: a full pass checks the rest."""
+        names = {key: mirror.token_secret_name(key[1]) for key, w in by_object.items()
+                 if claimants.get(w.workspace_id) == w.object_ref}
         existing: dict[Key, str | None] = {}
         shown: dict[Key, str | None] = {}  # the controller secret each Secret holds
         for secret in view.secrets:
@@ -191,35 +240,58 @@ class StatusWriter:
             existing[key_of(secret)], shown[key_of(secret)] = (
                 base64.b64decode(data[k]).decode() if data.get(k) else None
                 for k in (mirror.TOKEN_KEY, mirror.CONTROLLER_SECRET_KEY))
-        names: dict[Key, str] = {}
-        objects = {key_of(obj): obj for obj in view.workspaces}
-        for key, wanted in by_object.items():
-            if claimants.get(wanted.workspace_id) != wanted.object_ref:
-                continue
-            namespace, name = key
-            secret_key = (namespace, mirror.token_secret_name(name))
-            names[key] = secret_key[1]
+        if scope is not None:
+            missing = [SecretWrite(key, (key[0], name), by_object[key].workspace_id, None,
+                                   self._controller_secret(by_object[key].workspace_id))
+                       for key, name in names.items()
+                       if by_object[key].workspace_id in scope
+                       and (key[0], name) not in existing and (key[0], name) not in self.secrets]
+            await self._write_secrets(view, missing, now=now)
+            return names
+        active = await in_thread(self.sessions, functools.partial(queries.active_tokens,
+                                                                  issuer=ISSUER))
+        wanted = []
+        for key, name in names.items():
+            secret_key, workspace_id = (key[0], name), by_object[key].workspace_id
             token = self.secrets.get(secret_key) or existing.get(secret_key)
-            valid = token is not None and \
-                active.get(tokens.digest(token)) == wanted.workspace_id
-            controller_secret = self._controller_secret(wanted.workspace_id)
-            if valid and shown.get(secret_key) == controller_secret:
-                continue
-            try:
-                if not valid or token is None:
-                    token = await asyncio.to_thread(issue_token, self.sessions,
-                                                    wanted.workspace_id, issuer=ISSUER)
-                await self.kube.call(self.kube.apply_secret, namespace,
-                                     _secret_body(objects[key], secret_key[1],
-                                                  wanted.workspace_id, token=token,
-                                                  controller_secret=controller_secret))
-            except (KubeError, DatabaseError) as error:
-                log.warning("token secret for %s/%s: %s", namespace, name, error)
-                continue
-            self.writes += 1
-            self.secrets[secret_key] = token
+            live = token is not None and active.get(tokens.digest(token)) == workspace_id
+            controller_secret = self._controller_secret(workspace_id)
+            if not live or shown.get(secret_key) != controller_secret:
+                wanted.append(SecretWrite(key, secret_key, workspace_id,
+                                          token if live else None, controller_secret))
+        await self._write_secrets(view, wanted, now=now)
+        objects = {key_of(obj): obj for obj in view.workspaces}
         await self._revoke_stale(view, objects, active=active, claimants=claimants, now=now)
         return names
+
+    async def _write_secrets(self, view: ClusterView, wanted: list[SecretWrite], *,
+                             now: datetime) -> None:
+        """Issue the tokens needed in one transaction, then write the Secrets."""
+        if not wanted:
+            return
+        fresh = {w.workspace_id: tokens.generate() for w in wanted if w.token is None}
+        try:
+            await in_thread(self.sessions, functools.partial(_store_tokens, issued=fresh,
+                                                             now=now))
+        except DatabaseError as error:
+            log.warning("token secrets: cannot issue %d token(s): %s", len(fresh), error)
+            return
+        objects = {key_of(obj): obj for obj in view.workspaces}
+        await _bounded(self._write_secret(objects[w.key], w, w.token or fresh[w.workspace_id])
+                       for w in wanted)
+
+    async def _write_secret(self, obj: Mapping[str, Any], write: SecretWrite,
+                            token: str) -> None:
+        namespace, name = write.secret_key
+        try:
+            await self.kube.call(self.kube.apply_secret, namespace, _secret_body(
+                obj, name, write.workspace_id, token=token,
+                controller_secret=write.controller_secret))
+        except KubeError as error:
+            log.warning("token secret for %s/%s: %s", write.key[0], write.key[1], error)
+            return
+        self.writes += 1
+        self.secrets[write.secret_key] = token
 
     async def _revoke_stale(self, view: ClusterView, objects: Mapping[Key, Any], *,
                             active: Mapping[str, str], claimants: Mapping[str, str],
@@ -231,16 +303,25 @@ class StatusWriter:
             revoked = await in_thread(self.sessions, functools.partial(
                 queries.revoke_tokens, token_hashes=stale, now=now))
             log.info("revoked %d token(s) of deleted workspaces", revoked)
-        for secret in view.secrets:
-            namespace, name = key_of(secret)
-            owner = (secret.get("metadata", {}).get("labels") or {}).get(mirror.WORKSPACE_LABEL)
-            if owner and (namespace, owner) not in objects:
-                try:
-                    await self.kube.call(self.kube.delete_secret, namespace, name)
-                    self.writes += 1
-                except KubeError as error:
-                    log.warning("%s", error)
-                self.secrets.pop((namespace, name), None)
+        gone = [key_of(secret) for secret in view.secrets
+                if (owner := (secret.get("metadata", {}).get("labels") or {}).get(
+                    mirror.WORKSPACE_LABEL)) and (key_of(secret)[0], owner) not in objects]
+        await _bounded(self._delete_secret(key) for key in gone)
+
+    async def _delete_secret(self, key: Key) -> None:
+        try:
+            await self.kube.call(self.kube.delete_secret, *key)
+            self.writes += 1
+        except KubeError as error:
+            log.warning("%s", error)
+        self.secrets.pop(key, None)
+
+
+def _store_tokens(session: Session, *, issued: Mapping[str, str], now: datetime) -> None:
+    """One transaction for every token a mirror issues (a cold start issues thousands)."""
+    for workspace_id, secret in issued.items():
+        queries.add_token(session, workspace_id, tokens.digest(secret), now=now,
+                          issuer=ISSUER)
 
 
 def _secret_body(obj: Mapping[str, Any], name: str, workspace_id: str, *,

@@ -40,18 +40,10 @@ def plane() -> Iterator[kube.ControlPlane]:
         pytest.fail(f"no Kubernetes control plane for the end-to-end suite: {error}",
                     pytrace=False)
     try:
-        control_plane.kubectl("apply", "-f", str(ROOT / "crds"))
-        control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                              "crd/workspaces.pluginctl.dev",
-                              "crd/workspacetemplates.pluginctl.dev")
-        # Established is not yet published in the OpenAPI document that `kubectl explain`
-        # reads; that follows a moment later.
-        deadline = time.monotonic() + 60
-        while any(control_plane.kubectl("explain", kind, check=False).returncode != 0
-                  for kind in ("workspace", "workspacetemplate")):
-            if time.monotonic() > deadline:
-                pytest.fail("the CRDs never appeared in the OpenAPI document", pytrace=False)
-            time.sleep(0.5)
+        try:
+            kube.install_crds(control_plane)
+        except kube.KubeUnavailable as error:
+            pytest.fail(str(error), pytrace=False)
         yield control_plane
     finally:
         control_plane.stop()
@@ -100,13 +92,14 @@ class Operator:
     (conditions, Events, Secrets, the Lease, `/metrics`); its log is for failure messages."""
 
     def __init__(self, plane: kube.ControlPlane, lease_namespace: str, db: str, identity: str,
-                 log_dir: Path, kubeconfig: Path | None = None, extra: tuple[str, ...] = ()
-                 ) -> None:
+                 log_dir: Path, kubeconfig: Path | None = None, extra: tuple[str, ...] = (),
+                 log_level: str = "debug") -> None:
         self.port = free_port()
         self.identity = identity
         self.log = log_dir / f"operator-{identity}.log"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "controller", "--log-level", "debug", "run", "--kubernetes",
+            [sys.executable, "-m", "controller", "--log-level", log_level, "--log-format",
+             "json", "run", "--kubernetes",
              "--db", db, "--listen", f"127.0.0.1:{self.port}", "--interval", "1",
              "--lease-namespace", lease_namespace, "--identity", identity, *extra],
             env=plane.env(kubeconfig), stdout=subprocess.DEVNULL,
@@ -132,6 +125,16 @@ class Operator:
                    if sample.name == "pluginctl_reconcile_total"
                    and sample.labels.get("trigger") == trigger)
 
+    def log_records(self) -> tuple[list[dict[str, object]], list[str]]:
+        """The log's JSON records, and its lines that are not (Python warnings, tracebacks)."""
+        records, other = [], []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                other.append(line)
+        return records, other
+
     def log_tail(self) -> str:
         """The end of the log: to explain a failure, never to decide one."""
         return self.log.read_text(errors="replace")[-3000:]
@@ -155,9 +158,10 @@ def operators(plane: kube.ControlPlane, namespace: str, tmp_path: Path
                    check=True, capture_output=True)
 
     def start(identity: str = "op-a", kubeconfig: Path | None = None,
-              lease_namespace: str | None = None, extra: tuple[str, ...] = ()) -> Operator:
+              lease_namespace: str | None = None, extra: tuple[str, ...] = (),
+              log_level: str = "debug") -> Operator:
         operator = Operator(plane, lease_namespace or namespace, db, identity, tmp_path,
-                            kubeconfig, extra)
+                            kubeconfig, extra, log_level)
         started.append(operator)
         return operator
 
@@ -955,3 +959,74 @@ def test_sidecar_example_is_admitted_as_a_restricted_native_sidecar(
     service = yaml.safe_load((ROOT / "manifests" / "base" / "service.yaml").read_text())
     host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     assert flags["--registry"][0].split("/")[2].split(":")[0] in (host, f"{host}.cluster.local")
+
+
+# --- quiet logs ------------------------------------------------------------------------------
+
+def _log_of(operator: Operator) -> tuple[list[str], list[str], list[str]]:
+    """(kopf's per-object records, TLS warnings of ours, urllib3's warning lines)."""
+    records, other = operator.log_records()
+    return ([str(r["message"]) for r in records if r["logger"] == "kopf.objects"],
+            [str(r["message"]) for r in records if r["logger"] == "pluginctl.kube"
+             and r["level"] == "warning" and "TLS verification" in str(r["message"])],
+            [line for line in other if "InsecureRequestWarning" in line])
+
+
+async def _logged_run(plane: kube.ControlPlane, namespace: str, operator: Operator,
+                      names: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
+    """Run the operator until it has passed twice over the Workspaces and made their token
+    Secrets, stop it, read its log."""
+    await wait_for(lambda: operator.passes() >= 2, "two passes", 60, blocking=True,
+                   every=0.25)
+    await wait_for(lambda: all(token_of(plane, namespace, n) for n in names),
+                   "the token Secrets", 60, blocking=True, every=0.25)
+    operator.stop()
+    return _log_of(operator)
+
+
+async def test_operator_logs_one_line_per_event_and_everything_at_debug(
+    plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
+) -> None:
+    """The test kubeconfig skips TLS verification: at info, the operator says so once and
+    neither kopf's per-object lines nor urllib3's per-request warnings appear; at debug
+    both come back."""
+    names = ("q1", "q2", "q3")
+    apply(plane, namespace, template("base", SEO), *(workspace(n) for n in names))
+    logs = {}
+    for level in ("info", "debug"):
+        logs[level] = await _logged_run(plane, namespace, operators(
+            identity=f"op-{level}", log_level=level), names)
+    kopf_lines, tls_warnings, urllib3_lines = logs["info"]
+    assert kopf_lines == [], kopf_lines
+    assert len(tls_warnings) == 1, tls_warnings
+    assert urllib3_lines == []
+    kopf_lines, tls_warnings, urllib3_lines = logs["debug"]
+    assert any("succeeded" in line for line in kopf_lines), kopf_lines[:5]
+    assert len(tls_warnings) == 1
+    assert urllib3_lines != []
+
+
+# --- pluginctl bench --kubernetes ------------------------------------------------------------
+
+async def test_bench_kubernetes_section_runs_tiny(plane: kube.ControlPlane,
+                                                 tmp_path: Path) -> None:
+    """The bench's Kubernetes section on the suite's control plane with five Workspaces:
+    every figure is there and sane; steady passes write nothing, nothing is installed twice."""
+    from controller.sim import kube_bench
+
+    said: list[str] = []
+    result = await kube_bench.run(kube_bench.Sizes(workspaces=5, interval=1.0), tmp_path,
+                                  said.append, plane=plane)
+    assert result["workspaces"] == 5
+    assert result["steady_pass_writes"] == 0, said
+    assert result["installed_more_than_once"] == 0
+    assert result["installs_seen_by_runtimes"] == 5 * 4  # three plugins, then one more
+    assert result["baseline"]["standalone"]["installs_seen_by_runtimes"] == 5 * 3
+    assert result["baseline"]["standalone"]["installed_more_than_once"] == 0
+    for name in ("created_to_secrets_seconds", "registers_to_installed_seconds",
+                 "registers_to_ready_seconds", "template_change_to_ready_seconds"):
+        assert 0 <= result[name] < 120, (name, result[name])
+    assert result["registers_to_ready_seconds"] >= result["registers_to_installed_seconds"] \
+        - 0.5  # (the two clocks are sampled apart)
+    assert 20 < result["operator_peak_rss_mb"] < 1000
+    assert result["ready_ratio_to_standalone_installed"] > 0

@@ -234,3 +234,12 @@ def test_reasons_from_desired_state_reach_the_conditions_unchanged() -> None:
     assert stalled(desired.workspaces["orphan"]) == "TemplateNotFound"
     assert stalled(desired.workspaces["uses-broken"]) == "InvalidSpec"
     assert stalled(desired.workspaces["same"]) == "NotStalled"
+
+
+def test_one_event_per_kind_and_object_in_a_mirror() -> None:
+    installs = [mirror.Event("Normal", "Installed", f"installed {name}") for name in "abc"]
+    failed = mirror.Event("Warning", "InstallFailed", "install d failed")
+    events = mirror.combined([installs[0], failed, *installs[1:]])
+    assert [(e.reason, e.message) for e in events] == [
+        ("Installed", "installed a; installed b; installed c"),
+        ("InstallFailed", "install d failed")]

@@ -40,3 +40,38 @@ def test_versions_that_are_not_numbers_leave_the_watch_in_charge() -> None:
     watched = [obj("a", "x", 5), obj("b", None, 1)]
     listed = [obj("a", "y", 4)]
     assert names(merge_listed(watched, listed, "z", {})) == {"a": 5, "b": 1}
+
+
+def _workspace(name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": "pluginctl.dev/v1alpha1", "kind": "Workspace",
+            "metadata": {"namespace": "ns", "name": name, "uid": uid, "generation": 1},
+            "spec": {"templateRef": {"name": "base"}}}
+
+
+def test_desired_state_is_built_at_most_half_the_time_and_what_it_missed_is_hinted() -> None:
+    """10,000 Workspaces created at once hint a pass each: building desired state for every
+    one of them would take the whole loop. A pass soon after a build plans on that build,
+    and the Workspaces it did not see are hinted again."""
+    from freezegun import freeze_time
+
+    from controller.engine.queue import WorkQueue
+    from controller.kube.operator import Watch
+
+    template = {"apiVersion": "pluginctl.dev/v1alpha1", "kind": "WorkspaceTemplate",
+                "metadata": {"namespace": "ns", "name": "base", "uid": "t", "generation": 1},
+                "spec": {"plugins": [{"name": "a", "source": "local://a"}]}}
+    queue = WorkQueue()
+    watch = Watch(queue)
+    workspaces = {("ns", "w1"): [_workspace("w1", "u1")]}  # as kopf indexes: key -> store
+    watch.indexes = {"workspace_index": workspaces,
+                     "template_index": {("ns", "base"): [template]}}
+    with freeze_time("2026-01-01", tick=True) as clock:
+        assert set(watch.desired().workspaces) == {"w1"}
+        workspaces[("ns", "w2")] = [_workspace("w2", "u2")]
+        clock.tick(0)
+        # Built a moment ago: the same build, and w2 hinted for a later pass.
+        assert set(watch.desired().workspaces) == {"w1"}
+        assert set(queue.take()) == {"w2"}
+        clock.tick(60)
+        assert set(watch.desired().workspaces) == {"w1", "w2"}
+        assert queue.take() == {}

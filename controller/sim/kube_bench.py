@@ -1,0 +1,542 @@
+"""`pluginctl bench --kubernetes`: the operator at scale on a real kube-apiserver (the tests'
+control plane, `controller.sim.control_plane`). The operator runs as its own process
+(`pluginctl run --kubernetes`, so that its peak RSS is its own) over N Workspaces built from
+one template; the simulated fleet (`controller.sim.fleet`, a process too) registers them all
+at once. Measured: objects created -> every token Secret present; registers -> every plugin
+installed and every Workspace Ready; a template change (one plugin more) -> every Workspace
+Ready again; API writes during steady passes (from the API server's own request counter);
+plugins installed more than once; the operator's peak RSS. Baseline, in the same run: the
+same registers and installs in standalone mode (`pluginctl run --manifests`), as a ratio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from controller.domain import tokens
+from controller.domain.models import API_GROUP, API_VERSION, Plugin, utcnow
+from controller.registry.serving import free_port
+from controller.sim import control_plane
+from controller.sim.fleet import FleetProcess
+from controller.sim.memory import PLUGINS, proc_status_kb
+from controller.sim.scrape import Scrape, scrape
+from controller.store import make_engine, make_sessions, queries, transaction, upgrade
+
+NAMESPACE = "pluginctl-bench"  # and a suffix: a deleted namespace lingers (no controller
+# manager on this control plane finalises it)
+TEMPLATE = "bench"
+INSTALL_SECONDS = 0.02  # as the converge section's simulated installs
+CONCURRENCY = 64  # runtime calls in flight, both modes
+INTERVAL = 10.0  # seconds between full passes, both modes
+CREATORS = 32  # objects created at once
+WRITES = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+OURS = ("workspaces", "workspacetemplates", "secrets", "events")
+HEARTBEAT_EVERY = 20.0  # seconds between one runtime's heartbeats (well inside offline-after)
+DEFAULT_WORKSPACES = 1000  # about a minute on two cores, standalone baseline included
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    workspaces: int = DEFAULT_WORKSPACES
+    plugins: int = 3  # the template's, before the change adds one
+    interval: float = INTERVAL
+
+    @property
+    def deadline(self) -> float:
+        """How long any one phase may take before the bench gives up on it."""
+        return max(120.0, self.workspaces * 0.1)
+
+
+def _workspace_ids(count: int) -> list[str]:
+    return [f"ws-{i:06d}" for i in range(count)]
+
+
+def _template(plugins: list[Plugin], namespace: str) -> dict[str, Any]:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "WorkspaceTemplate",
+            "metadata": {"name": TEMPLATE, "namespace": namespace},
+            "spec": {"plugins": [{"name": p.name, "source": p.source} for p in plugins]}}
+
+
+def _workspace(name: str, namespace: str) -> dict[str, Any]:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "Workspace",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"workspaceId": name, "templateRef": {"name": TEMPLATE}}}
+
+
+class ApiServer:
+    """The API server over HTTP as the admin: object creation, LISTs and its `/metrics`."""
+
+    def __init__(self, plane: control_plane.ControlPlane, namespace: str) -> None:
+        self.url = plane.url
+        self.namespace = namespace
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=False, limit=CREATORS),
+            headers={"Authorization": f"Bearer {control_plane.ADMIN_TOKEN}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+
+    def path(self, plural: str, name: str = "") -> str:
+        group = "/api/v1" if plural == "secrets" else f"/apis/{API_GROUP}/{API_VERSION}"
+        return f"{group}/namespaces/{self.namespace}/{plural}" + (f"/{name}" if name else "")
+
+    async def create(self, plural: str, body: dict[str, Any]) -> None:
+        async with self.client.post(self.url + self.path(plural), json=body) as answer:
+            if answer.status not in (200, 201):
+                raise RuntimeError(f"create {plural}: HTTP {answer.status}: "
+                                   f"{(await answer.text())[:300]}")
+
+    async def create_all(self, plural: str, bodies: list[dict[str, Any]]) -> None:
+        limit = asyncio.Semaphore(CREATORS)
+
+        async def one(body: dict[str, Any]) -> None:
+            async with limit:
+                await self.create(plural, body)
+
+        await asyncio.gather(*(one(b) for b in bodies))
+
+    async def patch(self, plural: str, name: str, body: dict[str, Any]) -> None:
+        async with self.client.patch(self.url + self.path(plural, name), json=body, headers={
+                "Content-Type": "application/merge-patch+json"}) as answer:
+            if answer.status != 200:
+                raise RuntimeError(f"patch {plural}/{name}: HTTP {answer.status}")
+
+    async def get(self, path: str, **params: str) -> Any:
+        async with self.client.get(self.url + path, params=params) as answer:
+            answer.raise_for_status()
+            return await answer.json()
+
+    async def secrets(self) -> list[dict[str, Any]]:
+        listed = await self.get(self.path("secrets"),
+                                labelSelector="app.kubernetes.io/managed-by=pluginctl")
+        return list(listed.get("items") or [])
+
+    async def writes(self) -> int:
+        """Writes the API server served to pluginctl's kinds (Workspaces, templates, token
+        Secrets, Events) since it started: its own `apiserver_request_total`."""
+        page = await scrape(self.client, self.url)
+        return int(sum(page.total("apiserver_request_total", verb=verb, resource=resource)
+                       for verb in WRITES for resource in OURS))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+@dataclass
+class ReadyWatch:
+    """Every Workspace's Ready and pluginsReady, from a LIST then a WATCH of the namespace;
+    `wait_all` returns when every one is Ready with `want` plugins ("4/4")."""
+
+    api: ApiServer
+    count: int
+    want: str = ""
+    seen: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    good: set[str] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    last_at: float = 0.0  # when the newest change arrived (wall clock)
+    broken: str | None = None  # the last error of the watch
+
+    def _update(self, obj: dict[str, Any], deleted: bool = False) -> None:
+        name = obj["metadata"]["name"]
+        status = obj.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or [])
+        self.seen[name] = (ready and not deleted, str(status.get("pluginsReady")))
+        if self.seen[name] == (True, self.want):
+            self.good.add(name)
+        else:
+            self.good.discard(name)
+        self.last_at = time.time()
+        self.changed.set()
+
+    def target(self, want: str) -> None:
+        self.want = want
+        self.good = {n for n, state in self.seen.items() if state == (True, want)}
+
+    async def run(self) -> None:
+        """LIST then WATCH, again whenever the stream ends or breaks."""
+        while True:
+            try:
+                await self._list_and_watch()
+            except (aiohttp.ClientError, ValueError, KeyError) as error:
+                self.broken = f"{type(error).__name__}: {error}"
+                await asyncio.sleep(0.5)
+
+    async def _list_and_watch(self) -> None:
+        path = self.api.path("workspaces")
+        listed = await self.api.get(path)
+        for obj in listed.get("items") or []:
+            self._update(obj)
+        version = listed["metadata"]["resourceVersion"]
+        async with self.api.client.get(self.api.url + path, params={
+                "watch": "1", "resourceVersion": version, "timeoutSeconds": "3600"}) as stream:
+            stream.raise_for_status()
+            async for line in stream.content:
+                event = json.loads(line)
+                if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                    self._update(event["object"], event["type"] == "DELETED")
+
+    def lagging(self) -> str:
+        """Why `wait_all` gave up: a few Workspaces not there yet, as the watch saw them."""
+        behind = [f"{name}: {self.seen[name]}" for name in sorted(self.seen)
+                  if name not in self.good][:5]
+        return (f"{len(self.good)}/{self.count} Ready with {self.want} plugins; "
+                f"{len(self.seen)} seen; e.g. {behind}; watch error: {self.broken}")
+
+    async def wait_all(self, deadline: float) -> float | None:
+        """When the last Workspace became Ready with `want` plugins (None: not by then)."""
+        while len(self.good) < self.count:
+            self.changed.clear()
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except TimeoutError:
+                return None
+        return self.last_at
+
+
+class Controller:
+    """A `pluginctl run` process (operator or standalone) and its registry/metrics port."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str], *,
+                 interval: float) -> None:
+        self.port = free_port()
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controller", "--log-level", "info", "run", *args,
+             "--listen", f"127.0.0.1:{self.port}", "--interval", str(interval),
+             "--concurrency", str(CONCURRENCY)],
+            env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def started(self, client: aiohttp.ClientSession, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pluginctl run exited with {self.process.returncode}:\n"
+                                   f"{self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                async with client.get(self.url + "/healthz") as answer:
+                    if answer.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        raise RuntimeError("pluginctl run did not come up")
+
+    async def metrics(self, client: aiohttp.ClientSession) -> Scrape:
+        return await scrape(client, self.url)
+
+    def peak_rss_mb(self) -> float:
+        return round(proc_status_kb("VmHWM", self.process.pid) / 1024, 1)
+
+    def log_lines(self) -> int:
+        with self.log.open("rb") as stream:
+            return sum(1 for _ in stream)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+
+
+# --- the phases -----------------------------------------------------------------------------
+
+async def _until(check: Callable[[], Any], what: str, deadline: float,
+                 every: float = 0.2) -> float:
+    """Polls the async `check` until it is true; when it was (wall clock)."""
+    while time.time() < deadline:
+        if await check():
+            return time.time()
+        await asyncio.sleep(every)
+    raise RuntimeError(f"gave up waiting for {what}")
+
+
+def _tokens_of(secrets: list[dict[str, Any]]) -> dict[str, str]:
+    import base64
+
+    found = {}
+    for secret in secrets:
+        labels = secret["metadata"].get("labels") or {}
+        token = (secret.get("data") or {}).get("token")
+        if token and labels.get("pluginctl.dev/workspace-id"):
+            found[labels["pluginctl.dev/workspace-id"]] = base64.b64decode(token).decode()
+    return found
+
+
+@dataclass
+class Run:
+    """One measured run of the operator; the figures as they are taken."""
+
+    api: ApiServer
+    operator: Controller
+    sizes: Sizes
+    scratch: Path
+    say: Say
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    async def objects_to_secrets(self, ids: list[str]) -> dict[str, str]:
+        started = time.time()
+        namespace = self.api.namespace
+        await self.api.create("workspacetemplates",
+                              _template(PLUGINS[:self.sizes.plugins], namespace))
+        await self.api.create_all("workspaces", [_workspace(i, namespace) for i in ids])
+        created = time.time()
+        self.say(f"  {len(ids)} Workspaces created in {created - started:.1f}s")
+
+        async def all_secrets() -> bool:
+            return len(await self.api.secrets()) >= len(ids)
+
+        present = await _until(all_secrets, "every token Secret", created + self.sizes.deadline,
+                               every=0.5)
+        self.figures.update(create_seconds=round(created - started, 2),
+                            created_to_secrets_seconds=round(present - created, 2))
+        self.say(f"  every token Secret {present - created:.1f}s after the last object")
+        return _tokens_of(await self.api.secrets())
+
+    async def registers_to_ready(self, fleet: FleetProcess, ids: list[str],
+                                 watch: ReadyWatch) -> None:
+        count = self.sizes.plugins
+        watch.target(f"{count}/{count}")
+        started = time.time()
+        await fleet.register(ids)
+        registered = time.time()
+        # Runtimes heartbeat from now on, as real ones do (each every HEARTBEAT_EVERY s):
+        # a storm longer than the offline threshold would otherwise end all Offline.
+        await fleet.post("/fleet/heartbeats", {"rate": len(ids) / HEARTBEAT_EVERY})
+
+        async def installed() -> bool:
+            return await fleet.done_count() >= len(ids)
+
+        all_installed = await _until(installed, "every install", started + self.sizes.deadline)
+        ready = await watch.wait_all(started + self.sizes.deadline)
+        if ready is None:
+            raise RuntimeError(f"registers: {watch.lagging()}")
+        self.figures.update(registers_seconds=round(registered - started, 2),
+                            registers_to_installed_seconds=round(all_installed - started, 2),
+                            registers_to_ready_seconds=round(ready - started, 2))
+        self.say(f"  registers: every plugin installed after {all_installed - started:.1f}s, "
+                 f"every Workspace Ready after {ready - started:.1f}s")
+
+    async def steady_writes(self, fleet: FleetProcess, ids: list[str]) -> None:
+        """Heartbeats flow (since the registers), two full passes run: how many writes did
+        they make?"""
+        client = self.api.client
+        last = await self.api.writes()
+        while True:  # what the last passes left to write is written first
+            await asyncio.sleep(2)
+            now = await self.api.writes()
+            if now == last:
+                break
+            last = now
+        passes = (await self.operator.metrics(client)).total("pluginctl_reconcile_total",
+                                                              trigger="periodic")
+
+        async def two_more() -> bool:
+            page = await self.operator.metrics(client)
+            return page.total("pluginctl_reconcile_total", trigger="periodic") >= passes + 2
+
+        await _until(two_more, "two full passes", time.time() + 3 * self.sizes.interval
+                     + self.sizes.deadline, every=0.5)
+        await asyncio.sleep(1)  # the second pass's mirror
+        writes = await self.api.writes() - last
+        self.figures["steady_pass_writes"] = writes
+        self.say(f"  two steady full passes under heartbeats: {writes} API writes")
+
+    async def template_change(self, watch: ReadyWatch) -> None:
+        """One plugin more in the template, heartbeats still flowing."""
+        count = self.sizes.plugins + 1
+        watch.target(f"{count}/{count}")
+        started = time.time()
+        await self.api.patch("workspacetemplates", TEMPLATE,
+                             {"spec": _template(PLUGINS[:count], "")["spec"]})
+        ready = await watch.wait_all(started + self.sizes.deadline)
+        if ready is None:
+            raise RuntimeError(f"template change: {watch.lagging()}")
+        self.figures["template_change_to_ready_seconds"] = round(ready - started, 2)
+        self.say(f"  template change: every Workspace Ready after {ready - started:.1f}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a live process has used so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fleet_figures(state: dict[str, Any]) -> dict[str, int]:
+    installed = sum(len(plugins) for plugins in state["installed"].values())
+    return {"installs_seen_by_runtimes": int(state["puts"]),
+            "installed_more_than_once": int(state["puts"]) - installed,
+            "overlapping_calls": int(state["overlaps"]),
+            "register_retries": int((state.get("registry") or {}).get("register_retries", 0))}
+
+
+def _database(scratch: Path, label: str) -> str:
+    url = f"sqlite:///{scratch / (label + '.db')}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+async def operator_run(plane: control_plane.ControlPlane, sizes: Sizes, scratch: Path,
+                       say: Say, *, shared: bool) -> dict[str, Any]:
+    """The operator over `sizes.workspaces` Workspaces, phase by phase; on a `shared`
+    control plane, its objects are deleted after."""
+    ids = _workspace_ids(sizes.workspaces)
+    namespace = f"{NAMESPACE}-{uuid.uuid4().hex[:6]}"
+    plane.kubectl("create", "namespace", namespace)
+    operator = Controller(["--kubernetes", "--db", _database(scratch, "operator"),
+                           "--lease-namespace", namespace, "--identity", "bench"],
+                          scratch / "operator.log", plane.env(), interval=sizes.interval)
+    api = ApiServer(plane, namespace)
+    run = Run(api, operator, sizes, scratch, say)
+    fleet: FleetProcess | None = None
+    watch = ReadyWatch(api, len(ids))
+    watching = asyncio.create_task(watch.run())
+    try:
+        await operator.started(api.client)
+        say(f"kubernetes: {len(ids)} Workspaces from one template of {sizes.plugins} plugins")
+        tokens_file = scratch / "operator-tokens.json"
+        tokens_file.write_text(json.dumps(await run.objects_to_secrets(ids)))
+        fleet = FleetProcess(install_delay=INSTALL_SECONDS, expected=sizes.plugins,
+                             registry_url=operator.url, tokens_file=tokens_file)
+        await fleet.started()
+        await run.registers_to_ready(fleet, ids, watch)
+        await run.steady_writes(fleet, ids)
+        await run.template_change(watch)
+        run.figures.update(_fleet_figures(await fleet.get("/fleet/state")))
+        run.figures.update(operator_peak_rss_mb=operator.peak_rss_mb(),
+                           operator_log_lines=operator.log_lines(), cpu_seconds={
+                               "operator": round(cpu_seconds(operator.process.pid), 1),
+                               "apiserver_and_etcd": round(sum(
+                                   cpu_seconds(p.pid) for p in plane.processes), 1),
+                               "fleet": round(cpu_seconds(fleet.process.pid), 1)})
+        say(f"  operator peak RSS {run.figures['operator_peak_rss_mb']} MB, "
+            f"{run.figures['installed_more_than_once']} plugins installed more than once")
+    except BaseException:
+        say(f"  the operator's log ends:\n{operator.log.read_text(errors='replace')[-2000:]}")
+        raise
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        if fleet is not None:
+            await fleet.stop()
+        operator.stop()
+        await api.close()
+        if shared:  # other operators on this control plane (the tests') watch everything
+            plane.kubectl("delete", "workspaces,workspacetemplates,secrets", "--all", "-n",
+                          namespace, "--wait=false", check=False, timeout=300)
+    return run.figures
+
+
+def _manifests(directory: Path, ids: list[str], plugins: list[Plugin]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = [_template(plugins, "default"), *(_workspace(i, "default") for i in ids)]
+    (directory / "fleet.yaml").write_text(yaml.safe_dump_all(documents))
+    return directory
+
+
+def _seed_tokens(url: str, ids: list[str], path: Path) -> Path:
+    """Tokens straight into the store (one transaction), as `pluginctl token create` would
+    leave them."""
+    secrets = {workspace_id: f"plc_kbench_{workspace_id}" for workspace_id in ids}
+    engine = make_engine(url)
+    try:
+        with transaction(make_sessions(engine)) as session:
+            for workspace_id, secret in secrets.items():
+                queries.add_token(session, workspace_id, tokens.digest(secret), now=utcnow(),
+                                  issuer="bench")
+    finally:
+        engine.dispose()
+    path.write_text(json.dumps(secrets))
+    return path
+
+
+async def standalone_run(sizes: Sizes, scratch: Path, say: Say) -> dict[str, Any]:
+    """The baseline: the same registers and installs, desired state from YAML."""
+    ids = _workspace_ids(sizes.workspaces)
+    url = _database(scratch, "standalone")
+    tokens_file = _seed_tokens(url, ids, scratch / "standalone-tokens.json")
+    directory = _manifests(scratch / "manifests", ids, PLUGINS[:sizes.plugins])
+    controller = Controller(["--manifests", str(directory), "--db", url],
+                            scratch / "standalone.log", dict(os.environ),
+                            interval=sizes.interval)
+    fleet = FleetProcess(install_delay=INSTALL_SECONDS, expected=sizes.plugins,
+                         registry_url=controller.url, tokens_file=tokens_file)
+    try:
+        async with aiohttp.ClientSession() as client:
+            await controller.started(client)
+        await fleet.started()
+        say(f"standalone: {len(ids)} workspaces register at once")
+        started = time.time()
+        await fleet.register(ids)
+
+        async def installed() -> bool:
+            return await fleet.done_count() >= len(ids)
+
+        done = await _until(installed, "every install", started + sizes.deadline)
+        figures = {"registers_to_installed_seconds": round(done - started, 2),
+                   **_fleet_figures(await fleet.get("/fleet/state")),
+                   "peak_rss_mb": controller.peak_rss_mb()}
+    finally:
+        await fleet.stop()
+        controller.stop()
+    say(f"  every plugin installed after {figures['registers_to_installed_seconds']}s")
+    return figures
+
+
+def _ratio(value: float, baseline: float) -> float | None:
+    return round(value / baseline, 2) if baseline > 0 else None
+
+
+async def run(sizes: Sizes, scratch: Path, say: Say,
+              plane: control_plane.ControlPlane | None = None) -> dict[str, Any]:
+    """The whole section; on a control plane of its own unless one is given (with the
+    CRDs installed)."""
+    own = plane is None
+    if plane is None:
+        say("kubernetes: starting etcd and kube-apiserver")
+        plane = await asyncio.to_thread(control_plane.start)
+    try:
+        if own:
+            await asyncio.to_thread(control_plane.install_crds, plane)
+        operator = await operator_run(plane, sizes, scratch, say, shared=not own)
+    finally:
+        if own:
+            await asyncio.to_thread(plane.stop)
+    standalone = await standalone_run(sizes, scratch, say)
+    return {"workspaces": sizes.workspaces, "plugins": sizes.plugins,
+            "install_latency_ms": INSTALL_SECONDS * 1000, "concurrency": CONCURRENCY,
+            "interval_seconds": sizes.interval, **operator,
+            "baseline": {"standalone": standalone},
+            "ready_ratio_to_standalone_installed": _ratio(
+                operator["registers_to_ready_seconds"],
+                standalone["registers_to_installed_seconds"]),
+            "installed_ratio_to_standalone": _ratio(
+                operator["registers_to_installed_seconds"],
+                standalone["registers_to_installed_seconds"])}

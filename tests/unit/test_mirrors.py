@@ -1,0 +1,70 @@
+"""The operator's mirrors: one at a time, in order, and passes that end meanwhile merged into
+the next one, so that two writes to one object never race and the newest state wins."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from controller.domain.desired import Desired
+from controller.engine.queue import Trigger
+from controller.engine.report import PassReport, WorkspaceResult
+from controller.kube.operator import Mirrors, merged
+from controller.kube.view import ClusterView
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def report(*ids: str, scope: frozenset[str] | None = None) -> PassReport:
+    return PassReport(started_at=NOW, finished_at=NOW, dry_run=False, scope=scope,
+                      results=tuple(WorkspaceResult(workspace_id=i, plans=(),
+                                                    trigger=Trigger.REGISTRY) for i in ids))
+
+
+def view(tag: str) -> ClusterView:
+    return ClusterView([{"metadata": {"name": tag}}], [], [])
+
+
+class Sink:
+    """Records each mirror, and holds the first one until released."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, PassReport | None]] = []
+        self.writing = 0
+        self.overlapped = False
+        self.release = asyncio.Event()
+
+    async def apply(self, view: ClusterView, desired: Desired,
+                    report: PassReport | None) -> None:
+        self.writing += 1
+        self.overlapped |= self.writing > 1
+        await self.release.wait()
+        self.applied.append((view.workspaces[0]["metadata"]["name"], report))
+        self.writing -= 1
+
+
+def test_merged_keeps_every_result_and_joins_scopes() -> None:
+    one = merged([report("a", scope=frozenset({"a"})), report("b", scope=frozenset({"b"}))])
+    assert [r.workspace_id for r in one.results] == ["a", "b"]
+    assert one.scope == frozenset({"a", "b"})
+    assert merged([report("a", scope=frozenset({"a"})), report("b")]).scope is None
+
+
+async def test_mirrors_run_one_at_a_time_and_merge_what_ended_meanwhile() -> None:
+    sink = Sink()
+    mirrors = Mirrors(sink)
+    running = asyncio.create_task(mirrors.run())
+    empty = Desired({}, (), ())
+    mirrors.add(view("v1"), empty, report("a", scope=frozenset({"a"})))
+    await asyncio.sleep(0)  # the first mirror starts and waits
+    for tag, workspace in (("v2", "b"), ("v3", "c")):
+        mirrors.add(view(tag), empty, report(workspace, scope=frozenset({workspace})))
+    sink.release.set()
+    mirrors.close()
+    await asyncio.wait_for(running, 5)
+    assert not sink.overlapped
+    assert [tag for tag, _ in sink.applied] == ["v1", "v3"]  # the newest view wins
+    second = sink.applied[1][1]
+    assert second is not None
+    assert [r.workspace_id for r in second.results] == ["b", "c"]
+    assert second.scope == frozenset({"b", "c"})
