@@ -3,9 +3,11 @@ so that every figure is also a ratio (these machines are shared and noisy):
 
 - noop_pass: a pass over N converged online workspaces x 5 plugins, vs the naive
   per-workspace loop (two queries per workspace, as edge-triggered platforms do it);
-- heartbeat: sustained authenticated heartbeats per second against the registry running as
-  its own process (and how many its /metrics counted), vs a bare JSON endpoint of the same
-  HTTP stack (`controller.sim.bare`);
+- heartbeat: sustained authenticated heartbeats per second, p50 and p99, against the
+  registry running as its own process (and how many its /metrics counted), vs a bare JSON
+  endpoint of the same HTTP stack (`controller.sim.bare`); the load comes from wrk
+  (`controller.sim.wrk`) when it is on PATH, else from this module's Python client, and the
+  result says which;
 - converge: K workspaces of the simulated fleet (`controller.sim.fleet`, a process of its
   own) registering at once, each missing 3 plugins, with 20 ms installs, vs issuing the same
   installs directly with the same concurrency;
@@ -43,6 +45,7 @@ from controller.engine.queue import WorkQueue
 from controller.registry.app import make_app
 from controller.registry.serving import free_port, runner_for, start_site
 from controller.runtime.driver import RuntimeDriver
+from controller.sim import wrk
 from controller.sim.fleet import FleetProcess
 from controller.sim.memory import PLUGINS, desired_fleet
 from controller.sim.scrape import scrape
@@ -211,6 +214,38 @@ async def _heartbeats_counted(base_url: str) -> int:
                           endpoint="/registry/heartbeat", code="200"))
 
 
+def _load_generator() -> str:
+    """What drives the heartbeat load: wrk when it is on PATH (a C client that leaves the
+    cores to the server), else the Python client of this module."""
+    return "wrk" if wrk.available() else "python"
+
+
+LOAD_GENERATORS = {
+    "wrk": "wrk (C load generator, 2 threads, on the same 2 cores)",
+    "python": "python asyncio client (one process, on the same 2 cores; wrk not on PATH)",
+}
+
+
+async def _drive(url: str, bodies: Bodies, seconds: float, connections: int, *,
+                 generator: str) -> dict[str, Any]:
+    if generator == "wrk":
+        pairs = [wrk.Pair(f"plc_bench_{i}", bodies.body_for[i]) for i in bodies.ids]
+        return await wrk.measure(url, pairs, wrk.Load(seconds, connections))
+    return await _load(url, bodies, seconds, connections)
+
+
+def _start_servers(url: str, empty: str) -> tuple[int, int, list[subprocess.Popen[bytes]]]:
+    """The registry (`pluginctl run`, its own process) and the bare endpoint."""
+    port, bare_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "controller", "--log-level", "warning", "run",
+         "--manifests", empty, "--db", url, "--listen", f"127.0.0.1:{port}",
+         "--interval", "3600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bare = subprocess.Popen([sys.executable, "-m", "controller.sim.bare", str(bare_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return port, bare_port, [server, bare]
+
+
 async def heartbeat(target: Target, workspaces: int, seconds: float, *, connections: int,
                     say: Say) -> dict[str, Any]:
     url = target.url_for("heartbeat")
@@ -221,38 +256,40 @@ async def heartbeat(target: Target, workspaces: int, seconds: float, *, connecti
     _seed(make_sessions(engine), ids, "http://127.0.0.1:9/", PLUGINS)
     engine.dispose()
     bodies = Bodies.of(ids)
+    generator = _load_generator()
     with tempfile.TemporaryDirectory() as empty:
-        port, bare_port = free_port(), free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "controller", "--log-level", "warning", "run",
-             "--manifests", empty, "--db", url, "--listen", f"127.0.0.1:{port}",
-             "--interval", "3600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bare = subprocess.Popen([sys.executable, "-m", "controller.sim.bare", str(bare_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port, bare_port, processes = _start_servers(url, empty)
         try:
             deadline = time.monotonic() + 60
-            await _wait_http(f"http://127.0.0.1:{port}/registry/heartbeat", deadline, server)
+            await _wait_http(f"http://127.0.0.1:{port}/registry/heartbeat", deadline,
+                             processes[0])
             await _wait_http(f"http://127.0.0.1:{bare_port}/registry/heartbeat", deadline,
-                             bare)
+                             processes[1])
+            # Unmeasured: the token cache is loaded while serving starts, cold.
+            await _drive(f"http://127.0.0.1:{port}/registry/heartbeat", bodies, 1.0,
+                         connections, generator=generator)
             before = await _heartbeats_counted(f"http://127.0.0.1:{port}")
-            say(f"heartbeat/{target.name}: {seconds:g}s of load, {connections} connections")
-            measured = await _load(f"http://127.0.0.1:{port}/registry/heartbeat", bodies,
-                                   seconds, connections)
+            say(f"heartbeat/{target.name}: {seconds:g}s of load, {connections} connections, "
+                f"by {generator}")
+            measured = await _drive(f"http://127.0.0.1:{port}/registry/heartbeat", bodies,
+                                    seconds, connections, generator=generator)
             counted = await _heartbeats_counted(f"http://127.0.0.1:{port}") - before
-            baseline = await _load(f"http://127.0.0.1:{bare_port}/registry/heartbeat", bodies,
-                                   seconds, connections)
+            baseline = await _drive(f"http://127.0.0.1:{bare_port}/registry/heartbeat",
+                                    bodies, seconds, connections, generator=generator)
         finally:
-            for process in (server, bare):
+            for process in processes:
                 process.terminate()
                 process.wait(30)
-    result = {"database": target.name, "workspaces": workspaces, **measured,
-              "registry_counted_ok": counted,
+    result = {"database": target.name, "workspaces": workspaces, "connections": connections,
+              **measured, "registry_counted_ok": counted,
               "baseline": {"bare_endpoint": baseline},
               "ratio_to_bare": _ratio(measured["requests_per_second"],
                                       baseline["requests_per_second"]),
-              "load_generator": "python asyncio client (one process, on the same 2 cores)"}
+              "load_generator": LOAD_GENERATORS[generator]}
     say(f"heartbeat/{target.name}: {measured['requests_per_second']}/s "
-        f"(p99 {measured['p99_ms']} ms), bare endpoint {baseline['requests_per_second']}/s")
+        f"(p50 {measured['p50_ms']} ms, p99 {measured['p99_ms']} ms), bare endpoint "
+        f"{baseline['requests_per_second']}/s (p50 {baseline['p50_ms']} ms, "
+        f"p99 {baseline['p99_ms']} ms), by {generator}")
     return result
 
 
