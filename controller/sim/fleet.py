@@ -221,6 +221,9 @@ class Fleet:
             await self.registry.close()
 
 
+REGISTRY_CONNECTIONS = 256  # the fleet's connections to the registry, shared by all boxes
+
+
 class RegistryClient:
     """The fleet's registry side: registers (retrying as a runtime does) and a steady
     heartbeat load over the whole fleet, each with the box's report and the next seq."""
@@ -232,11 +235,18 @@ class RegistryClient:
         self.tally = RegistryTally()
         self.loss = 0.0  # share of heartbeats dropped on purpose
         self._rand = random.Random(5)
-        self._client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
-                                             timeout=aiohttp.ClientTimeout(total=10))
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=REGISTRY_CONNECTIONS),
+            timeout=aiohttp.ClientTimeout(total=10))
+        # Calls wait for a connection here, not inside aiohttp, whose timeout would count it.
+        self._connections = asyncio.Semaphore(REGISTRY_CONNECTIONS)
         self._load: asyncio.Task[None] | None = None
 
     async def _post(self, path: str, workspace_id: str, body: dict[str, Any]) -> int:
+        async with self._connections:
+            return await self._send(path, workspace_id, body)
+
+    async def _send(self, path: str, workspace_id: str, body: dict[str, Any]) -> int:
         body = {"workspace_id": workspace_id, "plugins": self.fleet.report(workspace_id),
                 "seq": self.fleet.next_seq(workspace_id), **body}
         async with self._client.post(self.registry_url + path, json=body, headers={
@@ -259,19 +269,20 @@ class RegistryClient:
             await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
         return 0
 
-    async def register_all(self, workspace_ids: list[str], batch: int = 200
-                           ) -> dict[str, float]:
-        """Register in batches; when each one was sent (wall clock). Raises unless the
-        registry accepted every one."""
+    async def register_all(self, workspace_ids: list[str]) -> dict[str, float]:
+        """Register every workspace at once, as a fleet coming up does: no batch waits for
+        another, the client's connection limit is the only pacing. Returns when each register
+        went out (wall clock); raises unless the registry accepted every one."""
         sent: dict[str, float] = {}
-        codes: Counter[int] = Counter()
-        for start in range(0, len(workspace_ids), batch):
-            chunk = workspace_ids[start:start + batch]
-            sent.update(dict.fromkeys(chunk, time.time()))
-            codes.update(await asyncio.gather(*(self.register(w) for w in chunk)))
+        codes = Counter(await asyncio.gather(*(self._timed_register(w, sent)
+                                               for w in workspace_ids)))
         if set(codes) - {200}:
             raise RuntimeError(f"register failed: {dict(codes)}")
         return sent
+
+    async def _timed_register(self, workspace_id: str, sent: dict[str, float]) -> int:
+        sent[workspace_id] = time.time()
+        return await self.register(workspace_id)
 
     async def heartbeat(self, workspace_id: str) -> None:
         try:
