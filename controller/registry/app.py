@@ -244,17 +244,26 @@ class Ingest:
         now = utcnow()
         # min(): after the clock jumped back, revocations are stamped before the last read.
         since = min(self.revocations_read or now, now) - REVOCATION_LOOKBACK
+        # Revoked rows are pruned a while after revocation (store/queries/prune.py): a
+        # registry that could not read them for that long loads the live tokens afresh.
+        reload = revocations and now - since > queries.REVOKED_TOKEN_RETENTION / 2
         revoked: list[str] = []
+        active: dict[str, str] | None = None
         try:
             with transaction(self.sessions) as session:
                 if alive:
                     queries.touch(session, alive)
-                if revocations:
+                if reload:
+                    active = queries.all_active_tokens(session)
+                elif revocations:
                     revoked = queries.revoked_since(session, since)
         except DatabaseError:
             for workspace_id, seen in alive.items():  # keep them for the next flush
                 self.alive.setdefault(workspace_id, seen)
             raise
+        if active is not None:
+            log.warning("revocations not read for %s: token cache reloaded", now - since)
+            self.tokens = active
         for token_hash in revoked:
             self.tokens.pop(token_hash, None)
         if revocations:

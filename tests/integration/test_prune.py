@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from controller.domain import tokens
 from controller.domain.models import Policy, utcnow
 from controller.engine.loop import PRUNE_EVERY, Pruning, declared_ids, run_forever
+from controller.registry.app import Ingest
 from controller.runtime.driver import RuntimeDriver
 from controller.store import Sessions, queries, transaction
 from controller.store.tables import AttemptRow, OwnedPluginRow, RestartRow, WorkspaceRow
@@ -195,3 +196,28 @@ async def test_the_loop_prunes_at_start_and_then_at_most_every_hour(
     assert broken.errors  # an unreadable object may name any workspace
     assert declared_ids(broken) is None
     assert declared_ids(desired) == frozenset({"ws-1"})
+
+
+def test_a_registry_that_missed_the_revocations_reloads_its_tokens(sessions: Sessions) -> None:
+    """A registry that could not read revocations for longer than revoked rows are kept (the
+    database was away, the process was stopped) cannot learn of a revocation whose row is
+    pruned already: it loads the live tokens afresh instead, so the revoked token stops
+    working all the same."""
+    revoked, kept = "plc_revoked-one", "plc_kept-one"
+    ingest = Ingest(sessions, lambda _workspace_id: None)
+    with freeze_time(T0) as clock:
+        with transaction(sessions) as session:
+            queries.add_token(session, "ws-1", tokens.digest(revoked), now=utcnow())
+            queries.add_token(session, "ws-2", tokens.digest(kept), now=utcnow())
+        ingest.warm_up()
+        assert set(ingest.tokens) == {tokens.digest(revoked), tokens.digest(kept)}
+
+        clock.tick(HOUR)  # revoked while this registry hears nothing of it...
+        with transaction(sessions) as session:
+            queries.revoke_tokens(session, [tokens.digest(revoked)], now=utcnow())
+        clock.tick(timedelta(days=2))  # ...and pruned before it reads again
+        with transaction(sessions) as session:
+            assert queries.forget_revoked_tokens(session, utcnow()) == 1
+        ingest.flush({})
+
+    assert set(ingest.tokens) == {tokens.digest(kept)}
