@@ -32,6 +32,7 @@ from aiohttp import web
 from controller.agent.runtime import BoxError
 from controller.agent.simulated import Faults, MemoryBox
 from controller.registry.serving import free_port, start_site
+from controller.sim import processes
 
 INSTALL_SECONDS = 0.15  # the tests' default: slow enough that overlapping calls are seen
 HANG_SECONDS = 30.0  # a hanging runtime answers nothing for this long (or until stopped)
@@ -475,12 +476,7 @@ class FleetProcess:
 
     async def stop(self) -> None:
         await self.client.close()
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(30)
+        processes.end(self.process)
 
 
 def main(argv: list[str] | None = None) -> None:

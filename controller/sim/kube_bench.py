@@ -28,7 +28,7 @@ import yaml
 from controller.domain import tokens
 from controller.domain.models import API_GROUP, API_VERSION, Plugin, utcnow
 from controller.registry.serving import free_port
-from controller.sim import control_plane
+from controller.sim import control_plane, processes
 from controller.sim.fleet import FleetProcess
 from controller.sim.memory import PLUGINS, proc_status_kb
 from controller.sim.scrape import Scrape, scrape
@@ -251,13 +251,7 @@ class Controller:
             return sum(1 for _ in stream)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
+        processes.end(self.process)
 
 
 # --- the phases -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.domain.tokens import runtime_secret_for
 from controller.registry.serving import free_port
+from controller.sim import processes
 from tests.support import kube
 from tests.support.helpers import wait_for
 
@@ -140,13 +141,7 @@ class Operator:
         return self.log.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        processes.end(self.process)
 
 
 @pytest.fixture
