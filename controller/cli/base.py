@@ -59,6 +59,10 @@ def policy_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Workspaces reconciled at the same time."),
         click.option("--call-timeout", type=click.FloatRange(min=0.1), default=10.0,
                      show_default=True, help="Seconds allowed for one call to a runtime."),
+        click.option("--backoff-base", type=click.FloatRange(min=0.1), default=5.0,
+                     show_default=True, metavar="SECONDS",
+                     help="Wait before the first retry of a failed action; it doubles with "
+                          "each failure in a row, up to 10 minutes."),
         click.option("--restart-budget", type=click.IntRange(min=0), default=3,
                      show_default=True, help="Restarts allowed per workspace per hour."),
         click.option("--runtime-networks", default="", metavar="CIDR,...",
@@ -102,7 +106,8 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                 workspace_timeout: float | None = None,
                 runtime_secret_file: Path | None = None, allow_unpinned: bool = False,
                 runtime_secret_per_workspace: bool = False, max_removal_share: float = 0.25,
-                max_workspaces: int = 0, dry_run: bool = False) -> Policy:
+                max_workspaces: int = 0, dry_run: bool = False,
+                backoff_base: float = 5.0) -> Policy:
     if workspace_timeout is not None and workspace_timeout < call_timeout:
         raise click.BadParameter("must be at least --call-timeout",
                                  param_hint="--workspace-timeout")
@@ -120,7 +125,7 @@ def make_policy(offline_after: float, concurrency: int, call_timeout: float,
                   runtime_secret_per_workspace=runtime_secret_per_workspace,
                   runtime_secret=read_secret(runtime_secret_file, "--runtime-secret-file"),
                   max_removal_share=max_removal_share, max_workspaces=max_workspaces,
-                  dry_run=dry_run)
+                  dry_run=dry_run, backoff_base=timedelta(seconds=backoff_base))
 
 
 def read_secret(path: Path | None, option: str) -> str | None:

@@ -489,7 +489,10 @@ async def test_explain_says_why_a_workspace_is_or_is_not_in_sync(
     broken = await runtime_factory("ws-1", faults=Faults(failing_plugins={"notes"}),
                                    plugins=[user])
     await broken.register()
-    await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url)
+    # A long first backoff: the retry must still be ahead when explain runs, however slow
+    # the machine is.
+    await pluginctl("reconcile", "--once", "--manifests", str(manifest_dir), "--db", db_url,
+                    "--backoff-base", "300")
     await broken.restarted()  # the box is back and has reported
     explain = ["explain", "--manifests", str(manifest_dir), "--db", db_url]
 
