@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -198,7 +199,6 @@ async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
     """`pluginctl run` and two `pluginctl agent` processes, as the README shows: one agent
     only registers, the other heartbeats. Both converge; an edited manifest is picked up."""
     db = f"sqlite:///{tmp_path / 'run.db'}"
-    port = free_port()
     code, _, _ = await pluginctl("db", "upgrade", "--db", db)
     assert code == 0
     tokens = {}
@@ -207,12 +207,17 @@ async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
         tokens[ws] = out.strip()
 
     processes = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
 
-    async def spawn(*args: str, token: str | None = None) -> None:
+    async def spawn(*args: str, token: str | None = None) -> Path:
         env = {**os.environ, "PLUGINCTL_TOKEN": token} if token else None
-        processes.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller", *args, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        log = logs / f"{len(processes)}-{args[0]}.log"
+        with log.open("wb") as stderr:  # read on failure, and for the bound address
+            processes.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "controller", *args, env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=stderr))
+        return log
 
     async def statuses() -> dict[str, dict[str, object]]:
         _, out, _ = await pluginctl("status", "--db", db, "--manifests", str(manifest_dir),
@@ -220,20 +225,18 @@ async def test_standalone_run_with_agent_processes_converges_and_follows_edits(
         return {w["workspace_id"]: w for w in json.loads(out)["workspaces"]}
 
     try:
-        await spawn("run", "--manifests", str(manifest_dir), "--db", db,
-                    "--listen", f"127.0.0.1:{port}", "--interval", "1")
-        registry = f"http://127.0.0.1:{port}"
+        # Port 0: the kernel picks a free port, so no other test can take it first.
+        run_log = await spawn("run", "--manifests", str(manifest_dir), "--db", db,
+                              "--listen", "127.0.0.1:0", "--interval", "1")
+        listening = re.compile(r"registry listening on (http://127\.0\.0\.1:\d+)")
 
-        async def healthy() -> bool:
-            import aiohttp
-            try:
-                async with aiohttp.ClientSession() as client, \
-                        client.get(registry + "/healthz") as response:
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
+        async def bound() -> str | None:
+            assert processes[0].returncode is None, run_log.read_text(errors="replace")
+            found = listening.search(run_log.read_text(errors="replace"))
+            return found.group(1) if found else None
 
-        await wait_for(healthy, what="registry up")
+        registry = await wait_for(bound, what="pluginctl run listening", timeout=60)
+
         await spawn("agent", "--workspace-id", "ws-1", "--registry", registry,
                     "--register-only", "--no-report", token=tokens["ws-1"])
         await spawn("agent", "--workspace-id", "ws-2", "--registry", registry,
