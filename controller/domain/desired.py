@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pydantic
@@ -23,6 +24,7 @@ from controller.domain.models import (
     derive_plugin_name,
 )
 from controller.domain.reasons import InvalidReason
+from controller.domain.rollout import RolloutSpec
 
 API_VERSION_STRING = f"{API_GROUP}/{API_VERSION}"
 TEMPLATE_KIND = "WorkspaceTemplate"
@@ -48,8 +50,15 @@ class TemplateRef(_Strict):
     name: str
 
 
+class RolloutEntry(_Strict):
+    steps: list[int]
+    bakeSeconds: int = 300
+    maxFailedWorkspaces: int = 0
+
+
 class TemplateSpec(_Strict):
     plugins: list[PluginEntry] = []
+    rollout: RolloutEntry | None = None
 
 
 class WorkspaceSpec(_Strict):
@@ -81,6 +90,11 @@ class TemplateObject:
     name: str
     plugins: tuple[Plugin, ...]
     error: str | None  # e.g. two entries with one name: every workspace using it reports this
+    rollout: RolloutSpec | None = None  # spec.rollout: new revisions go out in waves
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,7 @@ class Desired:
     workspaces: Mapping[str, DesiredWorkspace]
     rejected: tuple[DesiredWorkspace, ...]  # objects that could not claim their workspace id
     errors: tuple[ObjectError, ...]  # files or objects that could not be read at all
+    templates: Mapping[str, TemplateObject] = field(default_factory=dict)  # by "ns/name"
 
 
 def _pydantic_message(error: pydantic.ValidationError, prefix: str) -> str:
@@ -203,10 +218,18 @@ def _add_template(
             continue
         seen[plugin.name] = index
         plugins.append(plugin)
+    rollout = None
+    if spec.rollout is not None:
+        try:
+            rollout = RolloutSpec(tuple(spec.rollout.steps),
+                                  timedelta(seconds=spec.rollout.bakeSeconds),
+                                  spec.rollout.maxFailedWorkspaces)
+        except InvalidSpec as error:
+            problems.append(f"spec.{error}")
     problem = None
     if problems:
         problem = f"template {namespace}/{name} is invalid: " + "; ".join(problems)
-    catalog.templates[key] = TemplateObject(namespace, name, tuple(plugins), problem)
+    catalog.templates[key] = TemplateObject(namespace, name, tuple(plugins), problem, rollout)
 
 
 def merge_workspace(
@@ -276,6 +299,7 @@ def merge_workspace(
         suspended=spec.suspend,
         declared_by=declared_by,
         generation=obj.generation,
+        excluded=frozenset(spec.excludePlugins),
     )
 
 
@@ -305,7 +329,8 @@ def resolve(catalog: Catalog) -> Desired:
                 generation=desired.generation,
             )
         )
-    return Desired(workspaces, tuple(rejected), tuple(catalog.errors))
+    templates = {template.key: template for template in catalog.templates.values()}
+    return Desired(workspaces, tuple(rejected), tuple(catalog.errors), templates)
 
 
 def build(objects: Iterable[tuple[str, object]]) -> Desired:

@@ -199,6 +199,14 @@ class DesiredWorkspace:
     declared_by: Mapping[str, Declaration] = field(default_factory=dict)
     generation: int | None = None
     reason: InvalidReason | None = None  # why `error`: set exactly when `error` is
+    excluded: frozenset[str] = frozenset()  # template plugins the workspace leaves out
+
+    @property
+    def template_key(self) -> str | None:
+        """"namespace/name" of its template, or None."""
+        if self.template is None:
+            return None
+        return f"{self.object_ref.split('/', 1)[0]}/{self.template}"
 
     def __post_init__(self) -> None:
         if (self.error is None) != (self.reason is None):

@@ -25,6 +25,7 @@ from controller.domain.models import (
     sync_digest,
     utcnow,
 )
+from controller.engine import rollouts
 from controller.engine.act import Acting, chunks
 from controller.engine.context import DEFAULT_REPLICA, PassContext, Progress, Tally
 from controller.engine.queue import Request, Reservation, Trigger, WorkQueue
@@ -73,6 +74,10 @@ async def reconcile_once(
     `request.hold` stands) the pass acts on nothing and says why, unless `force`."""
     queue = queue or WorkQueue()
     now = utcnow()
+    # Each workspace of a template rolling out asks for the revision its wave allows; a
+    # full pass that acts also moves the rollouts on (rollouts.gate).
+    desired = (await rollouts.gate(desired, sessions, policy, now=now,
+                                   advance=not dry_run and request.only is None)).desired
     digests = await in_thread(sessions, partial(
         queries.online_digests, now=now, offline_after=policy.offline_after,
         only=request.only))

@@ -139,3 +139,24 @@ class RestartRow(Base):
         ForeignKey("workspaces.workspace_id", ondelete="CASCADE"), index=True
     )
     at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RolloutRow(Base):
+    """One template's rollout: its stable revision, the one in flight, and how far it got.
+    Replicas change a row only at the `version` they read (compare-and-set)."""
+
+    __tablename__ = "rollouts"
+
+    template: Mapped[str] = mapped_column(String(320), primary_key=True)  # "namespace/name"
+    stable_digest: Mapped[str] = mapped_column(String(64))
+    stable_plugins: Mapped[list[dict[str, str | bool]]] = mapped_column(JSON)
+    target_digest: Mapped[str | None] = mapped_column(String(64))
+    target_plugins: Mapped[list[dict[str, str | bool]] | None] = mapped_column(JSON)
+    phase: Mapped[str] = mapped_column(String(16))
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    counted_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    healthy_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    message: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

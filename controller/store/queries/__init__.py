@@ -16,6 +16,13 @@ from controller.store.queries.reports import (
     stored_report_digests,
     touch,
 )
+from controller.store.queries.rollouts import (
+    installed_since,
+    load_rollouts,
+    rollout_health_inputs,
+    save_rollout,
+    save_rollouts,
+)
 from controller.store.queries.seeding import naive_read, seed_fleet
 from controller.store.queries.tokens import (
     REVOKED_TOKEN_RETENTION,
@@ -45,7 +52,9 @@ __all__ = [
     "claim_of",
     "forget_revoked_tokens",
     "forget_workspaces",
+    "installed_since",
     "load_observed",
+    "load_rollouts",
     "mark_synced",
     "naive_read",
     "online_digests",
@@ -56,6 +65,9 @@ __all__ = [
     "release",
     "revoke_tokens",
     "revoked_since",
+    "rollout_health_inputs",
+    "save_rollout",
+    "save_rollouts",
     "seed_fleet",
     "set_dormant",
     "stored_report_digests",

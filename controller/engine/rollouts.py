@@ -1,0 +1,219 @@
+"""Rollouts in the loop: before a pass plans anything, each template's rollout is brought up
+to date (a new revision starts one; a healthy wave lets the next through; too many
+unhealthy workspaces halt it), and the desired state is rewritten so that each workspace of
+a template in flight asks for the revision its wave allows. The pass then converges that, as
+it converges anything else: a workspace held back gets no call for the new revision.
+
+Every reader goes through `gate`: the loop, `reconcile --once`, the operator, `plan`,
+`status`, `explain`, so all of them agree on who is on which revision."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+from controller.domain import planner, rollout
+from controller.domain.desired import Desired, TemplateObject
+from controller.domain.models import DesiredWorkspace, Observed, Policy
+from controller.domain.rollout import Health, Revision, Rollout, RolloutPhase
+from controller.store import DatabaseError, Sessions, in_thread, queries
+
+log = logging.getLogger("pluginctl.rollout")
+
+
+@dataclass(frozen=True)
+class Gated:
+    """The desired state each workspace is held to now, and the rollouts that decided it."""
+
+    desired: Desired
+    rollouts: Mapping[str, Rollout] = field(default_factory=dict)  # by template "ns/name"
+    members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # template -> ids
+    moved: Mapping[str, frozenset[str]] = field(default_factory=dict)  # on the target
+
+    def template_of(self, workspace_id: str) -> str | None:
+        wanted = self.desired.workspaces.get(workspace_id)
+        return wanted.template_key if wanted is not None else None
+
+
+def members_of(desired: Desired) -> dict[str, tuple[str, ...]]:
+    """The valid workspaces of each template: the population its waves are cut from."""
+    members: dict[str, list[str]] = {}
+    for workspace_id, wanted in desired.workspaces.items():
+        key = wanted.template_key
+        if key is not None and wanted.error is None:
+            members.setdefault(key, []).append(workspace_id)
+    return {key: tuple(sorted(ids)) for key, ids in members.items()}
+
+
+def spec_of(desired: Desired, key: str) -> rollout.RolloutSpec | None:
+    template = desired.templates.get(key)
+    return template.rollout if template is not None else None
+
+
+async def gate(desired: Desired, sessions: Sessions, policy: Policy, *, now: datetime,
+               advance: bool) -> Gated:
+    """Bring every template's rollout up to date and hold each workspace to its revision.
+    `advance`: store what changed (a pass that acts); else only look (plan, status, a dry
+    run), which shows what the next pass would do."""
+    usable = {key: t for key, t in desired.templates.items() if t.error is None}
+    if not usable or not (advance or any(t.rollout for t in usable.values())):
+        return Gated(desired)  # nothing can be held back: no read (steady passes stay light)
+    stored = await in_thread(sessions, queries.load_rollouts)
+    members = members_of(desired)
+    rollouts: dict[str, Rollout] = {}
+    for key, template in usable.items():
+        rollouts[key] = rollout.observe(stored.get(key), template=key,
+                                        current=Revision.of(template.plugins),
+                                        spec=template.rollout, now=now)
+    if advance:
+        rollouts = await _advance(rollouts, usable, wanted=desired.workspaces,
+                                  members=members, stored=stored,
+                                  sessions=sessions, policy=policy, now=now)
+    moved = {key: rollout.on_target(r, spec_of(desired, key), members.get(key, ()))
+             for key, r in rollouts.items() if r.in_flight}
+    return Gated(_held(desired, rollouts, moved=moved), rollouts, members, moved)
+
+
+def _held(desired: Desired, rollouts: Mapping[str, Rollout], *,
+          moved: Mapping[str, frozenset[str]]) -> Desired:
+    """`desired` with every workspace of a template in flight that is not on the target
+    asking for the stable revision instead."""
+    if not moved:
+        return desired
+    workspaces = dict(desired.workspaces)
+    for workspace_id, wanted in desired.workspaces.items():
+        key = wanted.template_key
+        if key is not None and key in moved and workspace_id not in moved[key]:
+            workspaces[workspace_id] = rollout.at_revision(wanted, rollouts[key].stable)
+    return replace(desired, workspaces=workspaces)
+
+
+async def _advance(rollouts: dict[str, Rollout], templates: Mapping[str, TemplateObject], *,
+                   wanted: Mapping[str, DesiredWorkspace],
+                   members: Mapping[str, Sequence[str]], stored: Mapping[str, Rollout],
+                   sessions: Sessions, policy: Policy, now: datetime) -> dict[str, Rollout]:
+    """Judge the waves of progressing rollouts and store every rollout that changed;
+    where another replica stored one first, take its version."""
+    for key, current in list(rollouts.items()):
+        spec = templates[key].rollout
+        if current.phase is RolloutPhase.PROGRESSING and spec is not None:
+            ids = members.get(key, ())
+            health = await _health(current, spec, ids, wanted=wanted, sessions=sessions,
+                                   policy=policy, now=now)
+            rollouts[key] = rollout.evaluate(current, spec, health, total=len(ids), now=now)
+    changed = [r for key, r in rollouts.items() if r != stored.get(key)]
+    if not changed:
+        return rollouts
+    try:
+        saved = await in_thread(sessions, partial(queries.save_rollouts, changed=changed, now=now))
+    except DatabaseError as error:  # the next pass decides again from what is stored
+        log.warning("could not store rollout progress: %s", error)
+        return {key: stored.get(key, r) for key, r in rollouts.items()}
+    for key, r in saved.items():
+        before = stored.get(key)
+        rollouts[key] = r
+        if before is not None:
+            _say(before, r, total=len(members.get(key, ())))
+    return rollouts
+
+
+def _say(before: Rollout, after: Rollout, *, total: int) -> None:
+    """One log line per step a rollout takes."""
+    if after.phase is RolloutPhase.HALTED and before.phase is not RolloutPhase.HALTED:
+        log.error("rollout of template %s halted: %s", after.template, after.message)
+    elif after.target is not None and after.target != before.target:
+        log.info("template %s: revision %s rolls out in waves (stable: %s)", after.template,
+                 after.target.short, after.stable.short)
+    elif after.phase is RolloutPhase.PROGRESSING and after.wave != before.wave:
+        log.info("template %s: wave %d of revision %s starts", after.template, after.wave + 1,
+                 after.target.short if after.target else "?")
+    elif after.phase is RolloutPhase.COMPLETE and before.phase is not RolloutPhase.COMPLETE:
+        log.info("template %s: %s", after.template, after.message or "rollout complete")
+    del total
+
+
+async def _health(current: Rollout, spec: rollout.RolloutSpec, ids: Sequence[str], *,
+                  wanted: Mapping[str, DesiredWorkspace], sessions: Sessions, policy: Policy,
+                  now: datetime) -> dict[str, Health]:
+    """How each workspace let through to the target is doing (`wanted`: on the target)."""
+    assert current.target is not None and current.counted_since is not None
+    moved = rollout.on_target(current, spec, ids)
+    if not moved:
+        return {}
+    since = current.counted_since
+    observed, installs = await in_thread(sessions, partial(
+        queries.rollout_health_inputs, workspace_ids=moved, since=since, now=now,
+        restart_window=policy.restart_window))
+    health: dict[str, Health] = {}
+    for workspace_id in sorted(moved):
+        seen = observed.get(workspace_id)
+        if seen is not None:
+            judged = judge(seen, wanted[workspace_id], since=since,
+                           installed=installs.get(workspace_id), policy=policy, now=now)
+            if judged is not None:
+                health[workspace_id] = judged
+    return health
+
+
+def judge(seen: Observed, wanted: DesiredWorkspace, *, since: datetime,
+          installed: datetime | None, policy: Policy, now: datetime) -> Health | None:
+    """A workspace on the target revision as its wave's health sees it; None: it does not
+    count (offline since before the rollout, or never registered).
+
+    Unhealthy: an install or runtime call that failed since the rollout began (or was
+    resumed); gone offline since then; or registered again after something of the rollout
+    was installed on it, without a restart the controller asked for (a crash), within the
+    last half of the restart budget's window."""
+    online = seen.is_online(now, policy.offline_after)
+    if not online:
+        if seen.last_seen_at is not None and seen.last_seen_at >= since - policy.offline_after:
+            return Health(False, f"went offline (last heartbeat {seen.last_seen_at:%H:%M:%S})")
+        return None
+    failures = sorted((key, a) for key, a in seen.attempts.items()
+                      if a.last_attempt_at >= since)
+    if failures:
+        key, attempt = failures[0]
+        what = "runtime call" if key.startswith("@") else f"install of {key}"
+        return Health(False, f"{what} failed: {attempt.last_error}")
+    # The restarts loaded are those of the budget's window: judge the registers well inside
+    # it, where a restart the controller asked for is surely known.
+    recent = now - policy.restart_window / 2
+    if (installed is not None and seen.registered_at is not None
+            and seen.registered_at > installed and seen.registered_at >= recent
+            and not any(installed <= at <= seen.registered_at for at in seen.restarts)):
+        return Health(False, f"registered again at {seen.registered_at:%H:%M:%S} after the "
+                             f"rollout installed on it (a crash?)")
+    return Health(planner.plan(wanted, seen, now, policy).in_sync)
+
+
+# --- a person's commands ----------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[[Rollout, datetime], Rollout]] = {
+    "resume": rollout.resume,
+    "abort": lambda current, now: rollout.abort(current),
+    "promote": lambda current, now: rollout.promote(current),
+}
+
+
+async def command(sessions: Sessions, template: str, action: str, *, now: datetime
+                  ) -> Rollout:
+    """Apply `action` (resume, abort, promote) to the stored rollout of `template`
+    ("namespace/name"); the rollout as stored after it. RolloutError if it does not apply."""
+    change = COMMANDS[action]
+
+    def run(session: Any) -> Rollout:
+        current = queries.load_rollouts(session).get(template)
+        if current is None:
+            raise rollout.RolloutError(f"template {template} has no rollout on record (a "
+                                       f"pass records one when it first sees the template)")
+        stored = queries.save_rollout(session, change(current, now), now=now)
+        if stored is None:
+            raise rollout.RolloutError(f"template {template}: the rollout changed while this "
+                                       f"command ran; look at it again and retry")
+        return stored
+
+    return await in_thread(sessions, run)
