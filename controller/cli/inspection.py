@@ -3,6 +3,7 @@ one workspace is or is not in sync)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ from controller.domain import status
 from controller.domain.explain import Claim, Explanation, age, explain
 from controller.domain.models import Policy, utcnow
 from controller.domain.render import table
+from controller.engine import rollouts
 from controller.store import queries, transaction
 
 # --- status ----------------------------------------------------------------------------------
@@ -56,6 +58,9 @@ def status_command(*, db: str | None, manifests: Path | None, use_kubernetes: bo
     policy = Policy(offline_after=timedelta(seconds=offline_after),
                     allow_unpinned=allow_unpinned)
     now = utcnow()
+    if desired is not None:  # each workspace held to the revision its rollout wave allows
+        desired = asyncio.run(rollouts.gate(desired, sessions, policy, now=now,
+                                            advance=False)).desired
     with transaction(sessions) as session:
         observed = queries.load_observed(session, now=now, restart_window=policy.restart_window)
     wanted = dict(desired.workspaces) if desired else {}
@@ -125,9 +130,11 @@ def explain_command(*, workspace_id: str, manifests: Path | None, use_kubernetes
     sessions = open_store(db)
     policy = Policy(offline_after=timedelta(seconds=offline_after),
                     restart_budget=restart_budget, allow_unpinned=allow_unpinned)
+    now = utcnow()
+    gated = asyncio.run(rollouts.gate(desired, sessions, policy, now=now, advance=False))
+    desired = gated.desired
     wanted = desired.workspaces.get(workspace_id) or next(
         (d for d in desired.rejected if d.workspace_id == workspace_id), None)
-    now = utcnow()
     with transaction(sessions) as session:
         seen = queries.load_observed(session, now=now, restart_window=policy.restart_window,
                                      only=[workspace_id]).get(workspace_id)
@@ -137,10 +144,15 @@ def explain_command(*, workspace_id: str, manifests: Path | None, use_kubernetes
                       "has registered it")
     found = explain(wanted, seen, now, policy=policy,
                     claim=Claim(*held) if held is not None else None)
+    rollout_note = rollouts.note(gated, workspace_id)
     if output == "json":
-        click.echo(json.dumps(explanation_json(found), indent=2))
+        click.echo(json.dumps({**explanation_json(found), "rollout": rollout_note}, indent=2))
     else:
-        click.echo(explanation_text(found, now))
+        text = explanation_text(found, now)
+        if rollout_note:  # after the Why line: which revision, and why that one
+            head, _, rest = text.partition("\nRuntime:")
+            text = f"{head}\nRollout:        {rollout_note}\nRuntime:{rest}"
+        click.echo(text)
     sys.exit(EXIT_OK if found.in_sync else EXIT_DRIFT)
 
 

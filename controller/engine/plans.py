@@ -34,7 +34,7 @@ from controller.domain.models import (
     utcnow,
 )
 from controller.domain.wire import PluginReport, WorkspaceId, describe_errors
-from controller.engine import act
+from controller.engine import act, rollouts
 from controller.engine.act import claim_seconds
 from controller.engine.context import DEFAULT_REPLICA, PassContext
 from controller.engine.passes import Weight
@@ -107,8 +107,11 @@ class Plan:
 
 
 async def make_plan(desired: Desired, sessions: Sessions, policy: Policy) -> Plan:
-    """What a pass would do now, over every online workspace, and against what."""
+    """What a pass would do now, over every online workspace, and against what. A workspace
+    of a template rolling out is planned at the revision its wave allows: its fingerprint's
+    desired digest is that revision's, so `apply` refuses once the rollout moved on."""
     now = utcnow()
+    desired = (await rollouts.gate(desired, sessions, policy, now=now, advance=False)).desired
     observed = await in_thread(sessions, partial(
         queries.load_observed, now=now, offline_after=policy.offline_after,
         restart_window=policy.restart_window))
@@ -240,6 +243,8 @@ async def apply_plan(
         raise PlanError(f"the blast-radius guard held this plan: it {plan.guard}; apply it "
                         "with --force if that is intended")
     todo = [w for w in plan.workspaces if w.actions]
+    desired = (await rollouts.gate(desired, sessions, policy, now=utcnow(),
+                                   advance=False)).desired
     ctx = PassContext(desired=desired, sessions=sessions, driver=driver, policy=policy,
                       now=utcnow(), limit=asyncio.Semaphore(max(1, policy.concurrency)),
                       rand=rand, replica=replica, dry_run=dry_run, trigger=Trigger.MANUAL)

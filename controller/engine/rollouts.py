@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -217,3 +217,71 @@ async def command(sessions: Sessions, template: str, action: str, *, now: dateti
         return stored
 
     return await in_thread(sessions, run)
+
+
+# --- what `rollout status` shows ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Summary:
+    """One template's rollout as a person reads it."""
+
+    template: str
+    rollout: Rollout
+    steps: tuple[int, ...]  # () without spec.rollout
+    total: int  # workspaces of the template
+    updated: int  # on the target revision
+    healthy: int  # of those: in sync and not failed
+    failed: tuple[tuple[str, str], ...]  # (workspace, problem)
+    bake_left: timedelta | None
+
+    @property
+    def done(self) -> bool:
+        return self.rollout.phase is RolloutPhase.COMPLETE
+
+
+async def summarize(gated: Gated, template: str, sessions: Sessions, policy: Policy, *,
+                    now: datetime) -> Summary:
+    """`template`'s rollout with the health of the workspaces on its target (read only)."""
+    current = gated.rollouts.get(template)
+    if current is None:
+        known = ", ".join(sorted(gated.desired.templates)) or "none"
+        raise rollout.RolloutError(f"no template {template} in the desired state (known: "
+                                   f"{known})")
+    spec = spec_of(gated.desired, template)
+    ids = gated.members.get(template, ())
+    moved = gated.moved.get(template, frozenset())
+    health: dict[str, Health] = {}
+    if moved and current.target is not None and spec is not None:
+        health = await _health(replace(current, counted_since=current.counted_since or now),
+                               spec, ids, wanted=gated.desired.workspaces, sessions=sessions,
+                               policy=policy, now=now)
+    failed = tuple(sorted((w, h.problem) for w, h in health.items() if h.problem))
+    return Summary(template, current, spec.steps if spec else (), len(ids), len(moved),
+                   sum(1 for h in health.values() if h.in_sync and not h.problem), failed,
+                   rollout.bake_left(current, spec, now))
+
+
+def note(gated: Gated, workspace_id: str) -> str | None:
+    """For `explain`: which revision of its template a workspace is on while a rollout of it
+    is in flight, and why."""
+    key = gated.template_of(workspace_id)
+    current = gated.rollouts.get(key) if key is not None else None
+    if key is None or current is None or not current.in_flight or current.target is None:
+        return None
+    spec = spec_of(gated.desired, key)
+    steps = spec.steps if spec else (100,)
+    wave = f"wave {current.wave + 1} of {len(steps)}"
+    if workspace_id in gated.moved.get(key, frozenset()):
+        return (f"on revision {current.target.short} of template {key}, rolling out "
+                f"({wave}; {current.phase.lower()})")
+    held = f"on revision {current.stable.short} of template {key}"
+    if current.phase is RolloutPhase.ABORTED:
+        return f"{held}: the rollout of {current.target.short} was aborted"
+    ids = gated.members.get(key, ())
+    place = rollout.wave_order(key, current.target.digest, ids).index(workspace_id) \
+        if workspace_id in ids else 0
+    its = next(i for i in range(len(steps)) if rollout.wave_size(len(ids), steps, i) > place)
+    state = (f"halted: {current.message}" if current.phase is RolloutPhase.HALTED
+             else f"now at {wave}")
+    return (f"{held}; waits for wave {its + 1} of the rollout of {current.target.short}: "
+            f"{state}")

@@ -1,0 +1,37 @@
+"""Shared by the rollout tests: a template with spec.rollout, its fleet, and its wave order."""
+
+from __future__ import annotations
+
+from controller.domain import desired as desired_mod
+from controller.domain.rollout import Revision, wave_order
+from tests.support.helpers import desired_from, workspace_yaml
+
+IDS = [f"ws-{i}" for i in range(10)]
+KEY = "default/base"
+
+
+def template(*extra: str, steps: str = "[10, 50, 100]", bake: int = 60,
+             max_failed: int = 0) -> str:
+    """Template "base" (seo-all#v1 and notes, plus `extra` sources) rolled out in waves."""
+    plugins = "".join(f"    - source: {source}\n" for source in extra)
+    return f"""
+apiVersion: pluginctl.dev/v1alpha1
+kind: WorkspaceTemplate
+metadata: {{name: base}}
+spec:
+  rollout: {{steps: {steps}, bakeSeconds: {bake}, maxFailedWorkspaces: {max_failed}}}
+  plugins:
+    - source: gitea://org/repo/agent-skills/seo-all#v1
+    - source: local://plugins/notes
+{plugins}"""
+
+
+def fleet_of(template_yaml: str) -> desired_mod.Desired:
+    return desired_from(template_yaml, *(workspace_yaml(w) for w in IDS))
+
+
+def order_of(template_yaml: str) -> list[str]:
+    """IDS in the rollout order of this template's revision."""
+    desired = fleet_of(template_yaml)
+    revision = Revision.of(desired.templates[KEY].plugins)
+    return wave_order(KEY, revision.digest, IDS)
