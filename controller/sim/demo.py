@@ -19,7 +19,10 @@ must ride out:
   next retry installs it.
 
 Then the copied template moves web-search from v1.4.0 to v1.5.0 and every workspace built
-from it gets the new tree swapped in. Converged means that every plugins directory holds
+from it gets the new tree swapped in. Last, the template gains a release that cannot be
+installed, rolled out in waves (`spec.rollout`): the first wave fails, the rollout halts and
+the other workspaces get no call for it; `pluginctl rollout abort` puts every workspace back
+on the previous revision. Converged means that every plugins directory holds
 what its workspace should have (complete, unmodified) and that the store agrees. The demo
 ends with the status table and a listing of one plugins directory, file by file."""
 
@@ -39,6 +42,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
+import yaml
 
 from controller.agent.box import DiskBox
 from controller.agent.disk import PluginsDir
@@ -49,7 +53,8 @@ from controller.domain import status
 from controller.domain.desired import Desired
 from controller.domain.models import ActionKind, DesiredWorkspace, Plugin, Policy, utcnow
 from controller.domain.render import table
-from controller.engine import manifests, service
+from controller.domain.rollout import RolloutPhase
+from controller.engine import manifests, rollouts, service
 from controller.engine.report import PassReport, WorkspaceResult
 from controller.registry.app import issue_token
 from controller.store import (
@@ -65,6 +70,8 @@ RepoKey = tuple[str, str, str]  # scheme, owner, repo
 
 USER_DIR = "scratchpad"  # made by hand in one box's plugins directory, before its agent starts
 BROKEN_FOR = 3  # failed installs of the unpublished tag before its publisher pushes it
+#: Last, the template gains this release, never published: its rollout halts at wave 1.
+BAD_RELEASE = "gitea://agents/skills/broken-tool#v0.1.0"
 #: After the first convergence, the copied manifests move this source from one tag to the next.
 UPGRADE = ("gitea://agents/skills/web-search", "v1.4.0", "v1.5.0")
 GIT_IDENTITY = ("-c", "user.name=Demo Publisher", "-c", "user.email=publisher@example.invalid",
@@ -398,24 +405,30 @@ class Demo:
 
     # --- the story --------------------------------------------------------------------------
 
-    def in_sync(self) -> bool:
-        return all(state.in_sync for state in _statuses(self.desired, self.sessions,
+    def in_sync(self, desired: Desired) -> bool:
+        return all(state.in_sync for state in _statuses(desired, self.sessions,
                                                        self.policy).values())
 
     async def until_converged(self, deadline: float) -> bool:
         """Every box holds its plugins on disk, and the store agrees; checked between passes,
         so that what a pass did is narrated before it is counted."""
 
-        def on_disk() -> bool:
-            return all((wanted := self.wanted(box.workspace_id)) is None or box.holds(wanted)
-                       for box in self.boxes)
+        def on_disk(desired: Desired) -> bool:
+            return all((wanted := desired.workspaces.get(box.workspace_id)) is None
+                       or box.holds(wanted) for box in self.boxes)
 
         while time.monotonic() < deadline:
-            if self.in_flight == 0 and await asyncio.to_thread(on_disk) and self.in_sync() \
-                    and self.in_flight == 0:
+            desired = await self.held_desired()
+            if self.in_flight == 0 and await asyncio.to_thread(on_disk, desired) \
+                    and self.in_sync(desired) and self.in_flight == 0:
                 return True
             await asyncio.sleep(0.1)
         return False
+
+    async def held_desired(self) -> Desired:
+        """The desired state with each workspace at the revision its rollout wave allows."""
+        return (await rollouts.gate(self.desired, self.sessions, self.policy, now=utcnow(),
+                                    advance=False)).desired
 
     async def run(self, upgrade: bool) -> bool:
         deadline = self.started_at + self.seconds
@@ -427,6 +440,8 @@ class Demo:
         if not await self.recreate(deadline):
             return False
         if upgrade and not await self.upgrade(deadline):
+            return False
+        if not await self.bad_release(deadline):
             return False
         for box in self.boxes:
             if box.role != 1:
@@ -487,6 +502,56 @@ class Demo:
         self.say("controller", f"{name} {old} -> {new} swapped in on {', '.join(moved)}")
         return True
 
+    async def bad_release(self, deadline: float) -> bool:
+        """The template gains a release that cannot be installed, rolled out in waves: the
+        first wave fails, the rollout halts, the rest get no call for it; then it is
+        aborted and every workspace is back on the previous revision."""
+        path = next((p for p in manifests.manifest_files(self.manifest_dir)
+                     if "kind: WorkspaceTemplate" in p.read_text(encoding="utf-8")), None)
+        if path is None:
+            return True
+        documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        template = next(d for d in documents if isinstance(d, dict)
+                        and d.get("kind") == "WorkspaceTemplate")
+        name, source = BAD_RELEASE.rsplit("/", 1)[-1].split("#")[0], BAD_RELEASE
+        template["spec"]["rollout"] = {"steps": [25, 100], "bakeSeconds": 2,
+                                       "maxFailedWorkspaces": 0}
+        template["spec"]["plugins"].append({"name": name, "source": source})
+        path.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
+        self.desired = manifests.load(self.manifest_dir)
+        key = f"{template['metadata'].get('namespace') or 'default'}/" \
+              f"{template['metadata']['name']}"
+        self.say("manifests", f"{path.name}: template {key} adds {name} (a release its "
+                              f"publisher never pushed), rolled out in waves: 25 %, then "
+                              f"100 %, each healthy for 2 s first")
+        halted = None
+        while time.monotonic() < deadline and halted is None:
+            await asyncio.sleep(0.1)
+            with transaction(self.sessions) as session:
+                found = queries.load_rollouts(session).get(key)
+            if found is not None and found.phase is RolloutPhase.HALTED:
+                halted = found
+        if halted is None:
+            self.say("controller", f"the rollout did not halt within {self.seconds:g}s")
+            return False
+        self.say("controller", f"rollout halted: {halted.message}")
+        with transaction(self.sessions) as session:
+            observed = queries.load_observed(session, now=utcnow())
+        spared = sorted(b.workspace_id for b in self.boxes
+                        if b.workspace_id in observed
+                        and name not in observed[b.workspace_id].attempts
+                        and not (b.plugins_dir / name).exists())
+        self.say("controller", f"{', '.join(spared)}: no call for {name}; still on the "
+                               f"previous revision")
+        aborted = await rollouts.command(self.sessions, key, "abort", now=utcnow())
+        self.say("you", f"pluginctl rollout abort {key}: {aborted.message}")
+        if not await self.until_converged(deadline):
+            self.say("controller", f"not back on the previous revision after {self.seconds:g}s")
+            return False
+        self.say("controller", f"every workspace in sync on revision {aborted.stable.short} "
+                               "again")
+        return True
+
     def show_listing(self) -> None:
         box = next((b for b in self.boxes if b.role == 1), self.boxes[0])
         click.echo("")
@@ -515,6 +580,7 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
     # it twice.
     logging.getLogger("pluginctl.reconciler").setLevel(logging.ERROR)
     logging.getLogger("pluginctl.agent").setLevel(logging.ERROR)
+    logging.getLogger("pluginctl.rollout").setLevel(logging.CRITICAL)  # the halt is narrated
     desired = manifests.load(directory)
     for error in desired.errors:
         click.echo(f"error: {error}", err=True)
@@ -554,7 +620,7 @@ async def run_demo(directory: Path, seconds: float, db: str | None) -> bool:
                                    f"{database}")
             await demo.start_agents(workspaces, port)
             converged = await demo.run(upgrade)
-            _print_status(demo.desired, demo.sessions, policy)
+            _print_status(await demo.held_desired(), demo.sessions, policy)
             demo.show_listing()
             return converged
         finally:

@@ -360,7 +360,20 @@ async def test_demo_converges_every_example_workspace() -> None:
         assert moved < said(workspace, "install web-search (source gitea://agents/skills/"
                                        "web-search#v1.4.0 -> gitea://agents/skills/"
                                        "web-search#v1.5.0) -> ok") < upgraded
-    assert said("beta", "user-installed scratchpad still there, byte for byte") > upgraded
+    # A release that cannot be installed, rolled out in waves: the first wave (one of four)
+    # fails, the rollout halts, the other three get no call for it; abort puts it back.
+    released = said("manifests", "template default/research adds broken-tool")
+    halted = said("controller", "rollout halted: wave 1 of 2: 1 workspace failed")
+    first = story[halted].split("allowed): ", 1)[1].split(":", 1)[0]
+    spared = said("controller", "no call for broken-tool; still on the previous revision")
+    named = story[spared].split(None, 1)[1].split(":", 1)[0].split(", ")
+    assert set(named) == {"alpha", "beta", "delta", "gamma"} - {first}
+    assert all("install broken-tool" not in line for line in story
+               if not line.startswith(first + " "))
+    aborted = said("you", "pluginctl rollout abort default/research")
+    back = said("controller", "every workspace in sync on revision")
+    assert upgraded < released < halted < spared < aborted < back
+    assert said("beta", "user-installed scratchpad still there, byte for byte") > back
 
     rows = [line.split() for line in lines if line.startswith(("alpha", "beta", "gamma",
                                                                 "delta"))]
