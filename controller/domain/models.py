@@ -24,8 +24,14 @@ API_VERSION = "v1alpha1"
 PLUGIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 #: Workspace ids are chosen by the platform (often a UUID or an object name).
 WORKSPACE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+#: Characters no source may hold: the C0 and C1 controls, DEL, space, every other Unicode
+#: space and the BOM U+FEFF. Spelled out rather than `\s`, which means one set to Python's
+#: `re`, another to ECMA-262 (JSON Schema, the OpenAPI document) and a third to RE2 (the CRDs'
+#: CEL rules); `\xHH` escapes and, above U+00FF, the characters themselves (RE2 has no
+#: `\uHHHH`) read alike in all of them.
+_UNSAFE = r"\x00-\x20\x7f-\xa0" + "\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 #: `scheme://path[#ref]`, e.g. `gitea://org/repo/agent-skills/seo-all#v1` or `local://seo`.
-SOURCE_PATTERN = r"^[a-z][a-z0-9+.-]{0,31}://[^\s#]+(#[^\s#]+)?$"
+SOURCE_PATTERN = rf"^[a-z][a-z0-9+.-]{{0,31}}://[^{_UNSAFE}#]+(#[^{_UNSAFE}#]+)?$"
 MAX_SOURCE_LENGTH = 2048
 MAX_DIGEST_LENGTH = 256
 

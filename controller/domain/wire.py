@@ -19,16 +19,28 @@ from controller.domain.models import (
     Plugin,
 )
 
-#: Characters no source or URL may hold, spelled out rather than `\s`, which means three
-#: different sets to Python's `re`, to pydantic's Rust engine and to ECMA-262 (the regex
-#: dialect of the JSON Schema a client validates against): the C0 and C1 controls, DEL,
-#: space and every other Unicode space (U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
-#: U+202F, U+205F, U+3000) and the BOM U+FEFF. Only `\xHH` and `\uHHHH` escapes: all three
-#: engines read them alike.
+#: Characters no URL may hold (models.SOURCE_PATTERN's class; see there): the C0 and C1
+#: controls, DEL, space, every other Unicode space and the BOM. Only `\xHH` and `\uHHHH`
+#: escapes: Python's `re`, pydantic's Rust engine and ECMA-262 read them alike.
 _UNSAFE = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-#: models.SOURCE_PATTERN with the explicit class for `\s`: exactly what the server accepts
-#: and the OpenAPI document says.
-WIRE_SOURCE_PATTERN = SOURCE_PATTERN.replace(r"\s", _UNSAFE)
+_H16 = "[0-9A-Fa-f]{1,4}"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LS32 = rf"({_H16}:{_H16}|{_OCTET}(\.{_OCTET}){{3}})"
+
+
+def _groups_then(most: int) -> str:
+    """RFC 3986's `[ *most( h16 ":" ) h16 ]`."""
+    return f"(({_H16}:){{0,{most}}}{_H16})?"
+
+
+#: An IPv6 literal as RFC 3986 spells it (what urlsplit accepts between brackets; `[317]`
+#: is not one).
+_IPV6 = "(" + "|".join([
+    f"({_H16}:){{6}}{_LS32}", f"::({_H16}:){{5}}{_LS32}",
+    f"{_groups_then(0)}::({_H16}:){{4}}{_LS32}", f"{_groups_then(1)}::({_H16}:){{3}}{_LS32}",
+    f"{_groups_then(2)}::({_H16}:){{2}}{_LS32}", f"{_groups_then(3)}::{_H16}:{_LS32}",
+    f"{_groups_then(4)}::{_LS32}", f"{_groups_then(5)}::{_H16}", f"{_groups_then(6)}::",
+]) + ")"
 _PORT = ("(0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
          "|[0-9]{1,4}))?")
 #: An http(s) URL with a host, an optional port in range, an optional path, and no
@@ -36,7 +48,7 @@ _PORT = ("(0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{
 #: document can carry (so that a client validating against it agrees with the server).
 RUNTIME_URL_PATTERN = (
     r"^[Hh][Tt][Tt][Pp][Ss]?://"
-    r"([A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])"
+    rf"([A-Za-z0-9._~!$&'()*+,;=%-]+|\[{_IPV6}\])"
     f"(:{_PORT})?"
     rf"(/[^?#{_UNSAFE}]*)?$"
 )
@@ -44,7 +56,7 @@ RUNTIME_URL_PATTERN = (
 WorkspaceId = Annotated[str, StringConstraints(pattern=WORKSPACE_ID_PATTERN)]
 PluginName = Annotated[str, StringConstraints(pattern=PLUGIN_NAME_PATTERN)]
 Source = Annotated[str, StringConstraints(max_length=MAX_SOURCE_LENGTH,
-                                          pattern=WIRE_SOURCE_PATTERN)]
+                                          pattern=SOURCE_PATTERN)]
 Digest = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DIGEST_LENGTH)]
 MAX_URL_LENGTH = 2048
 MAX_PLUGINS = 500

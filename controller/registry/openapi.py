@@ -48,11 +48,22 @@ def _call(summary: str, request: str, ok: str, extra: dict[str, str]) -> dict[st
     }
 
 
+#: What the models check beside their fields' own shapes and JSON Schema can say: `error` is
+#: part of a report, so a non-null `error` comes with a non-null `plugins`
+#: (wire._with_report; 422 otherwise).
+_ERROR_WITH_REPORT = {
+    "if": {"required": ["error"], "properties": {"error": {"type": "string"}}},
+    "then": {"required": ["plugins"], "properties": {"plugins": {"type": "array"}}},
+}
+
+
 def document() -> dict[str, Any]:
     _, schemas = models_json_schema(
         [(api.RegisterRequest, "validation"), (api.HeartbeatRequest, "validation")],
         ref_template="#/components/schemas/{model}")
     components = dict(schemas["$defs"])
+    for request in ("RegisterRequest", "HeartbeatRequest"):
+        components[request] = {**components[request], **_ERROR_WITH_REPORT}
     components["Status"] = {"type": "object", "required": ["status"],
                             "properties": {"status": {"type": "string"}}}
     components["Error"] = {"type": "object", "required": ["error"],
