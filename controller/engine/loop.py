@@ -29,6 +29,7 @@ DesiredSource = Callable[[], Desired]
 HINT_GATHER = 0.05  # seconds a hint waits for others before its pass starts
 PassCallback = Callable[[PassReport, Trigger], None]  # (report, what started the pass)
 FailureCallback = Callable[[Trigger], None]  # (what started a pass that could not run)
+RunningCallback = Callable[[bool], None]  # the loop started (True) or stopped (False)
 PRUNE_EVERY = 3600.0  # seconds between prunes of the store (store/queries/prune.py)
 
 
@@ -43,6 +44,7 @@ async def run_forever(
     queue: WorkQueue | None = None,
     on_pass: PassCallback | None = None,
     on_failure: FailureCallback | None = None,
+    on_running: RunningCallback | None = None,
     replica: str = DEFAULT_REPLICA,
     jitter: float = 0.1,
     rand: Callable[[], float] = random.random,
@@ -51,7 +53,8 @@ async def run_forever(
     and restarts never line up), and small passes for the workspaces hinted to `queue` in
     between. A pass is started on time even if an earlier one still waits on a slow runtime:
     that runtime's workspace is busy and skipped, every other workspace is served. It
-    returns once any of the `stop` events is set."""
+    returns once any of the `stop` events is set. `on_running` hears when it starts and when
+    its passes have ended (the metrics: a replica that runs no passes reports none)."""
     stops = stop if isinstance(stop, tuple) else (stop,)
     clock = asyncio.get_running_loop().time
     passes = Passes(source=source, sessions=sessions, driver=driver, policy=policy,
@@ -59,9 +62,11 @@ async def run_forever(
                     on_pass=on_pass, on_failure=on_failure)
     pruning = Pruning(sessions=sessions, policy=policy)
     next_full = clock()
+    if on_running is not None:
+        on_running(True)
     try:
         while not any(s.is_set() for s in stops):
-            await _wait_any((passes.queue.hinted, *stops), max(0.0, next_full - clock()))
+            await wait_any((passes.queue.hinted, *stops), max(0.0, next_full - clock()))
             if any(s.is_set() for s in stops):
                 break
             if clock() >= next_full:
@@ -75,13 +80,15 @@ async def run_forever(
             else:
                 # Hints come in bursts (a fleet reconnecting, a deploy): gather them briefly,
                 # so that one pass serves the burst instead of one pass per hint.
-                await _wait_any(stops, HINT_GATHER)
+                await wait_any(stops, HINT_GATHER)
                 passes.start(passes.queue.next_request(full=False))
             pruning.start_if_due(passes.desired, clock())
             await asyncio.sleep(0)  # let the pass claim its workspaces before the next one
     finally:
         await passes.wind_down(grace=policy.call_timeout)
         await pruning.wind_down(grace=policy.call_timeout)
+        if on_running is not None:
+            on_running(False)
 
 
 def _planned() -> asyncio.Event:
@@ -216,7 +223,7 @@ class Pruning:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> None:
+async def wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> None:
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

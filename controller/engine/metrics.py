@@ -1,20 +1,30 @@
 """Prometheus metrics of one pluginctl process (prometheus-client), served at `/metrics` on
 the registry's listen address. Fed by the loop's pass reports and the registry's requests;
-nothing here is read back by the controller."""
+nothing here is read back by the controller.
+
+Per-process series (passes, actions, requests) are this replica's own: sum them. The fleet
+gauges (workspaces by phase, drifted, stalled, guard holding) describe the whole fleet as a
+full pass saw it, and every replica's full pass sees the whole fleet: so only one replica
+at a time exports them, the reporter (service.serve ties it to a role in the store), and a
+replica that runs no passes (an operator's standby) exports neither them nor the coverage
+gauge."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from controller.domain.models import Phase
 from controller.engine.queue import Trigger
@@ -25,6 +35,36 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 FULL_PASS_TRIGGERS = (Trigger.PERIODIC, Trigger.HINT_STORM)  # passes over every workspace
+PHASES = (Phase.ONLINE, Phase.INVALID, Phase.SUSPENDED, Phase.UNMANAGED)
+
+WORKSPACES_HELP = ("Workspaces the last full pass saw, by phase: Online, Invalid, Suspended, "
+                   "Unmanaged (offline and dormant ones are not read by a pass). Exported by "
+                   "one replica at a time.")
+DRIFTED_HELP = ("Online workspaces not as declared after the last full pass (failing, backing "
+                "off, refused, awaiting or held from a restart, held by the blast-radius "
+                "guard, or invalid). Exported by one replica at a time.")
+STALLED_HELP = ("Online workspaces not as declared after the last full pass that made no "
+                "progress in it (nothing succeeded: backing off, failing again, refused, held "
+                "by the guard or the restart budget, or invalid). Exported by one replica at "
+                "a time.")
+GUARD_HELP = ("1 while the blast-radius guard holds passes (they would remove too many "
+              "plugins or act on too many workspaces; nothing is done until the change is "
+              "fixed or a forced pass runs), else 0. Exported by one replica at a time.")
+COVERAGE_HELP = ("Age of the least recently reconciled online workspace: every full pass "
+                 "looks at every online workspace, so this is the time since this replica's "
+                 "last finished full pass began (since its loop started, before the first "
+                 "one). Absent on a replica that runs no passes (an operator's standby).")
+REPORTER_HELP = ("1 on the one replica that exports the fleet gauges (workspaces, drifted, "
+                 "stalled, guard holding), else 0.")
+
+
+@dataclass(frozen=True)
+class FleetSeen:
+    """What the last full pass saw of the whole fleet."""
+
+    phases: dict[Phase, int]
+    drifted: int
+    stalled: int
 
 
 class Metrics:
@@ -38,25 +78,6 @@ class Metrics:
             "pluginctl_reconcile_time_seconds", "Duration of one pass.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry)
-        self.workspaces = Gauge(
-            "pluginctl_workspaces", "Workspaces a full pass saw, by phase: Online, Invalid, "
-            "Suspended, Unmanaged (offline and dormant ones are not read by a pass).",
-            ["phase"],
-            registry=self.registry)
-        self.drifted = Gauge(
-            "pluginctl_drifted_workspaces", "Online workspaces not as declared after the last "
-            "full pass (failing, backing off, refused, awaiting or held from a restart, held "
-            "by the blast-radius guard, or invalid).",
-            registry=self.registry)
-        self.stalled = Gauge(
-            "pluginctl_stalled_workspaces", "Online workspaces not as declared after the last "
-            "full pass that made no progress in it (nothing succeeded: backing off, failing "
-            "again, refused, held by the guard or the restart budget, or invalid).",
-            registry=self.registry)
-        self.guard_holding = Gauge(
-            "pluginctl_guard_holding", "1 while the blast-radius guard holds passes (they "
-            "would remove too many plugins or act on too many workspaces; nothing is done "
-            "until the change is fixed or a forced pass runs), else 0.", registry=self.registry)
         self.actions = Counter(
             "pluginctl_plugin_actions", "Runtime actions performed, by action, result and "
             "trigger: what started it (periodic, registry, manual, template-change, hint-storm) "
@@ -69,16 +90,40 @@ class Metrics:
             "pluginctl_registry_request_seconds", "Registry API request duration.",
             ["endpoint"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
             registry=self.registry)
-        self.started = time.monotonic()
+        # A process alone on its store reports; serve() makes it hold the role for that.
+        self.reporter = True
+        self.fleet: FleetSeen | None = None  # from the last full pass, while the loop runs
+        self.guard_holding = False
+        self.running_since: float | None = None  # monotonic; None: this replica runs no loop
         self.last_full_pass: float | None = None  # monotonic start of the last full pass
-        Gauge("pluginctl_oldest_reconcile_age_seconds",
-              "Age of the least recently reconciled online workspace: every full pass looks "
-              "at every online workspace, so this is the time since the last full pass that "
-              "finished began (since the process started, before the first one).",
-              registry=self.registry).set_function(self.oldest_reconcile_age)
+        self.fleet_changed: Callable[[], None] | None = None  # called when `fleet` comes or goes
+        self.registry.register(_FleetCollector(self))
 
-    def oldest_reconcile_age(self) -> float:
-        return time.monotonic() - (self.last_full_pass or self.started)
+    def loop_running(self, running: bool) -> None:
+        """The loop started (standalone, or the operator became the leader) or stopped (it
+        lost the leadership, or the process stops): a replica that runs no passes has no
+        coverage, and its last view of the fleet is stale."""
+        self.running_since = time.monotonic() if running else None
+        self.last_full_pass = None
+        self.fleet = None
+        self.guard_holding = False
+        if self.fleet_changed is not None:
+            self.fleet_changed()
+
+    @property
+    def running(self) -> bool:
+        return self.running_since is not None
+
+    def oldest_reconcile_age(self) -> float | None:
+        """The coverage gauge's value; None while this replica runs no loop."""
+        if self.running_since is None:
+            return None
+        return time.monotonic() - (self.last_full_pass or self.running_since)
+
+    @property
+    def reporting(self) -> bool:
+        """Whether the fleet gauges are exported now."""
+        return self.reporter and self.fleet is not None
 
     def observe_pass(self, report: PassReport, trigger: Trigger) -> None:
         seconds = (report.finished_at - report.started_at).total_seconds()
@@ -91,20 +136,21 @@ class Metrics:
         if trigger in FULL_PASS_TRIGGERS and report.scope is None:
             self.last_full_pass = time.monotonic() - seconds
             # Only what a pass sees: offline and dormant workspaces are not even read.
-            counts = dict.fromkeys((Phase.SUSPENDED, Phase.UNMANAGED), 0)
-            counts[Phase.ONLINE] = report.online
-            counts[Phase.INVALID] = len(report.invalid)
+            phases = dict.fromkeys(PHASES, 0)
+            phases[Phase.ONLINE] = report.online
+            phases[Phase.INVALID] = len(report.invalid)
             for phase, count in report.skipped.items():
-                counts[phase] = counts.get(phase, 0) + count
-            for phase, count in counts.items():
-                self.workspaces.labels(phase.value).set(count)
-            self.drifted.set(report.drifted)
-            self.stalled.set(report.stalled)
+                phases[phase] = phases.get(phase, 0) + count
+            first = self.fleet is None
+            self.fleet = FleetSeen(phases=phases, drifted=report.drifted,
+                                   stalled=report.stalled)
+            if first and self.fleet_changed is not None:
+                self.fleet_changed()
 
         if report.guard is not None:
-            self.guard_holding.set(1)
+            self.guard_holding = True
         elif report.scope is None:
-            self.guard_holding.set(0)
+            self.guard_holding = False
 
     def observe_failed_pass(self, trigger: Trigger) -> None:
         self.reconciles.labels("error", trigger.value).inc()
@@ -115,3 +161,47 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def described(self) -> list[Metric]:
+        """Every family this can export, with no samples (some are absent at times)."""
+        return [*self.reconciles.describe(), *self.reconcile_time.describe(),
+                *self.actions.describe(), *self.requests.describe(),
+                *self.request_seconds.describe(), *_families()]
+
+
+class _FleetCollector(Collector):
+    """The gauges that may be absent: a Gauge of prometheus-client always shows a value."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        yield from _families()
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self.metrics
+        workspaces, drifted, stalled, guard, coverage, reporter = _families()
+        reporter.add_metric([], 1.0 if metrics.reporting else 0.0)
+        yield reporter
+        age = metrics.oldest_reconcile_age()
+        if age is not None:
+            coverage.add_metric([], age)
+            yield coverage
+        fleet = metrics.fleet
+        if fleet is None or not metrics.reporting:
+            return
+        for phase, count in fleet.phases.items():
+            workspaces.add_metric([phase.value], count)
+        drifted.add_metric([], fleet.drifted)
+        stalled.add_metric([], fleet.stalled)
+        guard.add_metric([], 1.0 if metrics.guard_holding else 0.0)
+        yield from (workspaces, drifted, stalled, guard)
+
+
+def _families() -> tuple[GaugeMetricFamily, ...]:
+    return (GaugeMetricFamily("pluginctl_workspaces", WORKSPACES_HELP, labels=["phase"]),
+            GaugeMetricFamily("pluginctl_drifted_workspaces", DRIFTED_HELP),
+            GaugeMetricFamily("pluginctl_stalled_workspaces", STALLED_HELP),
+            GaugeMetricFamily("pluginctl_guard_holding", GUARD_HELP),
+            GaugeMetricFamily("pluginctl_oldest_reconcile_age_seconds", COVERAGE_HELP),
+            GaugeMetricFamily("pluginctl_fleet_reporter", REPORTER_HELP))

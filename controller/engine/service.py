@@ -1,5 +1,6 @@
 """The standalone controller process: the registry API and the periodic loop in one event
-loop, sharing one store; the registry hints the loop so a fresh register converges fast."""
+loop, sharing one store; the registry hints the loop so a fresh register converges fast.
+Beside them, the metrics' reporter role: which replica exports the fleet gauges."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from controller.domain.desired import Desired
 from controller.domain.models import Policy
 from controller.engine.context import DEFAULT_REPLICA
-from controller.engine.loop import FailureCallback, PassCallback, run_forever
+from controller.engine.loop import FailureCallback, PassCallback, run_forever, wait_any
 from controller.engine.metrics import Metrics
 from controller.engine.queue import Trigger, WorkQueue
 from controller.engine.report import PassReport, Refusals
@@ -20,6 +21,7 @@ from controller.registry.app import make_app
 from controller.registry.serving import Limits, runner_for, start_site
 from controller.runtime.driver import RuntimeDriver
 from controller.store import Sessions
+from controller.store.roles import ExclusiveRole
 
 log = logging.getLogger("pluginctl")
 
@@ -63,7 +65,8 @@ def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: P
         async with RuntimeDriver.for_policy(policy, f"pluginctl/{replica}") as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
                               queue=queue, on_pass=after_pass, replica=replica,
-                              on_failure=on_failure)
+                              on_failure=on_failure,
+                              on_running=metrics.loop_running if metrics else None)
     return loop
 
 
@@ -105,11 +108,51 @@ async def serve(
                 raise ValueError("serve() needs a source of desired state or a loop")
             loop_factory = standalone_loop(source, sessions, policy, interval=interval,
                                            on_pass=on_pass, replica=replica, metrics=metrics)
-        await _until_stopped(loop_factory(queue, stop), stop, close=runner.cleanup)
+        reporting = asyncio.create_task(report_fleet(
+            metrics, ExclusiveRole(sessions, "fleet-metrics"), interval=interval,
+            stop=stop)) if metrics is not None else None
+        try:
+            await _until_stopped(loop_factory(queue, stop), stop, close=runner.cleanup)
+        finally:
+            if reporting is not None:
+                reporting.cancel()
+                await asyncio.gather(reporting, return_exceptions=True)
     finally:
         if runner.server is not None:  # not closed yet
             await runner.cleanup()
         log.info("stopped")
+
+
+FLEET_ROLE_CHECK = 5.0  # seconds at most between two looks at the reporter role
+
+
+async def report_fleet(metrics: Metrics, role: ExclusiveRole, *, interval: float,
+                       stop: asyncio.Event) -> None:
+    """Keep `metrics.reporter` true on one replica at a time: the one holding `role`. A
+    replica asks for the role once its loop runs and has finished a full pass, and gives it
+    up when its loop stops (an operator that lost the leadership) or its last full pass is
+    more than three intervals old (its passes are stuck: another replica's are fresher), so
+    that the fleet gauges always come from a replica whose passes run. The role is freed by
+    the database when a replica dies."""
+    every = min(interval, FLEET_ROLE_CHECK)
+    changed = asyncio.Event()
+    metrics.fleet_changed = changed.set  # look at once when the loop starts or stops
+    metrics.reporter = False
+    try:
+        while not stop.is_set():
+            changed.clear()
+            age = metrics.oldest_reconcile_age()
+            wanted = metrics.fleet is not None and age is not None and age <= 3 * interval
+            if wanted:
+                metrics.reporter = await asyncio.to_thread(role.hold)
+            else:
+                metrics.reporter = False
+                await asyncio.to_thread(role.release)
+            await wait_any((stop, changed), every)
+    finally:
+        metrics.fleet_changed = None
+        metrics.reporter = False
+        await asyncio.to_thread(role.release)
 
 
 async def _until_stopped(loop: Awaitable[None], stop: asyncio.Event, *,

@@ -4,33 +4,37 @@ drift, and the coverage metric (age of the least recently reconciled online work
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from controller.agent.simulated import Faults, ReferenceRuntime
-from controller.domain.models import Plugin
+from controller.domain.models import Plugin, Policy
+from controller.engine import service
+from controller.engine.loop import run_forever, wait_any
+from controller.engine.manifests import Source
+from controller.engine.metrics import Metrics
+from controller.engine.queue import WorkQueue
 from controller.registry.app import issue_token
+from controller.runtime.driver import RuntimeDriver
 from controller.store import make_engine, make_sessions, upgrade
-from tests.support.helpers import NOTES, SEO, RunProcess, fleet_dir, has, wait_for
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-async def scrape(url: str) -> Samples:
-    async with aiohttp.ClientSession() as client, client.get(f"{url}/metrics") as answer:
-        assert answer.status == 200
-        assert answer.headers["Content-Type"].startswith("text/plain; version=")
-        text = await answer.text()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+from tests.support.helpers import (
+    NOTES,
+    SEO,
+    RunProcess,
+    Samples,
+    fleet_dir,
+    has,
+    has_series,
+    metric,
+    scrape,
+    wait_for,
+)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum over every series of `name` whose labels include `labels`."""
-    return sum(v for (n, have), v in samples.items()
-               if n == name and set(labels.items()) <= set(have))
+    return metric(samples, name, **labels)
 
 
 async def test_metrics_of_a_running_controller(tmp_path: Path) -> None:
@@ -113,7 +117,9 @@ async def test_run_dry_run_and_the_guard_call_no_runtime(tmp_path: Path) -> None
         async def scraped() -> Samples | None:
             samples = await scrape(run.url)
             done = (value(samples, "pluginctl_reconcile_total", trigger="periodic") >= full
-                    and value(samples, "pluginctl_reconcile_total", trigger="hint") >= hinted)
+                    and value(samples, "pluginctl_reconcile_total", trigger="hint") >= hinted
+                    # the fleet gauges: from the first full pass on, once it holds the role
+                    and value(samples, "pluginctl_fleet_reporter") == 1)
             return samples if done else None
         return await wait_for(scraped, f"{full} full and {hinted} hinted passes"
                               )  # type: ignore[no-any-return]
@@ -145,3 +151,74 @@ async def test_run_dry_run_and_the_guard_call_no_runtime(tmp_path: Path) -> None
             await runtime.stop()
         await dry.stop()
         await guarded.stop()
+
+
+async def test_a_replica_that_runs_no_passes_exports_no_coverage_and_no_fleet_gauges(
+    tmp_path: Path,
+) -> None:
+    """An operator's standby serves the registry but runs no passes (kube/operator.py runs
+    the loop only while it holds the Lease): it must not export a coverage age growing with
+    its uptime, nor fleet gauges. Here the registry and the metrics are the real ones
+    (service.serve, scraped over HTTP) and the loop is the engine's, started and stopped the
+    way the operator does on winning and losing the Lease."""
+    db = f"sqlite:///{tmp_path / 'pluginctl.db'}"
+    engine = make_engine(db)
+    upgrade(engine)
+    sessions = make_sessions(engine)
+    policy = Policy(call_timeout=2.0, workspace_timeout=5.0)
+    manifests = fleet_dir(tmp_path, ["ws-1"])
+    metrics = Metrics()
+    after_pass, on_failure = service.observed(metrics, on_pass=lambda _r, _t: None)
+    leading, lost, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def operator_like(queue: WorkQueue, stop: asyncio.Event) -> None:
+        await wait_any((leading, stop), 60)  # the standby: waiting for the Lease
+        async with RuntimeDriver.for_policy(policy) as driver:
+            await run_forever(Source(manifests), sessions, driver, policy, interval=0.2,
+                              stop=(stop, lost), queue=queue, on_pass=after_pass,
+                              on_failure=on_failure, on_running=metrics.loop_running)
+        await stop.wait()  # a standby again
+
+    bound: list[int] = []
+    serving = asyncio.create_task(service.serve(
+        None, sessions, policy, host="127.0.0.1", port=0, interval=0.2,
+        started=bound.append, stop=stop, loop_factory=operator_like, metrics=metrics))
+    try:
+        await wait_for(lambda: bound, "the registry listening")
+        url = f"http://127.0.0.1:{bound[0]}"
+        fleet_gauges = ("pluginctl_drifted_workspaces", "pluginctl_stalled_workspaces",
+                        "pluginctl_workspaces", "pluginctl_guard_holding")
+
+        async def standby() -> None:
+            samples = await scrape(url)
+            assert metric(samples, "pluginctl_registry_requests_total") >= 0
+            assert not has_series(samples, "pluginctl_oldest_reconcile_age_seconds")
+            assert not any(has_series(samples, name) for name in fleet_gauges)
+            assert metric(samples, "pluginctl_fleet_reporter") == 0
+
+        await standby()
+        await asyncio.sleep(0.5)  # uptime that a coverage gauge would have counted
+        await standby()
+
+        leading.set()
+
+        async def reporting() -> Samples | None:
+            samples = await scrape(url)
+            return samples if metric(samples, "pluginctl_fleet_reporter") == 1 else None
+
+        samples = await wait_for(reporting, "the leader reporting the fleet", 10)
+        assert 0 <= metric(samples, "pluginctl_oldest_reconcile_age_seconds") < 2
+        assert all(has_series(samples, name) for name in fleet_gauges)
+
+        lost.set()  # the leadership lost: passes end, and so does what they reported
+
+        async def stood_down() -> bool:
+            samples = await scrape(url)
+            return not has_series(samples, "pluginctl_oldest_reconcile_age_seconds")
+
+        await wait_for(stood_down, "the coverage gauge gone", 10)
+        await standby()
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+        engine.dispose()

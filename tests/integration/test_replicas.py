@@ -15,11 +15,27 @@ import aiohttp
 import pytest
 from sqlalchemy import create_engine
 
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.registry.app import issue_token
 from controller.registry.serving import free_port
 from controller.sim.fleet import Fleet, serve_fleet
 from controller.store import make_engine, make_sessions, upgrade
-from tests.support.helpers import TEMPLATE, fresh_postgres_database, wait_for, workspace_yaml
+from controller.store.roles import ExclusiveRole
+from tests.support.helpers import (
+    NOTES,
+    SEO,
+    TEMPLATE,
+    RunProcess,
+    Samples,
+    fleet_dir,
+    fresh_postgres_database,
+    has,
+    has_series,
+    metric,
+    scrape,
+    wait_for,
+    workspace_yaml,
+)
 
 WORKSPACES = 45
 
@@ -116,3 +132,101 @@ async def test_three_replicas_share_the_fleet_and_take_over_a_dead_ones_share(
     finally:
         engine.dispose()
         drop()
+
+
+async def test_two_replicas_export_the_fleet_gauges_once(postgres_url: str,
+                                                         tmp_path: Path) -> None:
+    """Both replicas scraped, as a Prometheus over the deployment would: the fleet gauges
+    summed over them equal the truth (each replica's full pass sees the whole fleet, so
+    only one, the reporter, exports them), and when the reporter dies the other takes over."""
+    url, drop = fresh_postgres_database(postgres_url)
+    engine = make_engine(url)
+    manifests = fleet_dir(tmp_path, ["ws-1", "ws-2"])
+    replicas = [RunProcess(manifests, url, "--identity", name) for name in ("r1", "r2")]
+    runtimes: list[ReferenceRuntime] = []
+    try:
+        upgrade(engine)
+        sessions = make_sessions(engine)
+        for replica in replicas:
+            await replica.start()
+        runtimes += [
+            ReferenceRuntime("ws-1", registry_url=replicas[0].url, heartbeat_interval=0.2,
+                             token=issue_token(sessions, "ws-1")),
+            ReferenceRuntime("ws-2", registry_url=replicas[1].url, heartbeat_interval=0.2,
+                             token=issue_token(sessions, "ws-2"),
+                             faults=Faults(failing_plugins={"notes"}))]
+        for runtime in runtimes:
+            await runtime.start()
+            await runtime.register()
+            runtime.start_heartbeats()
+        await wait_for(lambda: has(runtimes[0], SEO, NOTES) and has(runtimes[1], SEO),
+                       "installs", 60)
+
+        async def full_passes() -> list[float]:
+            return [metric(await scrape(r.url), "pluginctl_reconcile_total", trigger="periodic")
+                    for r in replicas]
+
+        # Two more full passes on each replica: both have seen the fleet as it now stands.
+        seen = await full_passes()
+
+        async def both_passed_twice() -> bool:
+            return all(now >= then + 2 for now, then in zip(await full_passes(), seen,
+                                                            strict=True))
+
+        await wait_for(both_passed_twice, "two full passes on each replica", 30)
+
+        async def summed() -> tuple[list[Samples], dict[str, float]]:
+            pages = [await scrape(r.url) for r in replicas]
+            return pages, {
+                "online": sum(metric(p, "pluginctl_workspaces", phase="Online") for p in pages),
+                "drifted": sum(metric(p, "pluginctl_drifted_workspaces") for p in pages),
+                "stalled": sum(metric(p, "pluginctl_stalled_workspaces") for p in pages),
+                "reporters": sum(metric(p, "pluginctl_fleet_reporter") for p in pages)}
+
+        truth = {"online": 2, "drifted": 1, "stalled": 1, "reporters": 1}  # ws-2 backs off
+        pages, totals = await summed()
+        assert totals == truth
+        reporter = next(i for i, page in enumerate(pages)
+                        if metric(page, "pluginctl_fleet_reporter") == 1)
+        other = replicas[1 - reporter]
+        assert not has_series(pages[1 - reporter], "pluginctl_drifted_workspaces")
+        # Both run passes, so both have a coverage age; the fleet's is the smaller.
+        assert all(has_series(page, "pluginctl_oldest_reconcile_age_seconds")
+                   for page in pages)
+
+        await replicas[reporter].kill()  # its advisory lock goes with its connection
+
+        async def taken_over() -> bool:
+            page = await scrape(other.url)
+            return metric(page, "pluginctl_fleet_reporter") == 1 and \
+                metric(page, "pluginctl_drifted_workspaces") == 1 and \
+                metric(page, "pluginctl_workspaces", phase="Online") == 2
+
+        await wait_for(taken_over, "the other replica reporting the fleet", 15)
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        for replica in replicas:
+            await replica.stop()
+        engine.dispose()
+        drop()
+
+
+def test_the_reporter_role_is_held_by_one_process_at_a_time(db_url: str) -> None:
+    """The role behind the fleet gauges, on SQLite (an flock beside the file) and
+    PostgreSQL (an advisory lock): taken by one holder, refused to the other, free again
+    once released. (Two roles in one process stand for two replicas: each holds its own
+    lock file handle or connection.)"""
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        first, second = (ExclusiveRole(make_sessions(engine), "fleet-metrics")
+                         for _ in range(2))
+        assert first.hold() and first.hold()  # held, and still held
+        assert not second.hold()
+        first.release()
+        assert second.hold()
+        assert not first.hold()
+        second.release()
+    finally:
+        engine.dispose()

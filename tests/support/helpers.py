@@ -200,3 +200,28 @@ def seen_of(session: Any, workspace_id: str) -> Any:
     """What the store holds of one workspace now (controller.domain.models.Observed)."""
     from controller.store import queries
     return queries.load_observed(session, now=utcnow(), only=[workspace_id])[workspace_id]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, labels) -> value
+
+
+async def scrape(url: str) -> Samples:
+    """`GET {url}/metrics`, parsed as Prometheus would."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as client, client.get(f"{url}/metrics") as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain; version=")
+        text_ = await answer.text()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text_) for sample in family.samples}
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include `labels` (0 if none)."""
+    return sum(v for (n, have), v in samples.items()
+               if n == name and set(labels.items()) <= set(have))
+
+
+def has_series(samples: Samples, name: str) -> bool:
+    return any(n == name for n, _ in samples)
