@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
@@ -19,7 +19,10 @@ from controller.domain.models import InvalidSpec, Policy, Unavailable, check_wor
 from controller.domain.networks import RuntimeNetworks
 from controller.domain.planner import GUARD_MIN_REMOVALS
 from controller.engine import manifests as manifests_mod
-from controller.store import Sessions, database_url, ensure_schema, make_engine, make_sessions
+
+if TYPE_CHECKING:  # SQLAlchemy loads with the first command that opens the store, so that
+    # `kubectl pluginctl`, which never does, starts without it.
+    from controller.store import Sessions
 
 EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
 
@@ -142,6 +145,8 @@ def read_secret(path: Path | None, option: str) -> str | None:
 
 
 def open_store(db: str | None) -> Sessions:
+    from controller.store import database_url, ensure_schema, make_engine, make_sessions
+
     engine = make_engine(database_url(db))
     ensure_schema(engine)
     return make_sessions(engine)
@@ -294,9 +299,14 @@ def fail(message: str) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: every way of not being able to run ends in one line and exit 1 (click's
     usage errors included, so that exit 2 always means "out of sync")."""
+    run_group(cli, argv, prog_name="pluginctl")
+
+
+def run_group(group: click.Group, argv: Sequence[str] | None, *, prog_name: str) -> None:
+    """Run a command group with pluginctl's exit codes (`main`; `kubectl pluginctl`)."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="pluginctl",
-                 standalone_mode=False)
+        group.main(args=list(argv) if argv is not None else None, prog_name=prog_name,
+                   standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.UsageError as error:

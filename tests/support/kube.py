@@ -102,3 +102,12 @@ class KubeProxy:
                     continue
                 await response.write(line)
             return response
+
+
+def kubeconfig_in_namespace(plane: ControlPlane, namespace: str, path: Path) -> Path:
+    """A copy of the admin kubeconfig whose context works in `namespace`, as `kubectl config
+    set-context --current --namespace` leaves a user's."""
+    path.write_text(plane.kubeconfig.read_text())
+    plane.kubectl("config", "set-context", "--current", f"--namespace={namespace}",
+                  kubeconfig=path)
+    return path
