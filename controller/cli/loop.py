@@ -124,7 +124,8 @@ def run(*, manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
             return operator.run_operator(kube, sessions, policy, interval=interval,
                                          hints=queue, stop=stop, lease=lease, identity=me,
                                          on_pass=after_pass, resync=resync,
-                                         on_failure=on_failure)
+                                         on_failure=on_failure,
+                                         on_running=metrics.loop_running)
 
         serving = service.serve(None, sessions, policy, host=host, port=port,
                                 interval=interval, loop_factory=operator_loop, limits=limits,

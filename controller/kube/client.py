@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -34,6 +35,8 @@ KUBE_CALL_SECONDS = 30.0
 #: Threads (and pooled connections) for calls to the API server: the status writer keeps
 #: `status_writer.WRITES_IN_FLIGHT` of them busy at most, the rest are for leases and LISTs.
 KUBE_THREADS = 24
+#: Objects per page of a LIST.
+LIST_PAGE = 500
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -152,21 +155,51 @@ class KubeClient:
     def _plain(self, obj: Any) -> Any:
         return self.api.sanitize_for_serialization(obj)
 
+    @staticmethod
+    def _written(response: Any) -> None:
+        """A write's answer, unread (`_preload_content=False`): the server echoes the whole
+        object, which nothing here reads, and deserialising it (into the client's models, for
+        Events and Secrets) cost more than the write itself on this side. Read to the end,
+        so that the connection goes back to the pool."""
+        response.read()
+        response.release_conn()
+
     # --- pluginctl objects -----------------------------------------------------------------
 
     def list_objects(self, plural: str) -> Listing:
-        try:
-            result = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, plural)
-        except (ApiException, OSError, TransportError) as error:
-            raise _error(f"list {plural}", error) from error
-        return Listing(result.get("items", []),
-                       (result.get("metadata") or {}).get("resourceVersion"))
+        return self._list_pages(f"list {plural}", functools.partial(
+            self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, plural))
+
+    def _list_pages(self, action: str, list_call: Callable[..., Any]) -> Listing:
+        """A LIST in pages of LIST_PAGE objects (one consistent snapshot, as one LIST is),
+        each read raw and kept without its managedFields: 10,000 Workspaces in one answer,
+        parsed whole and with the server's field records, were hundreds of megabytes at
+        once, every resync."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            try:
+                response = list_call(limit=LIST_PAGE, _continue=token, _preload_content=False)
+                try:
+                    page = json.loads(response.read())
+                finally:
+                    response.release_conn()
+            except (ApiException, OSError, TransportError, ValueError) as error:
+                raise _error(action, error) from error
+            for item in page.get("items") or []:
+                (item.get("metadata") or {}).pop("managedFields", None)
+                items.append(item)
+            metadata = page.get("metadata") or {}
+            token = metadata.get("continue")
+            if not token:
+                return Listing(items, metadata.get("resourceVersion"))
 
     def patch_status(self, plural: str, namespace: str, name: str,
                      status: dict[str, Any]) -> None:
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, plural, name, {"status": status})
+            self._written(self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, plural, name, {"status": status},
+                _preload_content=False))
         except (ApiException, OSError, TransportError) as error:
             raise _error(f"patch status of {plural}/{namespace}/{name}", error) from error
 
@@ -197,26 +230,23 @@ class KubeClient:
             "reportingInstance": instance[:128],
         }
         try:
-            self.core.create_namespaced_event(metadata.get("namespace"), body)
+            self._written(self.core.create_namespaced_event(metadata.get("namespace"), body,
+                                                            _preload_content=False))
         except (ApiException, OSError, TransportError) as error:
             raise _error(f"create event {reason}", error) from error
 
     # --- token secrets ---------------------------------------------------------------------
 
     def list_secrets(self, label_selector: str) -> Listing:
-        try:
-            result = self.core.list_secret_for_all_namespaces(label_selector=label_selector)
-        except (ApiException, OSError, TransportError) as error:
-            raise _error("list secrets", error) from error
-        plain = self._plain(result)
-        return Listing(plain.get("items", []), (plain.get("metadata") or {}).get(
-            "resourceVersion"))
+        return self._list_pages("list secrets", functools.partial(
+            self.core.list_secret_for_all_namespaces, label_selector=label_selector))
 
     def apply_secret(self, namespace: str, body: dict[str, Any]) -> None:
         """Create the Secret, or replace its data if it exists."""
         name = body["metadata"]["name"]
         try:
-            self.core.create_namespaced_secret(namespace, body)
+            self._written(self.core.create_namespaced_secret(namespace, body,
+                                                             _preload_content=False))
             return
         except ApiException as error:
             if error.status != 409:
@@ -224,9 +254,9 @@ class KubeClient:
         except (OSError, TransportError) as error:
             raise _error(f"create secret {namespace}/{name}", error) from error
         try:
-            self.core.patch_namespaced_secret(name, namespace, {
+            self._written(self.core.patch_namespaced_secret(name, namespace, {
                 "metadata": {"labels": body["metadata"].get("labels", {})},
-                "stringData": body.get("stringData", {})})
+                "stringData": body.get("stringData", {})}, _preload_content=False))
         except (ApiException, OSError, TransportError) as error:
             raise _error(f"update secret {namespace}/{name}", error) from error
 

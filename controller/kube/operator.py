@@ -20,7 +20,7 @@ import kopf
 
 from controller.domain.desired import Desired
 from controller.domain.models import API_GROUP, API_VERSION, Policy
-from controller.engine.loop import FailureCallback, PassCallback, run_forever
+from controller.engine.loop import FailureCallback, PassCallback, RunningCallback, run_forever
 from controller.engine.passes import reconcile_once
 from controller.engine.queue import Trigger, WorkQueue
 from controller.engine.report import PassReport
@@ -265,21 +265,24 @@ class Watch:
             for name in ("workspace_index", "template_index", "secret_index"):
                 self.indexes[name] = kwargs[name]
 
+        # The index handlers are async although they never await: kopf runs a sync handler
+        # on a worker thread, a hop (and a task or two) per event that cost the event loop
+        # more than the copy itself.
         @kopf.index(API_GROUP, API_VERSION, WORKSPACES, id="workspace_index",
                     registry=registry)
-        def workspace_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        async def workspace_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
             obj = _indexed(body)
             return {key_of(obj): obj}
 
         @kopf.index(API_GROUP, API_VERSION, TEMPLATES, id="template_index",
                     registry=registry)
-        def template_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        async def template_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
             obj = _indexed(body)
             return {key_of(obj): obj}
 
         @kopf.index("v1", "secrets", labels={mirror.MANAGED_BY_LABEL: mirror.MANAGED_BY},
                     id="secret_index", registry=registry)
-        def secret_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        async def secret_index(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
             obj = _indexed(body)
             return {key_of(obj): {"metadata": obj.get("metadata", {}), "data": obj.get("data")}}
 
@@ -321,6 +324,7 @@ async def run_operator(
     on_pass: PassCallback | None = None,
     resync: float = DEFAULT_RESYNC,
     on_failure: FailureCallback | None = None,
+    on_running: RunningCallback | None = None,
 ) -> None:
     """Watch, elect, and while leading run passes and mirror them. The registry API runs
     beside this on every replica (it is stateless)."""
@@ -335,7 +339,8 @@ async def run_operator(
     kopf_task.add_done_callback(lambda _task: stop.set())
     elector = LeaderElector(kube, lease, identity) if lease is not None else None
     elector_task = asyncio.create_task(elector.run(stop)) if elector else None
-    sink = StatusWriter(kube, sessions, policy, identity)
+    sink = StatusWriter(kube, sessions, policy, identity,
+                        in_flight=hints.__contains__)
 
     def after_pass(report: PassReport, trigger: Trigger) -> None:
         if on_pass is not None:
@@ -351,7 +356,7 @@ async def run_operator(
             stops = (stop, elector.lost) if elector is not None else (stop,)
             await _lead(watch, sink, sessions, policy=policy, interval=interval, stop=stops,
                         on_pass=after_pass, resync=resync,
-                        on_failure=on_failure)
+                        on_failure=on_failure, on_running=on_running)
     finally:
         if elector_task is not None:
             await elector_task
@@ -431,7 +436,8 @@ def merged(reports: list[PassReport]) -> PassReport:
 async def _lead(watch: Watch, sink: StatusWriter, sessions: Sessions, *, policy: Policy,
                 interval: float, stop: tuple[asyncio.Event, ...],
                 on_pass: PassCallback, resync: float,
-                on_failure: FailureCallback | None = None) -> None:
+                on_failure: FailureCallback | None = None,
+                on_running: RunningCallback | None = None) -> None:
     log.info("leading: running passes every %gs", interval)
     resyncing = asyncio.create_task(_resync_forever(sink.kube, watch, resync))
     mirrors = Mirrors(sink)
@@ -446,13 +452,26 @@ async def _lead(watch: Watch, sink: StatusWriter, sessions: Sessions, *, policy:
         try:
             await run_forever(watch.desired, sessions, driver, policy, interval=interval, stop=stop,
                               queue=watch.hints, on_pass=mirrored, replica=sink.identity,
-                              on_failure=on_failure)
+                              on_failure=on_failure, on_running=on_running)
         finally:
             resyncing.cancel()
             await asyncio.gather(resyncing, return_exceptions=True)
             mirrors.close()
             await asyncio.gather(mirroring, return_exceptions=True)
+            await _flushed(sink, grace=policy.call_timeout)
     log.info("stopped leading: passes paused")
+
+
+async def _flushed(sink: StatusWriter, *, grace: float) -> None:
+    """The Events still queued, given `grace` seconds; then they are dropped (the next
+    leader's passes say what happened in status)."""
+    try:
+        await asyncio.wait_for(sink.flush(), grace)
+    except TimeoutError:
+        log.warning("stopped leading with %d Event(s) unwritten", len(sink.events))
+        if sink.sending is not None:
+            sink.sending.cancel()
+            await asyncio.gather(sink.sending, return_exceptions=True)
 
 
 async def _mirror_safely(sink: Sink, view: ClusterView, desired: Desired,
@@ -494,5 +513,7 @@ async def reconcile_cluster_once(kube: KubeClient, sessions: Sessions, policy: P
     report = await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
                                   progress=progress, force=force)
     if not dry_run:
-        await StatusWriter(kube, sessions, policy, default_identity()).apply(view, desired, report)
+        writer = StatusWriter(kube, sessions, policy, default_identity())
+        await writer.apply(view, desired, report)
+        await writer.flush()
     return report

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import functools
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -88,12 +89,24 @@ class SecretWrite:
     controller_secret: str | None
 
 
+def _quiet() -> asyncio.Event:
+    quiet = asyncio.Event()
+    quiet.set()
+    return quiet
+
+
+PendingEvent = tuple[Mapping[str, Any], mirror.Event, datetime]
+
+
 @dataclass
 class StatusWriter:
     """Writes status, Events and token Secrets; remembers what it wrote so that a watch
     cache that lags behind never causes a second write. Writes to different objects go out
     together (WRITES_IN_FLIGHT at a time); one mirror writes an object once, and mirrors run
-    one after another (`Mirrors`), so two writes to one object never race."""
+    one after another (`Mirrors`), so two writes to one object never race. Events go out
+    behind the status, as client-go's event recorder sends them: queued, written while no
+    status patch waits (a storm's next Ready never queues behind the last one's Events);
+    `flush` waits for them."""
 
     kube: KubeClient
     sessions: Sessions
@@ -102,6 +115,19 @@ class StatusWriter:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status
     secrets: dict[Key, str] = field(default_factory=dict)  # secret key -> token we wrote
     writes: int = 0  # API writes made, for tests and metrics
+    #: Whether a pass in flight holds a workspace (the work queue's `in`): its status is
+    #: left to that pass's mirror, which comes when the pass ends. A full pass's mirror
+    #: would otherwise write a half-done install's status just before that pass writes the
+    #: finished one: a storm of registers paid two status writes a Workspace.
+    in_flight: Callable[[str], bool] = lambda _workspace_id: False
+    events: collections.deque[PendingEvent] = field(default_factory=collections.deque)
+    quiet: asyncio.Event = field(default_factory=_quiet)  # set while no status patch waits
+    sending: asyncio.Task[None] | None = None  # writes the queued Events
+
+    async def flush(self) -> None:
+        """Wait until every queued Event is written."""
+        while self.sending is not None and not self.sending.done():
+            await asyncio.wait({self.sending})  # never cancels it, nor raises its error
 
     async def apply(self, view: ClusterView, desired: Desired,
                     report: PassReport | None) -> None:
@@ -126,7 +152,8 @@ class StatusWriter:
             key = key_of(obj)
             wanted = by_object[key]
             uid = obj["metadata"].get("uid", "")
-            if scope is not None and wanted.workspace_id not in scope:
+            if (scope is not None and wanted.workspace_id not in scope) or (
+                    self.in_flight(wanted.workspace_id) and uid in self.written):
                 ready[key] = mirror.is_ready(self.written.get(uid, obj.get("status") or {}))
                 continue
             is_claimant = claimants.get(wanted.workspace_id) == wanted.object_ref
@@ -140,7 +167,7 @@ class StatusWriter:
             ready[key] = mirror.is_ready(new)
             if not (self.written.get(uid) == new and current == new):
                 writes.append(StatusWrite(WORKSPACES, obj, current, new))
-        await _bounded(self._patch(write) for write in writes)
+        await self._patch_all(writes)
         if report is not None:
             await self._events(view, claimants, report, previous_status=previous_status,
                                now=now)
@@ -165,7 +192,17 @@ class StatusWriter:
             writes.append(StatusWrite(TEMPLATES, template, template.get("status") or {},
                                       mirror.template_status(template, plugins, sum(mine),
                                                              len(mine))))
-        await _bounded(self._patch(write) for write in writes)
+        await self._patch_all(writes)
+
+    async def _patch_all(self, writes: list[StatusWrite]) -> None:
+        """Status patches first: queued Events wait meanwhile."""
+        if not writes:
+            return
+        self.quiet.clear()
+        try:
+            await _bounded(self._patch(write) for write in writes)
+        finally:
+            self.quiet.set()
 
     async def _patch(self, write: StatusWrite) -> None:
         uid = write.obj["metadata"].get("uid", "")
@@ -206,8 +243,24 @@ class StatusWriter:
                                      held_before=held_before, trigger_of=result.trigger_of)
             if said:
                 events.setdefault(ref or "", (obj, []))[1].extend(said)
-        await _bounded(self._event(obj, event, now=now) for obj, said in events.values()
-                       for event in mirror.combined(said))
+        self.events.extend((obj, event, now) for obj, said in events.values()
+                           for event in mirror.combined(said))
+        if self.events and (self.sending is None or self.sending.done()):
+            self.sending = asyncio.create_task(self._send_events())
+
+    async def _send_events(self) -> None:
+        """Write queued Events, WRITES_IN_FLIGHT at a time, while no status patch waits."""
+
+        async def worker() -> None:
+            while self.events:
+                await self.quiet.wait()
+                if not self.events:
+                    return
+                obj, event, now = self.events.popleft()
+                await self._event(obj, event, now=now)
+
+        while self.events:  # Events queued as the last workers ended are not left behind
+            await asyncio.gather(*(worker() for _ in range(WRITES_IN_FLIGHT)))
 
     async def _event(self, obj: Mapping[str, Any], event: mirror.Event, *,
                      now: datetime) -> None:

@@ -125,9 +125,14 @@ class ApiServer:
     async def writes(self) -> int:
         """Writes the API server served to pluginctl's kinds (Workspaces, templates, token
         Secrets, Events) since it started: its own `apiserver_request_total`."""
+        return sum((await self.writes_by_resource()).values())
+
+    async def writes_by_resource(self) -> dict[str, int]:
+        """The same, per resource (a status patch counts under `workspaces`)."""
         page = await scrape(self.client, self.url)
-        return int(sum(page.total("apiserver_request_total", verb=verb, resource=resource)
-                       for verb in WRITES for resource in OURS))
+        return {resource: int(sum(page.total("apiserver_request_total", verb=verb,
+                                             resource=resource) for verb in WRITES))
+                for resource in OURS}
 
     async def close(self) -> None:
         await self.client.close()
@@ -279,6 +284,14 @@ def _tokens_of(secrets: list[dict[str, Any]]) -> dict[str, str]:
 
 
 @dataclass
+class Phase:
+    """What one phase cost: API writes per resource and CPU seconds per process."""
+
+    writes: dict[str, int]
+    cpu: dict[str, float]
+
+
+@dataclass
 class Run:
     """One measured run of the operator; the figures as they are taken."""
 
@@ -287,9 +300,22 @@ class Run:
     sizes: Sizes
     scratch: Path
     say: Say
+    cpu: Callable[[], dict[str, float]]  # CPU seconds so far, per process
     figures: dict[str, Any] = field(default_factory=dict)
 
+    async def begin(self) -> Phase:
+        return Phase(await self.api.writes_by_resource(), self.cpu())
+
+    async def end(self, name: str, began: Phase) -> None:
+        """Record what the phase `name` cost since `began`, under `phases` in the figures."""
+        writes, cpu = await self.api.writes_by_resource(), self.cpu()
+        self.figures.setdefault("phases", {})[name] = {
+            "api_writes": {k: v - began.writes.get(k, 0) for k, v in writes.items()
+                           if v - began.writes.get(k, 0)},
+            "cpu_seconds": {k: round(v - began.cpu.get(k, 0.0), 1) for k, v in cpu.items()}}
+
     async def objects_to_secrets(self, ids: list[str]) -> dict[str, str]:
+        began = await self.begin()
         started = time.time()
         namespace = self.api.namespace
         await self.api.create("workspacetemplates",
@@ -306,12 +332,14 @@ class Run:
         self.figures.update(create_seconds=round(created - started, 2),
                             created_to_secrets_seconds=round(present - created, 2))
         self.say(f"  every token Secret {present - created:.1f}s after the last object")
+        await self.end("objects_to_secrets", began)
         return _tokens_of(await self.api.secrets())
 
     async def registers_to_ready(self, fleet: FleetProcess, ids: list[str],
                                  watch: ReadyWatch) -> None:
         count = self.sizes.plugins
         watch.target(f"{count}/{count}")
+        began = await self.begin()
         started = time.time()
         await fleet.register(ids)
         registered = time.time()
@@ -331,6 +359,7 @@ class Run:
                             registers_to_ready_seconds=round(ready - started, 2))
         self.say(f"  registers: every plugin installed after {all_installed - started:.1f}s, "
                  f"every Workspace Ready after {ready - started:.1f}s")
+        await self.end("registers_to_ready", began)
 
     async def steady_writes(self, fleet: FleetProcess, ids: list[str]) -> None:
         """Heartbeats flow (since the registers), two full passes run: how many writes did
@@ -361,6 +390,7 @@ class Run:
         """One plugin more in the template, heartbeats still flowing."""
         count = self.sizes.plugins + 1
         watch.target(f"{count}/{count}")
+        began = await self.begin()
         started = time.time()
         await self.api.patch("workspacetemplates", TEMPLATE,
                              {"spec": _template(PLUGINS[:count], "")["spec"]})
@@ -369,6 +399,7 @@ class Run:
             raise RuntimeError(f"template change: {watch.lagging()}")
         self.figures["template_change_to_ready_seconds"] = round(ready - started, 2)
         self.say(f"  template change: every Workspace Ready after {ready - started:.1f}s")
+        await self.end("template_change_to_ready", began)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -408,8 +439,17 @@ async def operator_run(plane: control_plane.ControlPlane, sizes: Sizes, scratch:
                            "--lease-namespace", namespace, "--identity", "bench"],
                           scratch / "operator.log", plane.env(), interval=sizes.interval)
     api = ApiServer(plane, namespace)
-    run = Run(api, operator, sizes, scratch, say)
     fleet: FleetProcess | None = None
+
+    def cpu() -> dict[str, float]:
+        """CPU seconds so far: the operator, the API server and etcd, the fleet, and this
+        process (the objects' creator and the Ready watch)."""
+        return {"operator": cpu_seconds(operator.process.pid),
+                "apiserver_and_etcd": sum(cpu_seconds(p.pid) for p in plane.processes),
+                "fleet": cpu_seconds(fleet.process.pid) if fleet is not None else 0.0,
+                "bench": cpu_seconds(os.getpid())}
+
+    run = Run(api, operator, sizes, scratch, say, cpu)
     watch = ReadyWatch(api, len(ids))
     watching = asyncio.create_task(watch.run())
     try:

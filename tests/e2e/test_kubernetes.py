@@ -33,21 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kubernetes
 
 
-@pytest.fixture(scope="session")
-def plane() -> Iterator[kube.ControlPlane]:
-    try:
-        control_plane = kube.start()
-    except kube.KubeUnavailable as error:
-        pytest.fail(f"no Kubernetes control plane for the end-to-end suite: {error}",
-                    pytrace=False)
-    try:
-        try:
-            kube.install_crds(control_plane)
-        except kube.KubeUnavailable as error:
-            pytest.fail(str(error), pytrace=False)
-        yield control_plane
-    finally:
-        control_plane.stop()
+# `plane`, the session's control plane, is in conftest.py: every Kubernetes module shares it.
 
 
 @pytest.fixture
@@ -516,6 +502,9 @@ async def test_two_operators_one_acts_and_the_other_takes_over(
     await wait_ready(plane, namespace, "w")
     agents = {call.user_agent for call in runtime.calls}
     assert agents == {"pluginctl/op-a"}, agents
+    # The standby runs no passes: no coverage age growing with its uptime, no fleet gauges.
+    assert _families(second.metrics()) & {"pluginctl_oldest_reconcile_age_seconds",
+                                          "pluginctl_drifted_workspaces"} == set()
 
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
@@ -530,6 +519,13 @@ async def test_two_operators_one_acts_and_the_other_takes_over(
                    blocking=True, every=0.25)
     assert {c.user_agent for c in runtime.calls if c.path == "/plugins/notes"} == \
         {"pluginctl/op-b"}
+    assert {"pluginctl_oldest_reconcile_age_seconds", "pluginctl_drifted_workspaces"} <= \
+        _families(second.metrics())
+
+
+def _families(text: str) -> set[str]:
+    """The metric families a /metrics page has samples of."""
+    return {family.name for family in text_string_to_metric_families(text) if family.samples}
 
 
 async def test_per_workspace_runtime_secret_in_the_token_secret(
@@ -761,6 +757,79 @@ async def test_the_status_writer_runs_no_store_or_api_call_on_the_event_loop(
     assert stalled("orphan") == "TemplateNotFound"
     assert "Unregistered" in get(plane, namespace, "ws", "w")
     assert token_of(plane, namespace, "w") is not None
+
+
+async def test_a_mirror_leaves_a_workspace_a_pass_in_flight_holds_to_that_pass(
+    plane: kube.ControlPlane, namespace: str, sqlite_url: str,
+) -> None:
+    """A full pass's mirror does not write the status of a Workspace another pass is still
+    acting on (that pass's own mirror writes it when it ends): a storm of registers paid
+    two status writes a Workspace. Once nothing holds it, the next mirror writes it."""
+    from controller.domain.models import Policy
+    from controller.kube.client import KubeClient
+    from controller.kube.status_writer import StatusWriter
+    from controller.kube.view import ClusterView
+    from controller.store import make_engine, make_sessions, upgrade
+
+    apply(plane, namespace, template("base", SEO), workspace("w"))
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    client = KubeClient(str(plane.kubeconfig))
+    held: set[str] = set()
+
+    async def mirror(writer: StatusWriter) -> None:
+        listed = await client.call(ClusterView.listed, client)
+        mine = {kind: [o for o in listed.of(kind) if o["metadata"].get("namespace") ==
+                       namespace] for kind in ("workspaces", "templates", "secrets")}
+        ours = ClusterView(mine["workspaces"], mine["templates"], mine["secrets"])
+        await writer.apply(ours, ours.desired(), None)
+
+    def plugins_ready() -> str:
+        return get(plane, namespace, "ws", "w", "-o", "jsonpath={.status.pluginsReady}")
+
+    try:
+        writer = StatusWriter(client, make_sessions(engine), Policy(), "e2e-writer",
+                              in_flight=held.__contains__)
+        await mirror(writer)
+        assert plugins_ready() == "0/1"
+        apply(plane, namespace, template("base", SEO, NOTES))
+        held.add("w")
+        await mirror(writer)
+        assert plugins_ready() == "0/1"  # left to the pass that holds it
+        held.clear()
+        await mirror(writer)
+        assert plugins_ready() == "0/2"
+    finally:
+        engine.dispose()
+
+
+def test_listing_reads_pages_and_drops_managed_fields(
+    plane: kube.ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A LIST comes in pages (one snapshot), and what it keeps has no managedFields: a
+    resync of 10,000 Workspaces must not hold them all, twice, at once."""
+    from controller.kube import client as client_module
+    from controller.kube.client import KubeClient
+
+    apply(plane, namespace, template("base", SEO), *(workspace(f"w{i}") for i in range(5)))
+    monkeypatch.setattr(client_module, "LIST_PAGE", 2)
+    client = KubeClient(str(plane.kubeconfig))
+    send = client.api.rest_client.request
+    lists: list[str] = []
+
+    def request(method: str, url: str, *args: object, **kwargs: object) -> object:
+        if method == "GET" and "/workspaces" in url:
+            lists.append(url)
+        return send(method, url, *args, **kwargs)
+
+    client.api.rest_client.request = request
+    listing = client.list_objects("workspaces")
+    mine = sorted(o["metadata"]["name"] for o in listing.items
+                  if o["metadata"]["namespace"] == namespace)
+    assert mine == [f"w{i}" for i in range(5)]
+    assert all("managedFields" not in o["metadata"] for o in listing.items)
+    assert len(lists) >= 3 and all("limit=2" in url for url in lists), lists
+    assert listing.version is not None and int(listing.version) > 0
 
 
 # --- reconcile --once against the cluster ----------------------------------------------------
