@@ -27,7 +27,7 @@ from controller.cli.base import (
     output_option,
 )
 from controller.domain.models import Policy, utcnow
-from controller.domain.rollout import RolloutError, RolloutPhase
+from controller.domain.rollout import RolloutError, RolloutPhase, Summary
 from controller.engine import rollouts
 
 NEXT_STEPS = {
@@ -72,7 +72,7 @@ def status_command(*, template: str, manifests: Path | None, use_kubernetes: boo
     policy = Policy(offline_after=timedelta(seconds=offline_after))
     now = utcnow()
 
-    async def look() -> rollouts.Summary:
+    async def look() -> Summary:
         gated = await rollouts.gate(desired, sessions, policy, now=now, advance=False)
         return await rollouts.summarize(gated, key, sessions, policy, now=now)
 
@@ -87,7 +87,7 @@ def status_command(*, template: str, manifests: Path | None, use_kubernetes: boo
     sys.exit(EXIT_OK if summary.done else EXIT_DRIFT)
 
 
-def summary_text(s: rollouts.Summary) -> str:
+def summary_text(s: Summary) -> str:
     r = s.rollout
     if r.target is None:
         return "\n".join([
@@ -131,7 +131,7 @@ def _duration(value: timedelta | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def summary_json(s: rollouts.Summary) -> dict[str, Any]:
+def summary_json(s: Summary) -> dict[str, Any]:
     r = s.rollout
     return {
         "template": s.template, "phase": r.phase.value,

@@ -234,3 +234,21 @@ def at_revision(wanted: DesiredWorkspace, revision: Revision) -> DesiredWorkspac
             plugins[name] = plugin
             declared_by[name] = declaration
     return replace(wanted, plugins=plugins, declared_by=declared_by)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One template's rollout as a person reads it."""
+
+    template: str
+    rollout: Rollout
+    steps: tuple[int, ...]  # () without spec.rollout
+    total: int  # workspaces of the template
+    updated: int  # on the target revision
+    healthy: int  # of those: in sync and not failed
+    failed: tuple[tuple[str, str], ...]  # (workspace, problem)
+    bake_left: timedelta | None
+
+    @property
+    def done(self) -> bool:
+        return self.rollout.phase is RolloutPhase.COMPLETE

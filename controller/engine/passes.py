@@ -76,8 +76,9 @@ async def reconcile_once(
     now = utcnow()
     # Each workspace of a template rolling out asks for the revision its wave allows; a
     # full pass that acts also moves the rollouts on (rollouts.gate).
-    desired = (await rollouts.gate(desired, sessions, policy, now=now,
-                                   advance=not dry_run and request.only is None)).desired
+    gated = await rollouts.gate(desired, sessions, policy, now=now,
+                                advance=not dry_run and request.only is None)
+    desired = gated.desired
     digests = await in_thread(sessions, partial(
         queries.online_digests, now=now, offline_after=policy.offline_after,
         only=request.only))
@@ -109,7 +110,7 @@ async def reconcile_once(
         started_at=now, finished_at=utcnow(), dry_run=dry_run, results=tuple(results),
         invalid=tuple(triage.invalid), skipped=triage.skipped, busy=triage.busy,
         synced=triage.synced, guard=guard, guarded=guarded, manifest_errors=desired.errors,
-        scope=request.only)
+        scope=request.only, rollouts=rollouts.summaries(gated, now=now))
 
 
 # --- triage: from two digests, before anything is loaded ----------------------------------------

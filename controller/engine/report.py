@@ -21,6 +21,7 @@ from controller.domain.models import (
     WaitKind,
     WorkspacePlan,
 )
+from controller.domain.rollout import Summary
 from controller.engine.queue import Trigger
 
 log = logging.getLogger("pluginctl.reconciler")
@@ -81,6 +82,8 @@ class PassReport:
     guard: planner.Held | None = None  # the blast-radius guard held this pass: why
     guarded: int = 0  # workspaces with actions the guard held (not in results)
     manifest_errors: tuple[ObjectError, ...] = ()
+    # each template with spec.rollout or a rollout in flight, as this pass left it
+    rollouts: tuple[Summary, ...] = ()
 
     @property
     def online(self) -> int:

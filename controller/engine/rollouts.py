@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 from controller.domain import planner, rollout
 from controller.domain.desired import Desired, TemplateObject
 from controller.domain.models import DesiredWorkspace, Observed, Policy
-from controller.domain.rollout import Health, Revision, Rollout, RolloutPhase
+from controller.domain.rollout import Health, Revision, Rollout, RolloutPhase, Summary
 from controller.store import DatabaseError, Sessions, in_thread, queries
 
 log = logging.getLogger("pluginctl.rollout")
@@ -33,6 +33,8 @@ class Gated:
     rollouts: Mapping[str, Rollout] = field(default_factory=dict)  # by template "ns/name"
     members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # template -> ids
     moved: Mapping[str, frozenset[str]] = field(default_factory=dict)  # on the target
+    # what this pass judged of the waves of progressing rollouts: template -> workspace
+    health: Mapping[str, Mapping[str, Health]] = field(default_factory=dict)
 
     def template_of(self, workspace_id: str) -> str | None:
         wanted = self.desired.workspaces.get(workspace_id)
@@ -69,13 +71,14 @@ async def gate(desired: Desired, sessions: Sessions, policy: Policy, *, now: dat
         rollouts[key] = rollout.observe(stored.get(key), template=key,
                                         current=Revision.of(template.plugins),
                                         spec=template.rollout, now=now)
+    health: dict[str, dict[str, Health]] = {}
     if advance:
         rollouts = await _advance(rollouts, usable, wanted=desired.workspaces,
-                                  members=members, stored=stored,
+                                  members=members, stored=stored, health=health,
                                   sessions=sessions, policy=policy, now=now)
     moved = {key: rollout.on_target(r, spec_of(desired, key), members.get(key, ()))
              for key, r in rollouts.items() if r.in_flight}
-    return Gated(_held(desired, rollouts, moved=moved), rollouts, members, moved)
+    return Gated(_held(desired, rollouts, moved=moved), rollouts, members, moved, health)
 
 
 def _held(desired: Desired, rollouts: Mapping[str, Rollout], *,
@@ -95,16 +98,18 @@ def _held(desired: Desired, rollouts: Mapping[str, Rollout], *,
 async def _advance(rollouts: dict[str, Rollout], templates: Mapping[str, TemplateObject], *,
                    wanted: Mapping[str, DesiredWorkspace],
                    members: Mapping[str, Sequence[str]], stored: Mapping[str, Rollout],
-                   sessions: Sessions, policy: Policy, now: datetime) -> dict[str, Rollout]:
-    """Judge the waves of progressing rollouts and store every rollout that changed;
-    where another replica stored one first, take its version."""
+                   health: dict[str, dict[str, Health]], sessions: Sessions, policy: Policy,
+                   now: datetime) -> dict[str, Rollout]:
+    """Judge the waves of progressing rollouts (into `health`) and store every rollout that
+    changed; where another replica stored one first, take its version."""
     for key, current in list(rollouts.items()):
         spec = templates[key].rollout
         if current.phase is RolloutPhase.PROGRESSING and spec is not None:
             ids = members.get(key, ())
-            health = await _health(current, spec, ids, wanted=wanted, sessions=sessions,
-                                   policy=policy, now=now)
-            rollouts[key] = rollout.evaluate(current, spec, health, total=len(ids), now=now)
+            health[key] = await _health(current, spec, ids, wanted=wanted, sessions=sessions,
+                                        policy=policy, now=now)
+            rollouts[key] = rollout.evaluate(current, spec, health[key], total=len(ids),
+                                             now=now)
     changed = [r for key, r in rollouts.items() if r != stored.get(key)]
     if not changed:
         return rollouts
@@ -221,24 +226,6 @@ async def command(sessions: Sessions, template: str, action: str, *, now: dateti
 
 # --- what `rollout status` shows ---------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Summary:
-    """One template's rollout as a person reads it."""
-
-    template: str
-    rollout: Rollout
-    steps: tuple[int, ...]  # () without spec.rollout
-    total: int  # workspaces of the template
-    updated: int  # on the target revision
-    healthy: int  # of those: in sync and not failed
-    failed: tuple[tuple[str, str], ...]  # (workspace, problem)
-    bake_left: timedelta | None
-
-    @property
-    def done(self) -> bool:
-        return self.rollout.phase is RolloutPhase.COMPLETE
-
-
 async def summarize(gated: Gated, template: str, sessions: Sessions, policy: Policy, *,
                     now: datetime) -> Summary:
     """`template`'s rollout with the health of the workspaces on its target (read only)."""
@@ -255,8 +242,26 @@ async def summarize(gated: Gated, template: str, sessions: Sessions, policy: Pol
         health = await _health(replace(current, counted_since=current.counted_since or now),
                                spec, ids, wanted=gated.desired.workspaces, sessions=sessions,
                                policy=policy, now=now)
+    return _summary(gated, template, health, now=now)
+
+
+def summaries(gated: Gated, *, now: datetime) -> tuple[Summary, ...]:
+    """Every template with `spec.rollout` or a rollout in flight, from what the pass judged
+    (no read): what a pass reports to metrics and to the operator's template status. The
+    health counts are those of a progressing rollout's waves; else none are judged."""
+    return tuple(_summary(gated, key, gated.health.get(key, {}), now=now)
+                 for key, r in sorted(gated.rollouts.items())
+                 if r.in_flight or spec_of(gated.desired, key) is not None)
+
+
+def _summary(gated: Gated, template: str, health: Mapping[str, Health], *, now: datetime
+             ) -> Summary:
+    current = gated.rollouts[template]
+    spec = spec_of(gated.desired, template)
     failed = tuple(sorted((w, h.problem) for w, h in health.items() if h.problem))
-    return Summary(template, current, spec.steps if spec else (), len(ids), len(moved),
+    return Summary(template, current, spec.steps if spec else (),
+                   len(gated.members.get(template, ())),
+                   len(gated.moved.get(template, frozenset())),
                    sum(1 for h in health.values() if h.in_sync and not h.problem), failed,
                    rollout.bake_left(current, spec, now))
 
