@@ -203,6 +203,20 @@ class KubeClient:
         except (ApiException, OSError, TransportError) as error:
             raise _error(f"patch status of {plural}/{namespace}/{name}", error) from error
 
+    def remove_annotation(self, plural: str, namespace: str, name: str, key: str,
+                          value: str) -> None:
+        """Remove annotation `key` if it still says `value` (a JSON patch that tests it
+        first: a newer value is left for its own turn; then a 422)."""
+        path = "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+        try:
+            self._written(self.custom.patch_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, plural, name,
+                [{"op": "test", "path": path, "value": value}, {"op": "remove", "path": path}],
+                _content_type="application/json-patch+json", _preload_content=False))
+        except (ApiException, OSError, TransportError) as error:
+            raise _error(f"remove annotation {key} of {plural}/{namespace}/{name}",
+                         error) from error
+
     # --- events ----------------------------------------------------------------------------
 
     def create_event(self, involved: dict[str, Any], event_type: str, reason: str,

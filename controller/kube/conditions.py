@@ -14,9 +14,12 @@ from typing import Any
 from controller.domain.models import Action, ActionKind, Outcome, Phase
 from controller.domain.planner import Held
 from controller.domain.reasons import InvalidReason
+from controller.domain.rollout import RolloutPhase, Summary
 from controller.domain.status import PluginState, WorkspaceStatus
 
 REQUESTED_AT = "reconcile.pluginctl.dev/requestedAt"
+#: On a WorkspaceTemplate: resume | abort | promote its rollout; cleared once applied.
+ROLLOUT_COMMAND = "reconcile.pluginctl.dev/rollout"
 WORKSPACE_ID_LABEL = "pluginctl.dev/workspace-id"
 WORKSPACE_LABEL = "pluginctl.dev/workspace"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -45,6 +48,11 @@ class ConditionReason(enum.StrEnum):
     DUPLICATE_WORKSPACE_ID = "DuplicateWorkspaceId"
     TEMPLATE_NOT_FOUND = "TemplateNotFound"
     INVALID_SPEC = "InvalidSpec"
+    # WorkspaceTemplate
+    ROLLOUT_COMPLETE = "RolloutComplete"
+    ROLLOUT_PROGRESSING = "RolloutProgressing"
+    ROLLOUT_HALTED = "RolloutHalted"
+    ROLLOUT_ABORTED = "RolloutAborted"
 
 
 #: Why desired state is unusable, as a condition reason: the one place the two meet.
@@ -151,20 +159,7 @@ def workspace_status(
     metadata = obj.get("metadata", {})
     previous = obj.get("status") or {}
     generation = metadata.get("generation")
-    old_conditions = {c.get("type"): c for c in previous.get("conditions") or []}
-    conditions = []
-    for condition in conditions_for(state, guard):
-        old = old_conditions.get(condition.type)
-        unchanged = old is not None and old.get("status") == condition.status
-        conditions.append({
-            "type": condition.type,
-            "status": condition.status,
-            "reason": condition.reason.value,
-            "message": condition.message,
-            "observedGeneration": generation,
-            "lastTransitionTime": old.get("lastTransitionTime") if unchanged and old
-            else _iso(now),
-        })
+    conditions = _written(conditions_for(state, guard), previous, generation, now)
     plugins = []
     for plugin in state.plugins:
         entry: dict[str, Any] = {"name": plugin.name, "source": plugin.source,
@@ -191,15 +186,144 @@ def workspace_status(
     return status
 
 
-def template_status(obj: Mapping[str, Any], plugin_count: int,
-                    ready: int, total: int) -> dict[str, Any]:
-    return {
+def _written(conditions: Iterable[Condition], previous: Mapping[str, Any],
+             generation: int | None, now: datetime) -> list[dict[str, Any]]:
+    """Conditions as status holds them: a condition whose status did not change keeps its
+    lastTransitionTime."""
+    old_conditions = {c.get("type"): c for c in previous.get("conditions") or []}
+    written = []
+    for condition in conditions:
+        old = old_conditions.get(condition.type)
+        unchanged = old is not None and old.get("status") == condition.status
+        written.append({
+            "type": condition.type,
+            "status": condition.status,
+            "reason": condition.reason.value,
+            "message": condition.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": old.get("lastTransitionTime") if unchanged and old
+            else _iso(now),
+        })
+    return written
+
+
+#: What a template's status says of its rollout: kept as it is by a mirror that knows
+#: nothing new of it (after a pass about a few workspaces, which judges no wave).
+ROLLOUT_FIELDS = ("revision", "rollout", "conditions")
+
+
+def template_status(obj: Mapping[str, Any], plugin_count: int, ready: int, total: int, *,
+                    rollout: Summary | None, error: str | None, now: datetime
+                    ) -> dict[str, Any]:
+    """The status of one WorkspaceTemplate: how many of its workspaces are Ready, and its
+    rollout with kstatus conditions. Ready is True once no rollout is in flight (the
+    template's current revision is the stable one for all its workspaces): `kubectl wait
+    --for=condition=Ready wst/NAME` waits for a rollout to finish. A halted or aborted
+    rollout is Stalled: it waits for a person. `rollout`: None when the template has no
+    spec.rollout and nothing in flight. No timestamps in messages nor counts that move
+    with time, so a rollout writes only when it moves."""
+    metadata = obj.get("metadata", {})
+    previous = obj.get("status") or {}
+    generation = metadata.get("generation")
+    status: dict[str, Any] = {
         "pluginCount": plugin_count,
         "workspaces": f"{ready}/{total}",
         "workspaceCount": total,
         "readyCount": ready,
-        "observedGeneration": obj.get("metadata", {}).get("generation"),
+        "observedGeneration": generation,
     }
+    if rollout is not None:
+        r = rollout.rollout
+        status["revision"] = (r.target or r.stable).short
+        status["rollout"] = rollout_status(rollout)
+    status["conditions"] = _written(template_conditions(rollout, error), previous,
+                                    generation, now)
+    return status
+
+
+def rollout_status(s: Summary) -> dict[str, Any]:
+    r = s.rollout
+    said: dict[str, Any] = {"phase": r.phase.value, "stableRevision": r.stable.short,
+                            "workspaces": s.total}
+    if s.steps:
+        said["steps"] = list(s.steps)
+    if r.target is not None:
+        said.update({"targetRevision": r.target.short, "wave": r.wave + 1,
+                     "waves": len(s.steps) or 1, "updated": s.updated,
+                     "startedAt": _iso(r.started_at)})
+        if r.phase is RolloutPhase.PROGRESSING:
+            said.update(healthy=s.healthy, failed=len(s.failed),
+                        waveHealthySince=_iso(r.healthy_since))
+    if r.message:
+        said["message"] = r.message
+    return said
+
+
+def template_conditions(rollout: Summary | None, error: str | None
+                        ) -> tuple[Condition, Condition, Condition]:
+    R = ConditionReason
+    if error is not None:
+        return (Condition("Ready", "False", R.INVALID_SPEC, error),
+                Condition("Reconciling", "False", R.INVALID_SPEC, ""),
+                Condition("Stalled", "True", R.INVALID_SPEC, error))
+    if rollout is None or rollout.rollout.target is None or rollout.done:
+        if rollout is None or not rollout.steps:
+            message = "no spec.rollout: a change goes to every workspace at once"
+        else:
+            message = f"revision {(rollout.rollout.stable).short} rolled out"
+        return (Condition("Ready", "True", R.ROLLOUT_COMPLETE, message),
+                Condition("Reconciling", "False", R.ROLLOUT_COMPLETE, ""),
+                Condition("Stalled", "False", R.NOT_STALLED, ""))
+    r = rollout.rollout
+    assert r.target is not None
+    waves = len(rollout.steps) or 1
+    where = (f"revision {r.target.short} at wave {r.wave + 1} of {waves}: "
+             f"{rollout.updated}/{rollout.total} workspaces updated")
+    match r.phase:
+        case RolloutPhase.HALTED:
+            message = (f"rollout of revision {r.target.short} halted at wave {r.wave + 1} "
+                       f"of {waves}: {r.message} (pluginctl rollout status; annotate "
+                       f"{ROLLOUT_COMMAND}=resume after a fix, or =abort)")
+            return (Condition("Ready", "False", R.ROLLOUT_HALTED, message),
+                    Condition("Reconciling", "False", R.ROLLOUT_HALTED, ""),
+                    Condition("Stalled", "True", R.ROLLOUT_HALTED, message))
+        case RolloutPhase.ABORTED:
+            message = (f"{r.message}; the template still declares {r.target.short}: change "
+                       f"it, or annotate {ROLLOUT_COMMAND}=resume to roll it out again")
+            return (Condition("Ready", "False", R.ROLLOUT_ABORTED, message),
+                    Condition("Reconciling", "False", R.ROLLOUT_ABORTED, ""),
+                    Condition("Stalled", "True", R.ROLLOUT_ABORTED, message))
+    return (Condition("Ready", "False", R.ROLLOUT_PROGRESSING, where),
+            Condition("Reconciling", "True", R.ROLLOUT_PROGRESSING, where),
+            Condition("Stalled", "False", R.NOT_STALLED, ""))
+
+
+def rollout_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """The Events a template's rollout deserves between two statuses: it started, a wave
+    was let through, it halted, completed or was aborted."""
+    before, after = previous.get("rollout") or {}, new.get("rollout") or {}
+    phase, target = after.get("phase"), after.get("targetRevision")
+    moved = before.get("targetRevision") != target
+    if phase == RolloutPhase.HALTED and (moved or before.get("phase") != phase):
+        return [Event("Warning", ConditionReason.ROLLOUT_HALTED,
+                      f"rollout of revision {target} halted at wave {after.get('wave')}: "
+                      f"{after.get('message', '')}")]
+    if phase == RolloutPhase.ABORTED and (moved or before.get("phase") != phase):
+        return [Event("Warning", ConditionReason.ROLLOUT_ABORTED, after.get("message", ""))]
+    if phase == RolloutPhase.PROGRESSING and before and moved:
+        return [Event("Normal", "RolloutStarted",
+                      f"revision {target} rolls out in {after.get('waves')} waves "
+                      f"(previous: {after.get('stableRevision')})")]
+    if phase == RolloutPhase.PROGRESSING and after.get("wave") != before.get("wave"):
+        return [Event("Normal", "RolloutWave",
+                      f"revision {target}: wave {after.get('wave')} of {after.get('waves')} "
+                      f"let through")]
+    if (phase == RolloutPhase.COMPLETE and before.get("phase") not in (None, phase)
+            and before.get("targetRevision")):
+        return [Event("Normal", ConditionReason.ROLLOUT_COMPLETE,
+                      after.get("message") or f"revision {after.get('stableRevision')} "
+                                              f"rolled out")]
+    return []
 
 
 def status_patch(previous: Mapping[str, Any] | None,

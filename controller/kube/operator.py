@@ -429,7 +429,10 @@ def merged(reports: list[PassReport]) -> PassReport:
     scopes = [r.scope for r in reports]
     scope = None if any(s is None for s in scopes) else frozenset().union(
         *(s for s in scopes if s is not None))
-    return dataclasses.replace(reports[-1], scope=scope, results=tuple(
+    # The rollouts as the newest full pass judged them (a pass about a few judges no wave).
+    judged = next((r.rollouts for r in reversed(reports) if r.scope is None),
+                  reports[-1].rollouts)
+    return dataclasses.replace(reports[-1], scope=scope, rollouts=judged, results=tuple(
         result for report in reports for result in report.results))
 
 
@@ -448,7 +451,7 @@ async def _lead(watch: Watch, sink: StatusWriter, sessions: Sessions, *, policy:
         if watch.planned is not None and not policy.dry_run:  # a dry run writes nothing
             mirrors.add(*watch.planned, report)
 
-    async with RuntimeDriver.for_policy(policy, f"pluginctl/{sink.identity}") as driver:
+    async with RuntimeDriver.for_policy(policy, sink.identity) as driver:
         try:
             await run_forever(watch.desired, sessions, driver, policy, interval=interval, stop=stop,
                               queue=watch.hints, on_pass=mirrored, replica=sink.identity,

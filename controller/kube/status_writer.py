@@ -20,6 +20,8 @@ from controller.domain import status, tokens
 from controller.domain.desired import Desired
 from controller.domain.models import API_GROUP, API_VERSION, DesiredWorkspace, Policy, utcnow
 from controller.domain.reasons import InvalidReason
+from controller.domain.rollout import RolloutError
+from controller.engine import rollouts
 from controller.engine.report import PassReport
 from controller.kube import conditions as mirror
 from controller.kube.client import TEMPLATES, WORKSPACES, KubeClient, KubeError
@@ -176,23 +178,86 @@ class StatusWriter:
                                                                *view.templates]}
             for uid in set(self.written) - live:
                 del self.written[uid]
-        await self._templates(view, by_object, ready)
+        await self._templates(view, desired, by_object, ready, report=report, now=now)
+        await self._rollout_commands(view, now=now)
 
-    async def _templates(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
-                         ready: Mapping[Key, bool]) -> None:
+    async def _templates(self, view: ClusterView, desired: Desired,
+                         by_object: Mapping[Key, DesiredWorkspace],
+                         ready: Mapping[Key, bool], *, report: PassReport | None,
+                         now: datetime) -> None:
+        """Each template's status: its workspaces' readiness and, after a full pass (the
+        one that judges the waves), its rollout; a mirror of a few workspaces keeps what
+        the last full one said of it. A rollout's steps become Events on the template."""
         users: dict[Key, list[bool]] = {}
         for key, is_ready in ready.items():
             template_name = by_object[key].template
             if template_name is not None:
                 users.setdefault((key[0], template_name), []).append(is_ready)
-        writes = []
+        full = report is not None and report.scope is None
+        rollouts = {s.template: s for s in report.rollouts} if report is not None else {}
+        errors = {e.ref: e.message for e in desired.errors}
+        writes, events = [], []
         for template in view.templates:
-            mine = users.get(key_of(template), [])
+            namespace, name = key = key_of(template)
+            mine = users.get(key, [])
             plugins = len((template.get("spec") or {}).get("plugins") or [])
-            writes.append(StatusWrite(TEMPLATES, template, template.get("status") or {},
-                                      mirror.template_status(template, plugins, sum(mine),
-                                                             len(mine))))
+            current = template.get("status") or {}
+            base = self.written.get(template["metadata"].get("uid", ""), current)
+            parsed = desired.templates.get(f"{namespace}/{name}")
+            new = mirror.template_status(
+                dict(template, status=base), plugins, sum(mine), len(mine),
+                rollout=rollouts.get(f"{namespace}/{name}"), now=now,
+                error=parsed.error if parsed is not None
+                else errors.get(f"WorkspaceTemplate {namespace}/{name}"))
+            if not full:
+                new = {k: v for k, v in new.items() if k not in mirror.ROLLOUT_FIELDS} | {
+                    k: base[k] for k in mirror.ROLLOUT_FIELDS if k in base}
+            else:
+                events += [(template, event, now) for event in mirror.rollout_events(base, new)]
+            writes.append(StatusWrite(TEMPLATES, template, current, new))
         await self._patch_all(writes)
+        self._queue(events)
+
+    async def _rollout_commands(self, view: ClusterView, *, now: datetime) -> None:
+        """Apply the `reconcile.pluginctl.dev/rollout` annotation (resume, abort, promote) of
+        each template that carries one, say so in an Event, then remove it (only if it
+        still says the same: a newer command is applied by the next mirror). The next full
+        pass acts on it. A command that does not apply is refused with a Warning Event."""
+        for template in view.templates:
+            annotations = template["metadata"].get("annotations") or {}
+            action = annotations.get(mirror.ROLLOUT_COMMAND)
+            if action is None:
+                continue
+            namespace, name = key_of(template)
+            event = await self._rollout_command(f"{namespace}/{name}", action, now=now)
+            if event is None:
+                continue  # the store could not be reached: tried again by the next mirror
+            self._queue([(template, event, now)])
+            try:
+                await self.kube.call(self.kube.remove_annotation, TEMPLATES, namespace, name,
+                                     mirror.ROLLOUT_COMMAND, action)
+                self.writes += 1
+            except KubeError as error:
+                if error.status not in (404, 422):  # gone, or a newer command is there
+                    log.warning("%s", error)
+
+    async def _rollout_command(self, template: str, action: str, *, now: datetime
+                               ) -> mirror.Event | None:
+        if action not in rollouts.COMMANDS:
+            message = (f"{mirror.ROLLOUT_COMMAND}={action!r} is not a command: use one of "
+                       f"{', '.join(rollouts.COMMANDS)}")
+            log.warning("template %s: %s", template, message)
+            return mirror.Event("Warning", "RolloutCommandRefused", message)
+        try:
+            done = await rollouts.command(self.sessions, template, action, now=now)
+        except RolloutError as error:
+            log.warning("rollout %s refused: %s", action, error)
+            return mirror.Event("Warning", "RolloutCommandRefused", f"{action}: {error}")
+        except DatabaseError as error:
+            log.warning("rollout %s of template %s: %s", action, template, error)
+            return None
+        log.info("template %s: rollout %s (annotation): %s", template, action, done.message)
+        return mirror.Event("Normal", "RolloutCommand", f"{action}: {done.message}")
 
     async def _patch_all(self, writes: list[StatusWrite]) -> None:
         """Status patches first: queued Events wait meanwhile."""
@@ -243,8 +308,12 @@ class StatusWriter:
                                      held_before=held_before, trigger_of=result.trigger_of)
             if said:
                 events.setdefault(ref or "", (obj, []))[1].extend(said)
-        self.events.extend((obj, event, now) for obj, said in events.values()
-                           for event in mirror.combined(said))
+        self._queue([(obj, event, now) for obj, said in events.values()
+                     for event in mirror.combined(said)])
+
+    def _queue(self, events: Iterable[PendingEvent]) -> None:
+        """Queue Events, to go out behind the status writes."""
+        self.events.extend(events)
         if self.events and (self.sending is None or self.sending.done()):
             self.sending = asyncio.create_task(self._send_events())
 

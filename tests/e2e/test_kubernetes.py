@@ -262,7 +262,7 @@ def test_crds_apply_explain_and_server_side_validation(plane: kube.ControlPlane,
     assert header == ["NAME", "TEMPLATE", "PHASE", "PLUGINS", "READY", "AGE"]
     apply(plane, namespace, template("base", SEO))
     assert get(plane, namespace, "wst").splitlines()[0].split() == [
-        "NAME", "PLUGINS", "WORKSPACES", "AGE"]
+        "NAME", "PLUGINS", "WORKSPACES", "REVISION", "ROLLOUT", "READY", "AGE"]
     categories = plane.kubectl("get", "pluginctl", "-n", namespace).stdout
     assert "workspace.pluginctl.dev/fixed" in categories
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -20,6 +21,7 @@ from controller.domain.models import (
 )
 from controller.domain.planner import Held
 from controller.domain.reasons import InvalidReason
+from controller.domain.rollout import Revision, Rollout, RolloutPhase, Summary
 from controller.domain.status import PluginState, PluginStatus, WorkspaceStatus
 from controller.kube import conditions as mirror
 
@@ -243,3 +245,82 @@ def test_one_event_per_kind_and_object_in_a_mirror() -> None:
     assert [(e.reason, e.message) for e in events] == [
         ("Installed", "installed a; installed b; installed c"),
         ("InstallFailed", "install d failed")]
+
+
+# --- templates: the rollout in status, conditions and Events ------------------------------------
+
+V1 = Revision.of([Plugin("notes", "local://plugins/notes")])
+V2 = Revision.of([Plugin("notes", "local://plugins/notes"), Plugin("x", "local://plugins/x")])
+TEMPLATE = {"metadata": {"name": "research", "namespace": "ns", "generation": 2}}
+
+
+def summary(phase: RolloutPhase, *, wave: int = 0, updated: int = 1, message: str = "",
+            steps: tuple[int, ...] = (25, 100)) -> Summary:
+    target = None if phase is RolloutPhase.COMPLETE else V2
+    return Summary("ns/research", Rollout("ns/research", V1, target, phase, wave, NOW,
+                                          message=message),
+                   steps, 4, updated if target else 0, updated, (), None)
+
+
+def template_conditions(s: Summary | None, error: str | None = None
+                        ) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in mirror.template_conditions(s, error)}
+
+
+def test_a_template_is_ready_once_no_rollout_is_in_flight() -> None:
+    assert template_conditions(None)["Ready"] == ("True", "RolloutComplete")
+    assert template_conditions(summary(RolloutPhase.COMPLETE))["Ready"] == (
+        "True", "RolloutComplete")
+    progressing = template_conditions(summary(RolloutPhase.PROGRESSING))
+    assert progressing == {"Ready": ("False", "RolloutProgressing"),
+                           "Reconciling": ("True", "RolloutProgressing"),
+                           "Stalled": ("False", "NotStalled")}
+    for phase, reason in ((RolloutPhase.HALTED, "RolloutHalted"),
+                          (RolloutPhase.ABORTED, "RolloutAborted")):
+        said = template_conditions(summary(phase))
+        assert said["Ready"] == ("False", reason) and said["Stalled"] == ("True", reason)
+    assert template_conditions(None, "two plugins named notes")["Stalled"] == (
+        "True", "InvalidSpec")
+    halted = mirror.template_conditions(summary(
+        RolloutPhase.HALTED, message="1 workspace failed (max 0): ws-3: install of x failed"),
+        None)[2]
+    assert "wave 1 of 2" in halted.message and "ws-3: install of x failed" in halted.message
+
+
+def test_a_template_status_moves_only_when_its_rollout_does() -> None:
+    def status(s: Summary, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        return mirror.template_status(dict(TEMPLATE, status=previous or {}), 2, 1, 4,
+                                      rollout=s, error=None, now=NOW)
+
+    first = status(summary(RolloutPhase.PROGRESSING))
+    assert first["revision"] == V2.short and first["rollout"] == {
+        "phase": "Progressing", "stableRevision": V1.short, "targetRevision": V2.short,
+        "steps": [25, 100], "wave": 1, "waves": 2, "workspaces": 4, "updated": 1,
+        "healthy": 1, "failed": 0, "startedAt": "2026-01-01T00:00:00Z",
+        "waveHealthySince": None}
+    assert mirror.status_patch(first, status(summary(RolloutPhase.PROGRESSING), first)) is None
+    later = status(summary(RolloutPhase.PROGRESSING), first)
+    assert later["conditions"] == first["conditions"]
+
+
+def test_rollout_events_say_each_step_once() -> None:
+    def status(s: Summary) -> dict[str, Any]:
+        return {"rollout": mirror.rollout_status(s)}
+
+    complete, halted = status(summary(RolloutPhase.COMPLETE)), status(summary(
+        RolloutPhase.HALTED, message="1 workspace failed"))
+    wave1, wave2 = status(summary(RolloutPhase.PROGRESSING)), status(summary(
+        RolloutPhase.PROGRESSING, wave=1, updated=4))
+
+    def said(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(e.type, e.reason) for e in mirror.rollout_events(before, after)]
+
+    assert said({}, complete) == [] and said(complete, complete) == []
+    assert said(complete, wave1) == [("Normal", "RolloutStarted")]
+    assert said(wave1, wave1) == []
+    assert said(wave1, wave2) == [("Normal", "RolloutWave")]
+    assert said(wave1, halted) == [("Warning", "RolloutHalted")]
+    assert said(halted, halted) == []
+    assert said(wave2, complete) == [("Normal", "RolloutComplete")]
+    assert said(wave1, status(summary(RolloutPhase.ABORTED))) == [
+        ("Warning", "RolloutAborted")]

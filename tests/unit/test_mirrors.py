@@ -4,13 +4,16 @@ the next one, so that two writes to one object never race and the newest state w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime
 
 from controller.domain.desired import Desired
+from controller.domain.rollout import RolloutPhase
 from controller.engine.queue import Trigger
 from controller.engine.report import PassReport, WorkspaceResult
 from controller.kube.operator import Mirrors, merged
 from controller.kube.view import ClusterView
+from tests.unit.test_mirror import summary
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -68,3 +71,11 @@ async def test_mirrors_run_one_at_a_time_and_merge_what_ended_meanwhile() -> Non
     assert second is not None
     assert [r.workspace_id for r in second.results] == ["b", "c"]
     assert second.scope == frozenset({"b", "c"})
+
+
+def test_merged_keeps_the_rollouts_the_newest_full_pass_judged() -> None:
+    judged = (summary(RolloutPhase.HALTED),)
+    full = dataclasses.replace(report("a"), rollouts=judged)
+    hinted = report("b", scope=frozenset({"b"}))
+    assert merged([full, hinted]).rollouts == judged
+    assert merged([hinted, full]).rollouts == judged
