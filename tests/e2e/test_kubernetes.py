@@ -672,6 +672,14 @@ async def test_rbac_in_manifests_is_enough_and_no_more(
                    every=0.25)
     assert get(plane, namespace, "events", "--field-selector",
                "involvedObject.name=w,reason=Installed", "-o", "name"), operator.log_tail()
+    # A rollout command by annotation is read, answered (nothing to resume) and removed.
+    plane.kubectl("annotate", "-n", namespace, "wst/base", "reconcile.pluginctl.dev/rollout=resume")
+    await wait_for(lambda: "reconcile.pluginctl.dev/rollout" not in get(
+        plane, namespace, "wst", "base", "-o", "jsonpath={.metadata.annotations}"),
+        "the annotation removed", 30, blocking=True, every=0.25)
+    await wait_for(lambda: get(plane, namespace, "events", "--field-selector",
+                               "involvedObject.name=base,reason=RolloutCommandRefused", "-o",
+                               "name"), "the refusal Event", 30, blocking=True, every=0.25)
     assert token_of(plane, namespace, "w") is not None
     plane.kubectl("delete", "ws", "w", "-n", namespace)
     await wait_for(lambda: token_of(plane, namespace, "w") is None, "the token Secret to go",
@@ -686,6 +694,7 @@ async def test_rbac_in_manifests_is_enough_and_no_more(
         ("workspacetemplates.pluginctl.dev", "watch"),
         ("workspaces.pluginctl.dev/status", "patch"),
         ("workspacetemplates.pluginctl.dev/status", "patch"),
+        ("workspacetemplates.pluginctl.dev", "patch"),
         ("events", "create"),
         ("secrets", "list"), ("secrets", "watch"), ("secrets", "create"),
         ("secrets", "patch"), ("secrets", "delete"),
