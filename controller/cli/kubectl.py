@@ -297,6 +297,24 @@ def pending(view: WorkspaceView, wanted: DesiredWorkspace | None) -> list[str]:
     return lines
 
 
+def rollout_note(objects: Sequence[Mapping[str, Any]], view: WorkspaceView) -> str | None:
+    """The rollout of the Workspace's template, from the template's status, while one is in
+    flight: until its wave is let through, a workspace stays on the stable revision (which
+    wave it is in is known to the store: `pluginctl explain` says)."""
+    template = next((o for o in objects if o.get("kind") == "WorkspaceTemplate"
+                     and o["metadata"].get("name") == view.template
+                     and o["metadata"].get("namespace") == view.namespace), None)
+    said = ((template or {}).get("status") or {}).get("rollout") or {}
+    if not said.get("targetRevision"):
+        return None
+    return (f"template {view.template} is rolling out revision {said['targetRevision']} "
+            f"({said.get('phase')}, wave {said.get('wave')} of {said.get('waves')}, "
+            f"{said.get('updated')}/{said.get('workspaces')} updated"
+            + (f": {said['message']}" if said.get("message") else "")
+            + f"); workspaces not yet let through stay on {said.get('stableRevision')}, and "
+              "the next pass below may be theirs only later")
+
+
 def events_of(kubectl: Kubectl, view: WorkspaceView) -> list[dict[str, Any]]:
     found = kubectl.json("get", "events", "-n", view.namespace, "--field-selector",
                          f"involvedObject.kind=Workspace,involvedObject.name={view.name}")
@@ -435,7 +453,9 @@ def explain_command(ctx: click.Context, workspace: str, kubeconfig: str | None,
     Exit 0: Ready. Exit 2: not Ready. Exit 1: no such Workspace, or could not run."""
     kubectl = _connect(ctx, kubeconfig, kube_context, namespace)
     view = workspace_view(kubectl.workspace(workspace))
-    wanted = desired_of(kubectl.listed(TEMPLATES, WORKSPACES))(view)
+    objects = kubectl.listed(TEMPLATES, WORKSPACES)
+    wanted = desired_of(objects)(view)
+    rollout = rollout_note(objects, view)
     events = events_of(kubectl, view)
     next_pass = pending(view, wanted)
 
@@ -452,7 +472,7 @@ def explain_command(ctx: click.Context, workspace: str, kubeconfig: str | None,
             "events": [{"type": e.get("type"), "reason": e.get("reason"),
                         "message": e.get("message"), "count": e.get("count"),
                         "last_timestamp": e.get("lastTimestamp")} for e in events],
-            "next_pass": next_pass}, indent=2))
+            "next_pass": next_pass, "rollout": rollout}, indent=2))
         sys.exit(EXIT_OK if view.ready else EXIT_DRIFT)
     now = utcnow()
 
@@ -477,6 +497,7 @@ def explain_command(ctx: click.Context, workspace: str, kubeconfig: str | None,
         + ("" if view.requested_at in (None, view.handled_at) else
            f"; {view.requested_at} not yet"),
         f"Token Secret:   {view.token_secret or '-'}",
+        *([f"Rollout:        {rollout}"] if rollout else []),
         "",
     ]
     if view.plugins:

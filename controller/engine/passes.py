@@ -78,7 +78,7 @@ async def reconcile_once(
     # full pass that acts also moves the rollouts on (rollouts.gate).
     gated = await rollouts.gate(desired, sessions, policy, now=now,
                                 advance=not dry_run and request.only is None)
-    desired = gated.desired
+    desired, held = gated.desired, gated.held(desired)
     digests = await in_thread(sessions, partial(
         queries.online_digests, now=now, offline_after=policy.offline_after,
         only=request.only))
@@ -110,7 +110,7 @@ async def reconcile_once(
         started_at=now, finished_at=utcnow(), dry_run=dry_run, results=tuple(results),
         invalid=tuple(triage.invalid), skipped=triage.skipped, busy=triage.busy,
         synced=triage.synced, guard=guard, guarded=guarded, manifest_errors=desired.errors,
-        scope=request.only, rollouts=rollouts.summaries(gated, now=now))
+        scope=request.only, rollouts=rollouts.summaries(gated, now=now), held_back=held)
 
 
 # --- triage: from two digests, before anything is loaded ----------------------------------------

@@ -5,6 +5,7 @@ metrics count and the operator mirrors into status."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -84,6 +85,9 @@ class PassReport:
     manifest_errors: tuple[ObjectError, ...] = ()
     # each template with spec.rollout or a rollout in flight, as this pass left it
     rollouts: tuple[Summary, ...] = ()
+    # the workspaces a rollout holds to their template's stable revision: what they are
+    # asked for instead of what the desired state given to the pass says
+    held_back: Mapping[str, DesiredWorkspace] = field(default_factory=dict)
 
     @property
     def online(self) -> int:

@@ -36,6 +36,12 @@ class Gated:
     # what this pass judged of the waves of progressing rollouts: template -> workspace
     health: Mapping[str, Mapping[str, Health]] = field(default_factory=dict)
 
+    def held(self, before: Desired) -> dict[str, DesiredWorkspace]:
+        """The workspaces held to their template's stable revision (`before`: the desired
+        state given to `gate`)."""
+        return {workspace_id: wanted for workspace_id, wanted in self.desired.workspaces.items()
+                if wanted is not before.workspaces.get(workspace_id)}
+
     def template_of(self, workspace_id: str) -> str | None:
         wanted = self.desired.workspaces.get(workspace_id)
         return wanted.template_key if wanted is not None else None

@@ -139,6 +139,9 @@ class StatusWriter:
         now = utcnow()
         scope = report.scope if report is not None else None
         by_object = desired_by_object(view, desired)
+        if report is not None and report.held_back:  # a rollout holds them back
+            by_object = {key: report.held_back.get(wanted.workspace_id, wanted)
+                         for key, wanted in by_object.items()}
         # Objects that lost their workspace id to another are in `desired.rejected`, never
         # among the claimants.
         claimants = {w.workspace_id: w.object_ref for w in desired.workspaces.values()}

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from controller.agent.simulated import Faults, ReferenceRuntime
+from tests.e2e.test_kubectl_plugin import kubectl_pluginctl, plugin_env
 from tests.e2e.test_kubernetes import (
     NOTES,
     SEO,
@@ -97,7 +99,7 @@ def puts(runtime: ReferenceRuntime, plugin: str) -> int:
 
 async def test_a_template_rollout_on_the_api_server_halts_resumes_and_aborts(
         plane: kube.ControlPlane, namespace: str, operators: Callable[..., Operator],
-        runtimes: list[ReferenceRuntime]) -> None:
+        runtimes: list[ReferenceRuntime], tmp_path: Path) -> None:
     apply(plane, namespace, rolled("research", SEO, NOTES),
           *(workspace(n, "research") for n in NAMES))
     operator = operators()
@@ -127,6 +129,12 @@ async def test_a_template_rollout_on_the_api_server_halts_resumes_and_aborts(
     assert warnings[0]["type"] == "Warning"
     printed = plane.kubectl("get", "wst", "research", "-n", namespace).stdout
     assert "Halted" in printed.splitlines()[1], printed
+    env = plugin_env(kube.kubeconfig_in_namespace(plane, namespace, tmp_path / "kubeconfig"))
+    held = next(n for n in NAMES if n not in tried)
+    code, out, err = await kubectl_pluginctl(env, "explain", held)
+    assert code == 0, out + err  # Ready on the stable revision
+    assert f"rolling out revision {halted['rollout']['targetRevision']} (Halted, wave 1 of 2" \
+        in out and f"stay on {first['revision']}" in out, out
 
     # A command the operator does not know: refused with an Event, and the annotation goes.
     annotate(plane, namespace, "bogus")
