@@ -281,8 +281,8 @@ def template_conditions(rollout: Summary | None, error: str | None
              f"{rollout.updated}/{rollout.total} workspaces updated")
     match r.phase:
         case RolloutPhase.HALTED:
-            message = (f"rollout of revision {r.target.short} halted at wave {r.wave + 1} "
-                       f"of {waves}: {r.message} (pluginctl rollout status; annotate "
+            message = (f"rollout of revision {r.target.short} halted: {r.message} "
+                       f"(pluginctl rollout status; annotate "
                        f"{ROLLOUT_COMMAND}=resume after a fix, or =abort)")
             return (Condition("Ready", "False", R.ROLLOUT_HALTED, message),
                     Condition("Reconciling", "False", R.ROLLOUT_HALTED, ""),
@@ -306,8 +306,7 @@ def rollout_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     moved = before.get("targetRevision") != target
     if phase == RolloutPhase.HALTED and (moved or before.get("phase") != phase):
         return [Event("Warning", ConditionReason.ROLLOUT_HALTED,
-                      f"rollout of revision {target} halted at wave {after.get('wave')}: "
-                      f"{after.get('message', '')}")]
+                      f"rollout of revision {target} halted: {after.get('message', '')}")]
     if phase == RolloutPhase.ABORTED and (moved or before.get("phase") != phase):
         return [Event("Warning", ConditionReason.ROLLOUT_ABORTED, after.get("message", ""))]
     if phase == RolloutPhase.PROGRESSING and before and moved:

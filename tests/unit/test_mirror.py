@@ -281,10 +281,10 @@ def test_a_template_is_ready_once_no_rollout_is_in_flight() -> None:
         assert said["Ready"] == ("False", reason) and said["Stalled"] == ("True", reason)
     assert template_conditions(None, "two plugins named notes")["Stalled"] == (
         "True", "InvalidSpec")
-    halted = mirror.template_conditions(summary(
-        RolloutPhase.HALTED, message="1 workspace failed (max 0): ws-3: install of x failed"),
-        None)[2]
-    assert "wave 1 of 2" in halted.message and "ws-3: install of x failed" in halted.message
+    why = "wave 1 of 2: 1 workspace failed (more than 0 allowed): ws-3: install of x failed"
+    halted = mirror.template_conditions(summary(RolloutPhase.HALTED, message=why), None)[2]
+    assert halted.message.startswith(f"rollout of revision {V2.short} halted: {why} (")
+    assert "reconcile.pluginctl.dev/rollout=resume" in halted.message
 
 
 def test_a_template_status_moves_only_when_its_rollout_does() -> None:
