@@ -18,6 +18,7 @@ from controller.domain.desired import Desired
 from controller.domain.models import InvalidSpec, Policy, Unavailable, check_workspace_id, utcnow
 from controller.domain.networks import RuntimeNetworks
 from controller.domain.planner import GUARD_MIN_REMOVALS
+from controller.domain.version import version_line
 from controller.engine import manifests as manifests_mod
 
 if TYPE_CHECKING:  # SQLAlchemy loads with the first command that opens the store, so that
@@ -202,7 +203,15 @@ def setup_logging(level: str, stream: TextIO = sys.stderr, log_format: str = "te
         warnings.filterwarnings("ignore", message="Unverified HTTPS request")
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Print the version (and Python's) and exit.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",

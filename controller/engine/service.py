@@ -62,7 +62,7 @@ def standalone_loop(source: Callable[[], Desired], sessions: Sessions, policy: P
     after_pass, on_failure = observed(metrics, on_pass)
 
     async def loop(queue: WorkQueue, stop: asyncio.Event) -> None:
-        async with RuntimeDriver.for_policy(policy, f"pluginctl/{replica}") as driver:
+        async with RuntimeDriver.for_policy(policy, replica) as driver:
             await run_forever(source, sessions, driver, policy, interval=interval, stop=stop,
                               queue=queue, on_pass=after_pass, replica=replica,
                               on_failure=on_failure,

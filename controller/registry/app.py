@@ -27,6 +27,7 @@ from controller.domain import tokens
 from controller.domain import wire as api
 from controller.domain.models import Plugin, report_digest, utcnow
 from controller.domain.networks import RuntimeNetworks
+from controller.domain.version import version
 from controller.registry.serving import GUARD, LIMITS, ConnectionGuard, Limits, request_limits
 from controller.store import (
     DatabaseError,
@@ -438,7 +439,8 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Serving; and which build serves (`pluginctl --version`'s number)."""
+    return web.json_response({"status": "ok", "version": version()})
 
 
 OPENAPI = Path(__file__).with_name("registry-openapi.json")

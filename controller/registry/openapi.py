@@ -66,6 +66,10 @@ def document() -> dict[str, Any]:
         components[request] = {**components[request], **_ERROR_WITH_REPORT}
     components["Status"] = {"type": "object", "required": ["status"],
                             "properties": {"status": {"type": "string"}}}
+    serving = {"type": "string", "description": "The serving build's package version "
+                                                 "(`pluginctl --version`)."}
+    components["Health"] = {"type": "object", "required": ["status", "version"],
+                            "properties": {"status": {"type": "string"}, "version": serving}}
     components["Error"] = {"type": "object", "required": ["error"],
                            "properties": {"error": {"type": "string",
                                                     "description": "What is wrong, by field."}}}
@@ -80,7 +84,7 @@ def document() -> dict[str, Any]:
                 "Still alive and, optionally, what it has now.", "HeartbeatRequest",
                 "Recorded.", {"409": "The workspace never registered."})},
             "/healthz": {"get": {"summary": "Liveness.", "responses": {
-                "200": _status("Serving.", "Status"), "408": _status(TIMEOUT, "Error")}}},
+                "200": _status("Serving.", "Health"), "408": _status(TIMEOUT, "Error")}}},
             "/openapi.json": {"get": {"summary": "This document.", "responses": {
                 "200": {"description": "The OpenAPI document."},
                 "408": _status(TIMEOUT, "Error")}}},

@@ -18,6 +18,7 @@ from aiohttp.abc import ResolveResult
 from controller.domain.models import Plugin, Policy, check_plugin_name, check_source
 from controller.domain.networks import RuntimeNetworks
 from controller.domain.tokens import runtime_secret_for
+from controller.domain.version import user_agent
 
 
 class RuntimeCallError(Exception):
@@ -44,20 +45,21 @@ def _seq(data: Any) -> int | None:
 class RuntimeDriver:
     """One HTTP connection pool for all runtimes of a pass, or of a long-running loop."""
 
-    def __init__(self, timeout: float = 10.0, user_agent: str = "pluginctl",
+    def __init__(self, timeout: float = 10.0, caller: str | None = None,
                  networks: RuntimeNetworks | None = None, *, secret: str | None = None,
                  per_workspace: bool = False) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._headers = {"User-Agent": user_agent}
+        # `pluginctl/<version> (<caller>)`: which build calls and, if named, which replica.
+        self._headers = {"User-Agent": user_agent(caller)}
         self._secret = secret or None
         self._per_workspace = per_workspace
         self._networks = networks or RuntimeNetworks()
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def for_policy(cls, policy: Policy, user_agent: str = "pluginctl") -> RuntimeDriver:
+    def for_policy(cls, policy: Policy, caller: str | None = None) -> RuntimeDriver:
         """The driver the loop uses: the policy's call timeout, networks and secret."""
-        return cls(timeout=policy.call_timeout, user_agent=user_agent,
+        return cls(timeout=policy.call_timeout, caller=caller,
                    networks=policy.runtime_networks, secret=policy.runtime_secret,
                    per_workspace=policy.runtime_secret_per_workspace)
 

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from controller.agent.runtime import BoxError
 from controller.agent.simulated import Faults, MemoryBox
+from controller.domain.version import caller_of
 from controller.registry.serving import free_port, start_site
 from controller.sim import processes
 
@@ -155,7 +156,7 @@ class Fleet:
         workspace_id = request.match_info.get("id")
         if workspace_id is None:
             return await handler(request)
-        caller = request.headers.get("User-Agent", "?").removeprefix("pluginctl/")
+        caller = caller_of(request.headers.get("User-Agent", "")) or "?"
         for other in self.in_flight[workspace_id]:
             self.overlaps.append((workspace_id, other, caller))
         self.in_flight[workspace_id].append(caller)
@@ -183,7 +184,7 @@ class Fleet:
             return web.json_response({"error": str(error), "reason": error.reason},
                                      status=error.status)
         self.puts[workspace_id, name] += 1
-        caller = request.headers.get("User-Agent", "?").removeprefix("pluginctl/")
+        caller = caller_of(request.headers.get("User-Agent", "")) or "?"
         self.installs_by[caller] += 1
         if (self.expected is not None and len(box.plugins) >= self.expected
                 and workspace_id not in self.done_at):

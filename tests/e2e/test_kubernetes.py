@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.domain.tokens import runtime_secret_for
+from controller.domain.version import user_agent
 from controller.registry.serving import free_port
 from controller.sim import processes
 from tests.support import kube
@@ -501,7 +502,7 @@ async def test_two_operators_one_acts_and_the_other_takes_over(
     runtime.start_heartbeats()
     await wait_ready(plane, namespace, "w")
     agents = {call.user_agent for call in runtime.calls}
-    assert agents == {"pluginctl/op-a"}, agents
+    assert agents == {user_agent("op-a")}, agents
     # The standby runs no passes: no coverage age growing with its uptime, no fleet gauges.
     assert _families(second.metrics()) & {"pluginctl_oldest_reconcile_age_seconds",
                                           "pluginctl_drifted_workspaces"} == set()
@@ -518,7 +519,7 @@ async def test_two_operators_one_acts_and_the_other_takes_over(
     await wait_for(lambda: "notes" in runtime.plugins, "op-b to converge a change", 60,
                    blocking=True, every=0.25)
     assert {c.user_agent for c in runtime.calls if c.path == "/plugins/notes"} == \
-        {"pluginctl/op-b"}
+        {user_agent("op-b")}
     assert {"pluginctl_oldest_reconcile_age_seconds", "pluginctl_drifted_workspaces"} <= \
         _families(second.metrics())
 
