@@ -184,6 +184,14 @@ def declared_ids(desired: Desired) -> frozenset[str] | None:
     return frozenset(desired.workspaces) | {w.workspace_id for w in desired.rejected}
 
 
+def declared_templates(desired: Desired) -> frozenset[str] | None:
+    """Every template ("namespace/name") desired state holds, invalid ones too, or None when
+    some of it could not be read: an unreadable object may be any template."""
+    if desired.errors:
+        return None
+    return frozenset(desired.templates)
+
+
 @dataclass(kw_only=True)
 class Pruning:
     """The store's prune (queries.prune), a small step beside the passes: the first once a
@@ -201,12 +209,14 @@ class Pruning:
                 or (self.task is not None and not self.task.done())):
             return
         self.next_at = now + self.every
-        self.task = asyncio.create_task(self._prune(declared_ids(desired)))
+        self.task = asyncio.create_task(self._prune(declared_ids(desired),
+                                                    declared_templates(desired)))
 
-    async def _prune(self, declared: frozenset[str] | None) -> None:
+    async def _prune(self, declared: frozenset[str] | None,
+                     templates: frozenset[str] | None) -> None:
         try:
             pruned = await in_thread(self.sessions, functools.partial(
-                queries.prune, now=utcnow(), declared=declared,
+                queries.prune, now=utcnow(), declared=declared, templates=templates,
                 forget_after=self.policy.forget_after,
                 restart_window=self.policy.restart_window))
         except DatabaseError as error:

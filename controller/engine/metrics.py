@@ -2,12 +2,12 @@
 the registry's listen address. Fed by the loop's pass reports and the registry's requests;
 nothing here is read back by the controller.
 
-Per-process series (passes, actions, requests) are this replica's own: sum them. The fleet
-gauges (workspaces by phase, drifted, stalled, guard holding) describe the whole fleet as a
-full pass saw it, and every replica's full pass sees the whole fleet: so only one replica
-at a time exports them, the reporter (service.serve ties it to a role in the store), and a
-replica that runs no passes (an operator's standby) exports neither them nor the coverage
-gauge."""
+Per-process series (passes, actions, requests, build info) are this replica's own: sum them.
+The fleet gauges (workspaces by phase, drifted, stalled, guard holding, and each template's
+rollout) describe the whole fleet as a full pass saw it, and every replica's full pass sees
+the whole fleet: so only one replica at a time exports them, the reporter (service.serve ties
+it to a role in the store), and a replica that runs no passes (an operator's standby)
+exports neither them nor the coverage gauge."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -27,6 +28,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controller.domain.models import Phase
+from controller.domain.rollout import RolloutPhase, Summary
+from controller.domain.version import python_version, version
 from controller.engine.queue import Trigger
 
 if TYPE_CHECKING:
@@ -55,7 +58,27 @@ COVERAGE_HELP = ("Age of the least recently reconciled online workspace: every f
                  "last finished full pass began (since its loop started, before the first "
                  "one). Absent on a replica that runs no passes (an operator's standby).")
 REPORTER_HELP = ("1 on the one replica that exports the fleet gauges (workspaces, drifted, "
-                 "stalled, guard holding), else 0.")
+                 "stalled, guard holding, rollouts), else 0.")
+BUILD_HELP = ("Always 1; its labels say which build this replica runs: the package version "
+              "and the Python version.")
+
+_ROLLOUT = ("One series per template (namespace/name) with spec.rollout or a rollout in "
+            "flight, as the last full pass left it; gone with the template. Exported by one "
+            "replica at a time.")
+ROLLOUT_WAVE_HELP = ("Waves of the template's rollout let through to its new revision: 1 is "
+                     "the first wave, up to the number of steps; 0 when no rollout is in "
+                     "flight (complete, or aborted: every workspace on the stable revision). "
+                     + _ROLLOUT)
+ROLLOUT_WAVES_HELP = "Waves of the template's spec.rollout (its steps). " + _ROLLOUT
+ROLLOUT_HALTED_HELP = ("1 while the template's rollout is halted (too many unhealthy "
+                       "workspaces in the waves let through; no further wave until `pluginctl "
+                       "rollout resume` or `abort`), else 0. " + _ROLLOUT)
+ROLLOUT_WORKSPACES_HELP = "Valid workspaces of the template (all its waves). " + _ROLLOUT
+ROLLOUT_UPDATED_HELP = ("Workspaces of the template on its rollout's new revision (the waves "
+                        "let through); 0 when no rollout is in flight. " + _ROLLOUT)
+ROLLOUT_HEALTHY_HELP = ("Of the updated workspaces, those the last full pass found in sync "
+                        "and healthy (judged while the rollout progresses only: 0 when it is "
+                        "halted, complete or aborted). " + _ROLLOUT)
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,7 @@ class FleetSeen:
     phases: dict[Phase, int]
     drifted: int
     stalled: int
+    rollouts: tuple[Summary, ...] = ()  # by template; none from a dry run
 
 
 class Metrics:
@@ -90,6 +114,10 @@ class Metrics:
             "pluginctl_registry_request_seconds", "Registry API request duration.",
             ["endpoint"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
             registry=self.registry)
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self.build_info = Gauge("pluginctl_build_info", BUILD_HELP, ["version", "python"],
+                                registry=self.registry)
+        self.build_info.labels(version(), python_version()).set(1)
         # A process alone on its store reports; serve() makes it hold the role for that.
         self.reporter = True
         self.fleet: FleetSeen | None = None  # from the last full pass, while the loop runs
@@ -143,7 +171,8 @@ class Metrics:
                 phases[phase] = phases.get(phase, 0) + count
             first = self.fleet is None
             self.fleet = FleetSeen(phases=phases, drifted=report.drifted,
-                                   stalled=report.stalled)
+                                   stalled=report.stalled,
+                                   rollouts=self._rollouts_after(report))
             if first and self.fleet_changed is not None:
                 self.fleet_changed()
 
@@ -152,12 +181,30 @@ class Metrics:
         elif report.scope is None:
             self.guard_holding = False
 
+    def _rollouts_after(self, report: PassReport) -> tuple[Summary, ...]:
+        """The templates' rollouts after a full pass: those it reports (a dry run moves none
+        on: none). A template it does not report is gone, and so are its series; unless some
+        object could not be read, which may be that template: then its last one stays."""
+        if report.dry_run:
+            return ()
+        seen = {summary.template: summary for summary in report.rollouts}
+        if report.manifest_errors and self.fleet is not None:
+            for summary in self.fleet.rollouts:
+                seen.setdefault(summary.template, summary)
+        return tuple(seen[template] for template in sorted(seen))
+
     def observe_failed_pass(self, trigger: Trigger) -> None:
         self.reconciles.labels("error", trigger.value).inc()
 
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(code)).inc()
-        self.request_seconds.labels(endpoint).observe(seconds)
+        # The labelled children are looked up once per (endpoint, code), not per request:
+        # `.labels()` takes a lock and builds a key on every call of the heartbeat's hot path.
+        children = self._request_children.get((endpoint, code))
+        if children is None:
+            children = self._request_children[(endpoint, code)] = (
+                self.requests.labels(endpoint, str(code)), self.request_seconds.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -166,7 +213,8 @@ class Metrics:
         """Every family this can export, with no samples (some are absent at times)."""
         return [*self.reconciles.describe(), *self.reconcile_time.describe(),
                 *self.actions.describe(), *self.requests.describe(),
-                *self.request_seconds.describe(), *_families()]
+                *self.request_seconds.describe(), *self.build_info.describe(), *_families(),
+                *_rollout_families()]
 
 
 class _FleetCollector(Collector):
@@ -177,6 +225,7 @@ class _FleetCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         yield from _families()
+        yield from _rollout_families()
 
     def collect(self) -> Iterator[Metric]:
         metrics = self.metrics
@@ -196,6 +245,27 @@ class _FleetCollector(Collector):
         stalled.add_metric([], fleet.stalled)
         guard.add_metric([], 1.0 if metrics.guard_holding else 0.0)
         yield from (workspaces, drifted, stalled, guard)
+        if fleet.rollouts:
+            yield from _rollout_samples(fleet.rollouts)
+
+
+def _rollout_samples(summaries: tuple[Summary, ...]) -> tuple[GaugeMetricFamily, ...]:
+    families = _rollout_families()
+    wave, waves, halted, total, updated, healthy = families
+    for summary in summaries:
+        current, labels = summary.rollout, [summary.template]
+        let_through = current.target is not None and current.phase in (
+            RolloutPhase.PROGRESSING, RolloutPhase.HALTED)
+        wave.add_metric(labels, current.wave + 1 if let_through else 0)
+        waves.add_metric(labels, len(summary.steps))
+        halted.add_metric(labels, 1.0 if current.phase is RolloutPhase.HALTED else 0.0)
+        total.add_metric(labels, summary.total)
+        updated.add_metric(labels, summary.updated)
+        # The pass judged the waves before it moved the rollout on: the pass that completes
+        # or halts it judged workspaces it no longer counts as updated, or halted on them.
+        healthy.add_metric(labels, summary.healthy
+                           if current.phase is RolloutPhase.PROGRESSING else 0)
+    return families
 
 
 def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -205,3 +275,16 @@ def _families() -> tuple[GaugeMetricFamily, ...]:
             GaugeMetricFamily("pluginctl_guard_holding", GUARD_HELP),
             GaugeMetricFamily("pluginctl_oldest_reconcile_age_seconds", COVERAGE_HELP),
             GaugeMetricFamily("pluginctl_fleet_reporter", REPORTER_HELP))
+
+
+def _rollout_families() -> tuple[GaugeMetricFamily, ...]:
+    labels = ["template"]
+    return (GaugeMetricFamily("pluginctl_rollout_wave", ROLLOUT_WAVE_HELP, labels=labels),
+            GaugeMetricFamily("pluginctl_rollout_waves", ROLLOUT_WAVES_HELP, labels=labels),
+            GaugeMetricFamily("pluginctl_rollout_halted", ROLLOUT_HALTED_HELP, labels=labels),
+            GaugeMetricFamily("pluginctl_rollout_workspaces", ROLLOUT_WORKSPACES_HELP,
+                              labels=labels),
+            GaugeMetricFamily("pluginctl_rollout_updated_workspaces", ROLLOUT_UPDATED_HELP,
+                              labels=labels),
+            GaugeMetricFamily("pluginctl_rollout_healthy_workspaces", ROLLOUT_HEALTHY_HELP,
+                              labels=labels))

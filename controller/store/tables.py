@@ -160,3 +160,5 @@ class RolloutRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # the prune found the template gone from desired state since (store/queries/prune.py)
+    absent_since: Mapped[datetime | None] = mapped_column(UTCDateTime())

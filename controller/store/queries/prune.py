@@ -7,11 +7,11 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Delete, and_, delete, exists, or_, select
+from sqlalchemy import ColumnElement, Delete, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from controller.store.queries.tokens import forget_revoked_tokens
-from controller.store.tables import AttemptRow, RestartRow, TokenRow, WorkspaceRow
+from controller.store.tables import AttemptRow, RestartRow, RolloutRow, TokenRow, WorkspaceRow
 
 _CHUNK = 1000  # ids per IN (...) list
 
@@ -24,28 +24,32 @@ class Pruned:
     restarts: int = 0
     attempts: int = 0
     workspaces: int = 0
+    rollouts: int = 0
 
     @property
     def total(self) -> int:
-        return self.tokens + self.restarts + self.attempts + self.workspaces
+        return self.tokens + self.restarts + self.attempts + self.workspaces + self.rollouts
 
     def __str__(self) -> str:
         return (f"{self.tokens} revoked token(s), {self.restarts} old restart(s), "
                 f"{self.attempts} old failure record(s), {self.workspaces} forgotten "
-                "workspace(s)")
+                f"workspace(s), {self.rollouts} rollout(s) of forgotten templates")
 
 
 def prune(session: Session, *, now: datetime, declared: Collection[str] | None,
-          forget_after: timedelta | None, restart_window: timedelta) -> Pruned:
+          forget_after: timedelta | None, restart_window: timedelta,
+          templates: Collection[str] | None = None) -> Pruned:
     """Delete what has served its time:
 
     - tokens revoked more than a day ago (registries read recent revocations only);
     - restarts older than the restart budget's window (no budget counts them any more);
-    - with `forget_after`: failure records (attempts) whose last try is older than that, and
-      the workspaces that are forgotten (see `forget_workspaces`).
+    - with `forget_after`: failure records (attempts) whose last try is older than that, the
+      workspaces that are forgotten (see `forget_workspaces`) and the rollouts of templates
+      absent that long (see `forget_rollouts`).
 
-    `declared`: the workspace ids that desired state names, or None when it could not be
-    read whole (then no workspace is forgotten)."""
+    `declared`: the workspace ids that desired state names, `templates` the templates
+    ("namespace/name") it holds; either None when it could not be read whole (then no
+    workspace, or no rollout, is forgotten)."""
     tokens = forget_revoked_tokens(session, now)  # first: a workspace with tokens is kept
     restarts = _deleted(session, delete(RestartRow).where(RestartRow.at < now - restart_window))
     if forget_after is None:
@@ -54,7 +58,38 @@ def prune(session: Session, *, now: datetime, declared: Collection[str] | None,
         AttemptRow.last_attempt_at < now - forget_after))
     workspaces = 0 if declared is None else forget_workspaces(
         session, now=now, declared=declared, before=now - forget_after)
-    return Pruned(tokens=tokens, restarts=restarts, attempts=attempts, workspaces=workspaces)
+    rollouts = 0 if templates is None else forget_rollouts(
+        session, now=now, templates=templates, before=now - forget_after)
+    return Pruned(tokens=tokens, restarts=restarts, attempts=attempts, workspaces=workspaces,
+                  rollouts=rollouts)
+
+
+def forget_rollouts(session: Session, *, now: datetime, templates: Collection[str],
+                    before: datetime) -> int:
+    """Delete the rollouts of templates that desired state has not held since `before`. Each
+    prune notes when it first finds a template absent (`absent_since`) and clears that when
+    it finds the template again, so only an absence that every prune in between saw counts;
+    a template that comes back later starts afresh (its plugin list is stable at once, as
+    for any new template). Writes only what changed."""
+    present = set(templates)
+    rows = session.execute(select(RolloutRow.template, RolloutRow.absent_since)).all()
+    back = [template for template, since in rows if since is not None and template in present]
+    gone = [template for template, since in rows if since is None and template not in present]
+    due = [template for template, since in rows
+           if since is not None and since < before and template not in present]
+    for start in range(0, len(back), _CHUNK):
+        session.execute(update(RolloutRow).where(
+            RolloutRow.template.in_(back[start:start + _CHUNK])).values(absent_since=None))
+    for start in range(0, len(gone), _CHUNK):
+        session.execute(update(RolloutRow).where(
+            RolloutRow.template.in_(gone[start:start + _CHUNK]),
+            RolloutRow.absent_since.is_(None)).values(absent_since=now))
+    forgotten = 0
+    for start in range(0, len(due), _CHUNK):
+        forgotten += _deleted(session, delete(RolloutRow).where(
+            RolloutRow.template.in_(due[start:start + _CHUNK]),
+            RolloutRow.absent_since < before))
+    return forgotten
 
 
 def forget_workspaces(session: Session, *, now: datetime, declared: Collection[str],

@@ -56,12 +56,16 @@ def save_rollout(session: Session, rollout: Rollout, *, now: datetime) -> Rollou
     if rollout.version == 0:
         make = sqlite_insert if session.get_bind().dialect.name == "sqlite" \
             else postgresql_insert
-        done = session.execute(make(RolloutRow).values(template=rollout.template, **values)
-                               .on_conflict_do_nothing(index_elements=["template"]))
-    else:
-        done = session.execute(
-            update(RolloutRow).where(RolloutRow.template == rollout.template,
-                                     RolloutRow.version == rollout.version).values(**values))
+        # RETURNING says whether it inserted: through the Session, an INSERT reports no
+        # rowcount on PostgreSQL (-1), so that a first insert looked like a lost race.
+        inserted = session.execute(
+            make(RolloutRow).values(template=rollout.template, **values)
+            .on_conflict_do_nothing(index_elements=["template"])
+            .returning(RolloutRow.template)).first()
+        return replace(rollout, version=1) if inserted is not None else None
+    done = session.execute(
+        update(RolloutRow).where(RolloutRow.template == rollout.template,
+                                 RolloutRow.version == rollout.version).values(**values))
     if done.rowcount != 1:  # type: ignore[attr-defined]
         return None
     return replace(rollout, version=rollout.version + 1)
@@ -83,16 +87,17 @@ def installed_since(session: Session, workspace_ids: Collection[str], since: dat
     return found
 
 
-
 def save_rollouts(session: Session, changed: list[Rollout], *, now: datetime
                   ) -> dict[str, Rollout]:
-    """Store each changed rollout; where another replica stored one first, its version."""
+    """Store each changed rollout; where another replica stored one first, its version. A
+    rollout the prune deleted meanwhile is left out: the next pass sees it afresh."""
     saved: dict[str, Rollout] = {}
     for rollout in changed:
         stored = save_rollout(session, rollout, now=now)
         if stored is None:
-            stored = load_rollouts(session)[rollout.template]
-        saved[rollout.template] = stored
+            stored = load_rollouts(session).get(rollout.template)
+        if stored is not None:
+            saved[rollout.template] = stored
     return saved
 
 
