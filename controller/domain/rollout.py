@@ -138,15 +138,23 @@ def wave_size(total: int, steps: Sequence[int], wave: int) -> int:
     return min(total, max(1, math.ceil(total * steps[wave] / 100))) if total else 0
 
 
-def on_target(rollout: Rollout, spec: RolloutSpec | None, workspace_ids: Collection[str]
-              ) -> frozenset[str]:
-    """The workspaces meant to be on the target revision now (the rest: on stable)."""
+def on_target(rollout: Rollout, spec: RolloutSpec | None, workspace_ids: Collection[str],
+              kept: Collection[str] = frozenset()) -> frozenset[str]:
+    """The workspaces meant to be on the target revision now (the rest: on stable). `kept`:
+    those already let through to it (stored): they stay, whoever joins or leaves the
+    template, so a fleet that changes size never moves a workspace back and forth. While
+    progressing, the waves let through so far are the first of the hash order (a workspace
+    that registers meanwhile takes the place its hash gives it); a halted rollout lets
+    nobody new through."""
     if rollout.target is None or rollout.phase in (RolloutPhase.COMPLETE,
                                                    RolloutPhase.ABORTED) or spec is None:
         return frozenset()
+    present = frozenset(kept).intersection(workspace_ids)
+    if rollout.phase is RolloutPhase.HALTED:
+        return present
     wave = min(rollout.wave, len(spec.steps) - 1)
     order = wave_order(rollout.template, rollout.target.digest, workspace_ids)
-    return frozenset(order[:wave_size(len(order), spec.steps, wave)])
+    return present.union(order[:wave_size(len(order), spec.steps, wave)])
 
 
 def evaluate(rollout: Rollout, spec: RolloutSpec, health: Mapping[str, Health], *,

@@ -70,21 +70,53 @@ async def gate(desired: Desired, sessions: Sessions, policy: Policy, *, now: dat
     usable = {key: t for key, t in desired.templates.items() if t.error is None}
     if not usable or not (advance or any(t.rollout for t in usable.values())):
         return Gated(desired)  # nothing can be held back: no read (steady passes stay light)
-    stored = await in_thread(sessions, queries.load_rollouts)
+    stored, let_through = await in_thread(sessions, _load)
     members = members_of(desired)
     rollouts: dict[str, Rollout] = {}
     for key, template in usable.items():
         rollouts[key] = rollout.observe(stored.get(key), template=key,
                                         current=Revision.of(template.plugins),
                                         spec=template.rollout, now=now)
+    def kept(r: Rollout) -> frozenset[str]:
+        revision, ids = let_through.get(r.template, (None, frozenset()))
+        return ids if r.target is not None and revision == r.target.digest else frozenset()
+
     health: dict[str, dict[str, Health]] = {}
     if advance:
         rollouts = await _advance(rollouts, usable, wanted=desired.workspaces,
-                                  members=members, stored=stored, health=health,
+                                  members=members, stored=stored, health=health, kept=kept,
                                   sessions=sessions, policy=policy, now=now)
-    moved = {key: rollout.on_target(r, spec_of(desired, key), members.get(key, ()))
+    moved = {key: rollout.on_target(r, spec_of(desired, key), members.get(key, ()), kept(r))
              for key, r in rollouts.items() if r.in_flight}
+    if advance:
+        await _keep(rollouts, moved, let_through, sessions=sessions)
     return Gated(_held(desired, rollouts, moved=moved), rollouts, members, moved, health)
+
+
+def _load(session: Any) -> tuple[dict[str, Rollout], dict[str, tuple[str, frozenset[str]]]]:
+    return queries.load_rollouts(session), queries.load_let_through(session)
+
+
+async def _keep(rollouts: Mapping[str, Rollout], moved: Mapping[str, frozenset[str]],
+                let_through: Mapping[str, tuple[str, frozenset[str]]], *,
+                sessions: Sessions) -> None:
+    """Store the workspaces let through to each rollout's target that are not stored yet;
+    forget those of a rollout that ended or moved on to another revision."""
+    changes: dict[str, tuple[str | None, frozenset[str]]] = {}
+    for key, r in rollouts.items():
+        revision, ids = let_through.get(key, (None, frozenset()))
+        if key in moved and r.target is not None:
+            new = moved[key] - ids if revision == r.target.digest else moved[key]
+            if new or (revision is not None and revision != r.target.digest):
+                changes[key] = (r.target.digest, new)
+        elif revision is not None:
+            changes[key] = (None, frozenset())
+    if not changes:
+        return
+    try:
+        await in_thread(sessions, partial(queries.save_let_through, changes=changes))
+    except DatabaseError as error:  # this pass's waves stand; the next one stores them
+        log.warning("could not store the workspaces let through: %s", error)
 
 
 def _held(desired: Desired, rollouts: Mapping[str, Rollout], *,
@@ -104,16 +136,17 @@ def _held(desired: Desired, rollouts: Mapping[str, Rollout], *,
 async def _advance(rollouts: dict[str, Rollout], templates: Mapping[str, TemplateObject], *,
                    wanted: Mapping[str, DesiredWorkspace],
                    members: Mapping[str, Sequence[str]], stored: Mapping[str, Rollout],
-                   health: dict[str, dict[str, Health]], sessions: Sessions, policy: Policy,
-                   now: datetime) -> dict[str, Rollout]:
+                   health: dict[str, dict[str, Health]],
+                   kept: Callable[[Rollout], frozenset[str]], sessions: Sessions,
+                   policy: Policy, now: datetime) -> dict[str, Rollout]:
     """Judge the waves of progressing rollouts (into `health`) and store every rollout that
     changed; where another replica stored one first, take its version."""
     for key, current in list(rollouts.items()):
         spec = templates[key].rollout
         if current.phase is RolloutPhase.PROGRESSING and spec is not None:
             ids = members.get(key, ())
-            health[key] = await _health(current, spec, ids, wanted=wanted, sessions=sessions,
-                                        policy=policy, now=now)
+            health[key] = await _health(current, spec, ids, kept(current), wanted=wanted,
+                                        sessions=sessions, policy=policy, now=now)
             rollouts[key] = rollout.evaluate(current, spec, health[key], total=len(ids),
                                              now=now)
     changed = [r for key, r in rollouts.items() if r != stored.get(key)]
@@ -147,12 +180,13 @@ def _say(before: Rollout, after: Rollout, *, total: int) -> None:
     del total
 
 
-async def _health(current: Rollout, spec: rollout.RolloutSpec, ids: Sequence[str], *,
-                  wanted: Mapping[str, DesiredWorkspace], sessions: Sessions, policy: Policy,
-                  now: datetime) -> dict[str, Health]:
-    """How each workspace let through to the target is doing (`wanted`: on the target)."""
+async def _health(current: Rollout, spec: rollout.RolloutSpec, ids: Sequence[str],
+                  kept: frozenset[str], *, wanted: Mapping[str, DesiredWorkspace],
+                  sessions: Sessions, policy: Policy, now: datetime) -> dict[str, Health]:
+    """How each workspace let through to the target is doing (`wanted`: on the target;
+    `kept`: those stored as let through)."""
     assert current.target is not None and current.counted_since is not None
-    moved = rollout.on_target(current, spec, ids)
+    moved = rollout.on_target(current, spec, ids, kept)
     if not moved:
         return {}
     since = current.counted_since
@@ -246,16 +280,18 @@ async def summarize(gated: Gated, template: str, sessions: Sessions, policy: Pol
     health: dict[str, Health] = {}
     if moved and current.target is not None and spec is not None:
         health = await _health(replace(current, counted_since=current.counted_since or now),
-                               spec, ids, wanted=gated.desired.workspaces, sessions=sessions,
-                               policy=policy, now=now)
+                               spec, ids, moved, wanted=gated.desired.workspaces,
+                               sessions=sessions, policy=policy, now=now)
     return _summary(gated, template, health, now=now)
 
 
 def summaries(gated: Gated, *, now: datetime) -> tuple[Summary, ...]:
     """Every template with `spec.rollout` or a rollout in flight, from what the pass judged
     (no read): what a pass reports to metrics and to the operator's template status. The
-    health counts are those of a progressing rollout's waves; else none are judged."""
-    return tuple(_summary(gated, key, gated.health.get(key, {}), now=now)
+    health counts are those of a progressing rollout's waves (judged before it moved on: a
+    rollout that just completed has none); else none are judged."""
+    return tuple(_summary(gated, key, gated.health.get(key, {}) if r.in_flight else {},
+                          now=now)
                  for key, r in sorted(gated.rollouts.items())
                  if r.in_flight or spec_of(gated.desired, key) is not None)
 

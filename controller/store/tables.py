@@ -162,3 +162,15 @@ class RolloutRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # the prune found the template gone from desired state since (store/queries/prune.py)
     absent_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class RolloutWorkspaceRow(Base):
+    """A workspace let through to the revision its template's rollout is moving to: it stays
+    there, whoever joins or leaves the template, until that rollout ends (then the row goes).
+    Rows of another revision than the rollout's target are stale."""
+
+    __tablename__ = "rollout_workspaces"
+
+    template: Mapped[str] = mapped_column(String(320), primary_key=True)  # "namespace/name"
+    workspace_id: Mapped[str] = mapped_column(String(253), primary_key=True)
+    revision: Mapped[str] = mapped_column(String(64))  # the target's digest

@@ -226,3 +226,40 @@ async def test_replicas_agree_on_the_waves(
     assert with_calendar(runtimes) == {order(after)[0]}
     assert stored(sessions).version >= 2
 
+
+
+async def test_those_let_through_stay_on_the_target_when_the_fleet_shrinks(
+    sessions: Sessions, runtime_factory: RuntimeFactory
+) -> None:
+    """Waves are cut by percent: with two workspaces of ten gone, 50 % is four, not five. The
+    five let through are stored, so none of them is moved back (and forth)."""
+    with freeze_time("2026-01-01 00:00:00", real_asyncio=True) as clock:
+        runtimes = await start(runtime_factory, Faults(restart_required=False))
+        await one_pass(fleet_at(), sessions, POLICY)
+        after = fleet_at(CALENDAR)
+        first = order(after)
+        for _ in range(3):
+            await one_pass(after, sessions, POLICY)
+        clock.tick(61)
+        await one_pass(after, sessions, POLICY)  # wave 2: 50 %
+        assert with_calendar(runtimes) == set(first[:5])
+        with transaction(sessions) as session:
+            revision, kept = queries.load_let_through(session)[KEY]
+        assert kept == set(first[:5]) and revision == order_digest(after)
+
+        fewer = desired_from(template(CALENDAR), *(workspace_yaml(w) for w in first[:-2]))
+        for _ in range(3):
+            await one_pass(fewer, sessions, POLICY)
+        assert with_calendar(runtimes) == set(first[:5])
+        assert not any(c.method == "DELETE" for r in runtimes.values() for c in r.calls)
+        for _ in range(4):
+            clock.tick(61)
+            await one_pass(fewer, sessions, POLICY)
+    assert stored(sessions).phase is RolloutPhase.COMPLETE
+    assert with_calendar(runtimes) == set(first[:-2])
+    with transaction(sessions) as session:
+        assert queries.load_let_through(session) == {}  # the rollout ended: its rows went
+
+
+def order_digest(desired: Desired) -> str:
+    return Revision.of(desired.templates[KEY].plugins).digest

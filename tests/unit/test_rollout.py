@@ -3,6 +3,7 @@ health and bake, the halt, and a person's commands."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -53,9 +54,24 @@ def test_waves_are_a_stable_hash_order_cut_by_percent() -> None:
                                               spec=SPEC, now=T0),
                               template="default/base", current=V2, spec=SPEC, now=T0)
     assert rollout.on_target(started, SPEC, ids) == frozenset(order[:20])
-    # A workspace added during the rollout takes the place its hash gives it.
-    grown = rollout.on_target(started, SPEC, [*ids, "late"])
-    assert len(grown) == 21 and grown >= frozenset(order[:20]) - {order[19]}
+    # A workspace added during the rollout takes the place its hash gives it; those let
+    # through before (stored) stay, whoever joins or leaves.
+    first = rollout.on_target(started, SPEC, ids)
+    late = [f"late-{i}" for i in range(200)]
+    early = [w for w in late if rollout.wave_order("default/base", V2.digest, [*ids, w]
+                                                   ).index(w) < 20]
+    assert early, "some late workspace sorts into the first wave"
+    grown = rollout.on_target(started, SPEC, [*ids, *late], kept=first)
+    assert grown >= first and set(early) & grown
+    # A fleet that shrinks cuts its waves smaller: by hash order alone, five of the first
+    # wave would go back to the stable revision; those let through stay.
+    others = [w for w in ids if w not in first]
+    fewer = [w for w in ids if w not in others[:50]]
+    assert len(first - rollout.on_target(started, SPEC, fewer)) == 5
+    assert rollout.on_target(started, SPEC, fewer, kept=first) == first
+    assert rollout.on_target(started, SPEC, ids[1:], kept=first) >= first - {ids[0]}
+    halted = dataclasses.replace(started, phase=RolloutPhase.HALTED)
+    assert rollout.on_target(halted, SPEC, [*ids, *late], kept=first) == first
 
 
 def test_first_sight_is_stable_and_a_new_revision_starts_a_rollout() -> None:

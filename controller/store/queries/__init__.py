@@ -17,9 +17,12 @@ from controller.store.queries.reports import (
     touch,
 )
 from controller.store.queries.rollouts import (
+    forget_let_through,
     installed_since,
+    load_let_through,
     load_rollouts,
     rollout_health_inputs,
+    save_let_through,
     save_rollout,
     save_rollouts,
 )
@@ -50,9 +53,11 @@ __all__ = [
     "apply_many",
     "claim",
     "claim_of",
+    "forget_let_through",
     "forget_revoked_tokens",
     "forget_workspaces",
     "installed_since",
+    "load_let_through",
     "load_observed",
     "load_rollouts",
     "mark_synced",
@@ -66,6 +71,7 @@ __all__ = [
     "revoke_tokens",
     "revoked_since",
     "rollout_health_inputs",
+    "save_let_through",
     "save_rollout",
     "save_rollouts",
     "seed_fleet",

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, Delete, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from controller.store.queries.rollouts import forget_let_through
 from controller.store.queries.tokens import forget_revoked_tokens
 from controller.store.tables import AttemptRow, RestartRow, RolloutRow, TokenRow, WorkspaceRow
 
@@ -60,6 +61,7 @@ def prune(session: Session, *, now: datetime, declared: Collection[str] | None,
         session, now=now, declared=declared, before=now - forget_after)
     rollouts = 0 if templates is None else forget_rollouts(
         session, now=now, templates=templates, before=now - forget_after)
+    forget_let_through(session)  # the workspaces let through to a forgotten rollout
     return Pruned(tokens=tokens, restarts=restarts, attempts=attempts, workspaces=workspaces,
                   rollouts=rollouts)
 

@@ -6,7 +6,7 @@ from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -15,7 +15,7 @@ from controller.domain.models import Observed
 from controller.domain.rollout import Revision, Rollout, RolloutPhase
 from controller.store.queries.observed import load_observed
 from controller.store.queries.rows import report_from_json, report_to_json
-from controller.store.tables import OwnedPluginRow, RolloutRow
+from controller.store.tables import OwnedPluginRow, RolloutRow, RolloutWorkspaceRow
 
 
 def _revision(digest: str | None, plugins: list[dict[str, str | bool]] | None
@@ -39,6 +39,46 @@ def _rollout(row: RolloutRow) -> Rollout:
 
 def load_rollouts(session: Session) -> dict[str, Rollout]:
     return {row.template: _rollout(row) for row in session.scalars(select(RolloutRow))}
+
+
+def load_let_through(session: Session) -> dict[str, tuple[str, frozenset[str]]]:
+    """Per template: the revision its rows are for and the workspaces let through to it (a
+    template's rows are all of one revision: `save_let_through` keeps them so)."""
+    found: dict[str, tuple[str, set[str]]] = {}
+    for template, workspace_id, revision in session.execute(
+            select(RolloutWorkspaceRow.template, RolloutWorkspaceRow.workspace_id,
+                   RolloutWorkspaceRow.revision)):
+        found.setdefault(template, (revision, set()))[1].add(workspace_id)
+    return {template: (revision, frozenset(ids)) for template, (revision, ids) in found.items()}
+
+
+def save_let_through(session: Session, changes: dict[str, tuple[str | None, frozenset[str]]]
+                     ) -> None:
+    """Per template, (the target's digest, the workspaces let through to it): rows of another
+    revision go, missing ones are added (a replica that added them first wins nothing and
+    loses nothing). (None, ()): the rollout ended, every row of it goes."""
+    make = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    for template, (revision, workspace_ids) in changes.items():
+        stale = delete(RolloutWorkspaceRow).where(RolloutWorkspaceRow.template == template)
+        if revision is not None:
+            stale = stale.where(RolloutWorkspaceRow.revision != revision)
+        session.execute(stale)
+        ids = sorted(workspace_ids)
+        for start in range(0, len(ids), 500):
+            statement = make(RolloutWorkspaceRow).values([
+                {"template": template, "workspace_id": w, "revision": revision}
+                for w in ids[start:start + 500]])
+            session.execute(statement.on_conflict_do_update(
+                index_elements=["template", "workspace_id"],
+                set_={"revision": statement.excluded.revision}))
+
+
+def forget_let_through(session: Session) -> int:
+    """Rows of templates that have no rollout stored (the prune forgot it)."""
+    known = select(RolloutRow.template)
+    done = session.execute(delete(RolloutWorkspaceRow).where(
+        RolloutWorkspaceRow.template.not_in(known)))
+    return int(done.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def save_rollout(session: Session, rollout: Rollout, *, now: datetime) -> Rollout | None:
