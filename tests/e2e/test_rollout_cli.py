@@ -23,6 +23,7 @@ async def test_a_halted_rollout_told_by_status_and_explain_then_steered(
     runtimes = {w: await runtime_factory(w, faults=faults) for w in IDS}
     for runtime in runtimes.values():
         await runtime.register()
+        runtime.start_heartbeats()  # online however long the CLI takes on a busy machine
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (manifests / "workspaces.yaml").write_text("---\n".join(workspace_yaml(w) for w in IDS))
