@@ -5,6 +5,7 @@ abort and promote; a new revision during a rollout; replicas agree on the waves.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -15,7 +16,7 @@ from controller.domain.desired import Desired
 from controller.domain.models import Policy, utcnow
 from controller.domain.rollout import Revision, Rollout, RolloutError, RolloutPhase, wave_order
 from controller.engine import rollouts
-from controller.store import Sessions, queries, transaction
+from controller.store import Sessions, make_engine, make_sessions, queries, transaction
 from tests.support.helpers import NOTES, SEO, RuntimeFactory, desired_from, one_pass, workspace_yaml
 from tests.support.rollouts import IDS, KEY, fleet_of, template
 
@@ -210,22 +211,36 @@ async def test_a_new_revision_during_a_rollout_starts_again_from_the_first_wave(
 
 
 async def test_replicas_agree_on_the_waves(
-    sessions: Sessions, runtime_factory: RuntimeFactory
+    sessions: Sessions, db_url: str, runtime_factory: RuntimeFactory
 ) -> None:
-    """Two replicas' passes on one database (each its own view of the rollout, as separate
-    processes would have): both hold the same workspaces back, whatever order they run in."""
-    with freeze_time("2026-01-01 00:00:00", real_asyncio=True):
-        runtimes = await start(runtime_factory)
-        await one_pass(fleet_at(), sessions, POLICY, replica="a")
-        after = fleet_at(CALENDAR)
-        looks = [await rollouts.gate(after, sessions, POLICY, now=utcnow(), advance=False)
-                 for _ in range(2)]
-        await one_pass(after, sessions, POLICY, replica="b")
-        await one_pass(after, sessions, POLICY, replica="a")
-    assert looks[0].moved == looks[1].moved == {KEY: frozenset({order(after)[0]})}
-    assert with_calendar(runtimes) == {order(after)[0]}
-    assert stored(sessions).version >= 2
-
+    """Two replicas, each with its own connection pool to one database (as two processes
+    have), run their passes at the same time through a rollout: whoever stores a step first
+    wins (compare-and-set), the other takes it, and both hold the same workspaces back."""
+    engine = make_engine(db_url)
+    other = make_sessions(engine)
+    try:
+        with freeze_time("2026-01-01 00:00:00", real_asyncio=True) as clock:
+            runtimes = await start(runtime_factory, Faults(restart_required=False))
+            await one_pass(fleet_at(), sessions, POLICY, replica="a")
+            after = fleet_at(CALENDAR)
+            first = order(after)
+            sizes = []
+            for step in range(6):
+                if step in (3, 5):
+                    clock.tick(61)  # the bake of the wave is over
+                await asyncio.gather(one_pass(after, sessions, POLICY, replica="a"),
+                                     one_pass(after, other, POLICY, replica="b"))
+                looks = [await rollouts.gate(after, s, POLICY, now=utcnow(), advance=False)
+                         for s in (sessions, other)]
+                assert looks[0].moved == looks[1].moved, step
+                moved = looks[0].moved.get(KEY, frozenset())
+                assert moved == set(first[:len(moved)]), step  # a prefix of the one order
+                assert with_calendar(runtimes) <= moved, step  # none beyond its wave
+                sizes.append(len(moved))
+            assert sizes == [1, 1, 1, 5, 5, 10], sizes  # wave by wave, after each bake
+            assert with_calendar(runtimes) == set(IDS) and stored(sessions).wave == 2
+    finally:
+        engine.dispose()
 
 
 async def test_those_let_through_stay_on_the_target_when_the_fleet_shrinks(
