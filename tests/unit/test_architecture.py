@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,3 +38,12 @@ def test_ruff_passes() -> None:
     result = subprocess.run([_tool("ruff"), "check", "controller", "tests"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.xdist_group("kubernetes")
+def test_xdist_groups_reach_the_scheduler(request: pytest.FixtureRequest) -> None:
+    """On xdist workers, a test's group travels in its node id (`…@kubernetes`): if a pytest
+    release stops carrying it, the Kubernetes tests spread over the workers, each starting a
+    control plane of its own (pytest 9.2 did; pyproject pins below it)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        assert request.node.nodeid.endswith("@kubernetes"), request.node.nodeid
