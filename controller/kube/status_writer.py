@@ -125,6 +125,8 @@ class StatusWriter:
     events: collections.deque[PendingEvent] = field(default_factory=collections.deque)
     quiet: asyncio.Event = field(default_factory=_quiet)  # set while no status patch waits
     sending: asyncio.Task[None] | None = None  # writes the queued Events
+    #: Templates (uid, resourceVersion) whose rollout command was applied: never twice.
+    commanded: set[tuple[str, str]] = field(default_factory=set)
 
     async def flush(self) -> None:
         """Wait until every queued Event is written."""
@@ -181,6 +183,7 @@ class StatusWriter:
                                                                *view.templates]}
             for uid in set(self.written) - live:
                 del self.written[uid]
+            self.commanded = {seen for seen in self.commanded if seen[0] in live}
         await self._templates(view, desired, by_object, ready, report=report, now=now)
         await self._rollout_commands(view, now=now)
 
@@ -229,13 +232,16 @@ class StatusWriter:
         for template in view.templates:
             annotations = template["metadata"].get("annotations") or {}
             action = annotations.get(mirror.ROLLOUT_COMMAND)
-            if action is None:
-                continue
+            seen = (template["metadata"].get("uid", ""),
+                    template["metadata"].get("resourceVersion", ""))
+            if action is None or seen in self.commanded:
+                continue  # none, or applied already: the watch has not shown its removal yet
             namespace, name = key_of(template)
             event = await self._rollout_command(f"{namespace}/{name}", action, now=now)
             if event is None:
                 continue  # the store could not be reached: tried again by the next mirror
             self._queue([(template, event, now)])
+            self.commanded.add(seen)
             try:
                 await self.kube.call(self.kube.remove_annotation, TEMPLATES, namespace, name,
                                      mirror.ROLLOUT_COMMAND, action)
