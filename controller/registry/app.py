@@ -28,7 +28,7 @@ from controller.domain import wire as api
 from controller.domain.models import Plugin, report_digest, utcnow
 from controller.domain.networks import RuntimeNetworks
 from controller.domain.version import version
-from controller.registry.serving import GUARD, LIMITS, ConnectionGuard, Limits, request_limits
+from controller.registry.serving import GUARD, LIMITS, ConnectionGuard, Deadlines, Limits
 from controller.store import (
     DatabaseError,
     PinnedReader,
@@ -142,12 +142,12 @@ class Ingest:
         finally:
             self._looking_up = None
 
-    async def heartbeat(self, workspace_id: str, report: list[Plugin] | None,
-                        seq: int | None = None, error: str | None = None) -> bool:
-        """Record a heartbeat; False when the workspace never registered."""
-        return await self._queue(_Waiting(workspace_id, report,
-                                          asyncio.get_running_loop().create_future(), None, seq,
-                                          error))
+    def heartbeat(self, workspace_id: str, report: list[Plugin] | None,
+                  seq: int | None = None, error: str | None = None) -> asyncio.Future[bool]:
+        """Record a heartbeat; await the answer: False when the workspace never registered.
+        (A future, not a coroutine: the hot path of the registry saves the layers.)"""
+        return self._queue(_Waiting(workspace_id, report,
+                                    asyncio.get_running_loop().create_future(), None, seq, error))
 
     async def register(self, workspace_id: str, url: str, report: list[Plugin] | None,
                        *, seq: int | None = None, error: str | None = None) -> None:
@@ -155,11 +155,11 @@ class Ingest:
         await self._queue(_Waiting(workspace_id, report,
                                    asyncio.get_running_loop().create_future(), url, seq, error))
 
-    async def _queue(self, waiting: _Waiting) -> bool:
+    def _queue(self, waiting: _Waiting) -> asyncio.Future[bool]:
         self._waiting.append(waiting)
         if self._checking is None:
             self._checking = asyncio.create_task(self._check_all())
-        return await waiting.answer
+        return waiting.answer
 
     async def _check_all(self) -> None:
         try:
@@ -358,10 +358,14 @@ def _bearer(request: web.Request) -> str:
 async def _body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    content = request.content
+    if content.is_eof():  # the usual case, it came with the head: take it, no clock to set
+        body = content.read_nowait()
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        return body
     seconds = request.app[LIMITS].body_seconds
     try:
-        if request.content.is_eof():  # the usual case, it came with the head: no clock to set
-            return await request.read()
         async with asyncio.timeout(seconds):
             return await request.read()
     except web.HTTPRequestEntityTooLarge as error:
@@ -375,8 +379,11 @@ Model = type[api.RegisterRequest] | type[api.HeartbeatRequest]
 
 async def _authorized(request: web.Request, model: Model) -> Any:
     """The validated request, once its token is known to belong to its workspace."""
-    token = _bearer(request)
-    owner = await request.app[INGEST].owner(tokens.digest(token))
+    token_hash = tokens.digest(_bearer(request))
+    ingest = request.app[INGEST]
+    owner = ingest.tokens.get(token_hash)  # the usual case: no coroutine for a cache hit
+    if owner is None:
+        owner = await ingest.owner(token_hash)
     if owner is None:
         raise RequestError(401, "unknown or revoked token")
     raw = await _body(request)
@@ -395,15 +402,20 @@ async def _authorized(request: web.Request, model: Model) -> Any:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DEADLINES: web.AppKey[Deadlines] = web.AppKey("deadlines", Deadlines)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    seconds = request.app[LIMITS].handler_seconds
+async def _answered(request: web.Request, handler: Handler, task: asyncio.Task[Any]
+                    ) -> web.StreamResponse:
+    """The handler's answer, or the answer to what it raised (RequestError, the store
+    unavailable, the handler deadline)."""
     try:
-        async with asyncio.timeout(seconds):
-            return await handler(request)
-    except TimeoutError:
+        return await handler(request)
+    except asyncio.CancelledError:
+        if not request.app[DEADLINES].expired(task):
+            raise
+        task.uncancel()
+        seconds = request.app[LIMITS].handler_seconds
         log.error("%s not answered within %gs (store too slow?)", request.path, seconds)
         return _error(503, f"not answered within {seconds:g}s, retry later")
     except RequestError as error:
@@ -411,6 +423,41 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except DatabaseError as error:
         log.error("store unavailable while serving %s: %s", request.path, error)
         return _error(503, "store unavailable, retry later")
+
+
+@web.middleware
+async def _served(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The registry's one middleware (each layer costs the hot path): tells the connection
+    guard the request is under way (its head came in time), holds the handler to
+    `handler_seconds` (503 after), turns errors into answers, and counts the request when
+    the app has metrics."""
+    app = request.app
+    connection = app[GUARD].of(request)
+    if connection is not None:
+        connection.request_started()
+    task = asyncio.current_task()
+    if task is None:  # aiohttp runs every handler in a task
+        raise RuntimeError("a registry request outside a task")
+    deadlines = app[DEADLINES]
+    deadlines.begin(task)
+    metrics = app.get(METRICS)
+    started = time.perf_counter()
+    code = 500
+    try:
+        response = await _answered(request, handler, task)
+        code = response.status
+        return response
+    except web.HTTPException as error:
+        code = error.status
+        raise
+    finally:
+        deadlines.end(task)
+        if connection is not None:
+            connection.request_finished()
+        if metrics is not None:
+            route = request.match_info.route.resource
+            metrics.observe_request(route.canonical if route is not None else "other", code,
+                                    time.perf_counter() - started)
 
 
 def _ok(status: bytes) -> web.Response:
@@ -463,23 +510,6 @@ def _no_hint(_workspace_id: str) -> None:
     return None
 
 
-@web.middleware
-async def _measured(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    code = 500
-    try:
-        response = await handler(request)
-        code = response.status
-        return response
-    except web.HTTPException as error:
-        code = error.status
-        raise
-    finally:
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "other"
-        request.app[METRICS].observe_request(endpoint, code, time.perf_counter() - started)
-
-
 async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -488,14 +518,13 @@ async def metrics_page(request: web.Request) -> web.Response:
 def make_app(sessions: Sessions, hint: Hint | None = None,
              networks: RuntimeNetworks | None = None,
              *, limits: Limits | None = None, metrics: Metrics | None = None) -> web.Application:
-    middlewares = [request_limits, _errors] if metrics is None else \
-        [request_limits, _measured, _errors]
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_served], client_max_size=MAX_BODY_BYTES)
     if metrics is not None:
         app[METRICS] = metrics
         app.router.add_get("/metrics", metrics_page)
     app[LIMITS] = limits or Limits()
     app[GUARD] = ConnectionGuard(app[LIMITS])
+    app[DEADLINES] = Deadlines(app[LIMITS].handler_seconds)
     app[SESSIONS] = sessions
     app[NETWORKS] = networks or RuntimeNetworks()
     app[HINT] = hint or _no_hint

@@ -1,8 +1,10 @@
 """Small helpers for the aiohttp servers pluginctl runs (the registry, the reference runtime),
 and the connection limits that let the registry outlast slow or idle clients: a request head
 must arrive within `head_seconds` of its first byte (else 408 and the connection is closed),
-an idle connection is closed after `keepalive_seconds`, and connections beyond
-`max_connections` are closed as soon as they are accepted.
+an idle connection is closed after `keepalive_seconds`, connections beyond
+`max_connections` are closed as soon as they are accepted, and a handler still running
+`handler_seconds` after it began is cancelled (`Deadlines`). The clocks cost a heartbeat
+nothing but a note of the time: one timer per connection and one for all requests.
 
 Only aiohttp's public API is used: the runner's `server` is its documented low-level
 `web.Server`, "a protocol factory compatible with create_server()", whose protocols the
@@ -42,13 +44,20 @@ _TOO_SLOW = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
 
 class _Guarded(asyncio.Protocol):
     """Wraps one connection's aiohttp protocol: starts the head clock when bytes arrive
-    between requests, and stops it when a request reaches the application."""
+    between requests, and stops it when a request reaches the application.
+
+    The clock is lazy: a request only notes when its head began (no timer is set or
+    cancelled per request, which cost more than the rest of the guard); one timer per
+    connection looks when the oldest head could be due and sets itself again for a head that
+    began later, or stops while none is awaited."""
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self.guard = guard
         self.inner = inner
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
+        self.head_since: float | None = None  # loop time the awaited head began; None: none
         self.in_request = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,23 +71,28 @@ class _Guarded(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self.in_request and self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(
-                self.guard.limits.head_seconds, self._too_slow)
+        if not self.in_request and self.head_since is None:
+            self.head_since = self.loop.time()
+            if self.timer is None:
+                self.timer = self.loop.call_at(self.head_since + self.guard.limits.head_seconds,
+                                               self._head_due)
         self.inner.data_received(data)
 
-    def _too_slow(self) -> None:
+    def _head_due(self) -> None:
         self.timer = None
-        if self.transport is not None and not self.in_request:
-            self.guard.timed_out += 1
-            self.transport.write(_TOO_SLOW)
-            self.transport.close()
+        if self.transport is None or self.in_request or self.head_since is None:
+            return  # no head awaited: data_received sets the timer for the next one
+        due = self.head_since + self.guard.limits.head_seconds
+        if self.loop.time() < due:  # a later head than the one this timer was set for
+            self.timer = self.loop.call_at(due, self._head_due)
+            return
+        self.guard.timed_out += 1
+        self.transport.write(_TOO_SLOW)
+        self.transport.close()
 
     def request_started(self) -> None:
         self.in_request = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.head_since = None
 
     def request_finished(self) -> None:
         self.in_request = False
@@ -116,18 +130,51 @@ class ConnectionGuard:
         return self.open.get(transport) if transport is not None else None
 
 
-@web.middleware
-async def request_limits(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Marks the request as under way (the head arrived in time) for the connection guard."""
-    guard = request.app.get(GUARD)
-    connection = guard.of(request) if guard is not None else None
-    if connection is None:
-        return await handler(request)  # type: ignore[no-any-return]
-    connection.request_started()
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    finally:
-        connection.request_finished()
+class Deadlines:
+    """The handler time limit of every request under way, with one timer for all of them
+    (a timer set and cancelled per request cost more than the rest of a heartbeat's
+    bookkeeping): a request still under way `seconds` after it began has its task
+    cancelled, and `expired()` tells the caller that the cancellation was the deadline's."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._since: dict[asyncio.Task[Any], float] = {}  # under way, oldest first
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self, task: asyncio.Task[Any]) -> None:
+        loop = task.get_loop()
+        now = loop.time()
+        self._since[task] = now
+        if self._timer is None:
+            self._timer = loop.call_at(now + self.seconds, self._due, loop)
+
+    def end(self, task: asyncio.Task[Any]) -> None:
+        self._since.pop(task, None)
+        self._expired.discard(task)  # a handler that swallowed the cancellation
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the deadline cancelled this task (once: the answer is taken)."""
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    def _due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        late = []
+        for task, since in self._since.items():  # oldest first: stop at the first in time
+            if since + self.seconds > now:
+                break
+            late.append(task)
+        for task in late:
+            del self._since[task]
+            self._expired.add(task)
+            task.cancel("deadline")
+        for since in self._since.values():  # the oldest left
+            self._timer = loop.call_at(since + self.seconds, self._due, loop)
+            break
 
 
 class _GuardedSite(web.BaseSite):

@@ -214,6 +214,28 @@ async def _heartbeats_counted(base_url: str) -> int:
                           endpoint="/registry/heartbeat", code="200"))
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc (None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _drive_measured(url: str, bodies: Bodies, seconds: float, connections: int, *,
+                          generator: str, pid: int) -> dict[str, Any]:
+    """_drive, plus the server's CPU time per answered request (ms): the figure that moves
+    least on a shared machine, and what bounds the rate once the server's core is full."""
+    before = _cpu_seconds(pid)
+    result = await _drive(url, bodies, seconds, connections, generator=generator)
+    after = _cpu_seconds(pid)
+    result["server_cpu_ms_per_request"] = (
+        round((after - before) * 1000 / result["requests"], 3)
+        if before is not None and after is not None and result["requests"] else None)
+    return result
+
+
 def _load_generator() -> str:
     """What drives the heartbeat load: wrk when it is on PATH (a C client that leaves the
     cores to the server), else the Python client of this module."""
@@ -271,11 +293,13 @@ async def heartbeat(target: Target, workspaces: int, seconds: float, *, connecti
             before = await _heartbeats_counted(f"http://127.0.0.1:{port}")
             say(f"heartbeat/{target.name}: {seconds:g}s of load, {connections} connections, "
                 f"by {generator}")
-            measured = await _drive(f"http://127.0.0.1:{port}/registry/heartbeat", bodies,
-                                    seconds, connections, generator=generator)
+            measured = await _drive_measured(f"http://127.0.0.1:{port}/registry/heartbeat",
+                                             bodies, seconds, connections, generator=generator,
+                                             pid=processes[0].pid)
             counted = await _heartbeats_counted(f"http://127.0.0.1:{port}") - before
-            baseline = await _drive(f"http://127.0.0.1:{bare_port}/registry/heartbeat",
-                                    bodies, seconds, connections, generator=generator)
+            baseline = await _drive_measured(
+                f"http://127.0.0.1:{bare_port}/registry/heartbeat", bodies, seconds,
+                connections, generator=generator, pid=processes[1].pid)
         finally:
             for process in processes:
                 process.terminate()
@@ -289,7 +313,9 @@ async def heartbeat(target: Target, workspaces: int, seconds: float, *, connecti
     say(f"heartbeat/{target.name}: {measured['requests_per_second']}/s "
         f"(p50 {measured['p50_ms']} ms, p99 {measured['p99_ms']} ms), bare endpoint "
         f"{baseline['requests_per_second']}/s (p50 {baseline['p50_ms']} ms, "
-        f"p99 {baseline['p99_ms']} ms), by {generator}")
+        f"p99 {baseline['p99_ms']} ms), by {generator}; server CPU per request "
+        f"{measured['server_cpu_ms_per_request']} ms (bare "
+        f"{baseline['server_cpu_ms_per_request']} ms)")
     return result
 
 

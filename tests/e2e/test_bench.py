@@ -60,6 +60,11 @@ def check_heartbeat(heartbeat: list[dict[str, Any]], *, by_wrk: bool) -> None:
         assert bare["p50_ms"] <= bare["p99_ms"]
         assert_ratio(entry["ratio_to_bare"], entry["requests_per_second"],
                      bare["requests_per_second"])
+        # Each server's CPU time per answered request (/proc), the registry's and the bare
+        # endpoint's: what bounds the rate once a server's core is full.
+        for measured in (entry, bare):
+            cpu = measured["server_cpu_ms_per_request"]
+            assert (cpu is None) if not sys.platform.startswith("linux") else cpu >= 0
 
 
 def check_converge(converge: list[dict[str, Any]]) -> None:

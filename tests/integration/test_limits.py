@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from controller.domain.models import Plugin
 from controller.registry.app import INGEST, issue_token, make_app
 from controller.registry.serving import GUARD, Limits, runner_for, start_site
 from controller.store import Sessions
@@ -173,3 +174,60 @@ async def test_the_guarded_site_is_started_and_stopped_by_the_runner(sessions: S
     assert not runner.sites and not app[GUARD].open
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_slow_head_after_served_requests_on_the_same_connection_is_cut_off(
+        live: Live) -> None:
+    """The head clock is per connection and lazy (no timer per request): a keep-alive
+    connection whose requests were served quickly still gets its 408 when a later head
+    trickles in, and a request served in between is never cut off."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    request = (b"POST /registry/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+               + live.token.encode() + b"\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 23\r\n\r\n{\"workspace_id\":\"ws-1\"}")
+    for _ in range(3):
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+    writer.write(b"POST /registry/heartbeat HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+    await writer.drain()
+    reply = await asyncio.wait_for(read_until_closed(reader), 10)
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+
+
+async def test_the_handler_deadline_cancels_only_the_late_request(live: Live) -> None:
+    """One timer holds every request to handler_seconds: the stuck one is answered 503,
+    the ones served meanwhile 200, and a request after it is served again."""
+    ingest = live.app[INGEST]
+    served = ingest.heartbeat
+    stuck_ids = {"ws-1"}
+    token_two = issue_token(ingest.sessions, "ws-2")
+    async with aiohttp.ClientSession() as client, client.post(
+            f"{live.url}/registry/register", headers=auth(token_two),
+            json={"workspace_id": "ws-2", "url": "http://127.0.0.1:9"}) as response:
+        assert response.status == 200
+
+    def maybe_stuck(workspace_id: str, report: list[Plugin] | None, seq: int | None = None,
+                    error: str | None = None) -> asyncio.Future[bool]:
+        if workspace_id in stuck_ids:
+            return asyncio.get_running_loop().create_future()  # never answered
+        return served(workspace_id, report, seq, error)
+
+    ingest.heartbeat = maybe_stuck  # type: ignore[method-assign]
+
+    async def beat(client: aiohttp.ClientSession, token: str, workspace_id: str) -> int:
+        async with client.post(f"{live.url}/registry/heartbeat", headers=auth(token),
+                               json={"workspace_id": workspace_id}) as response:
+            return response.status
+
+    async with aiohttp.ClientSession() as client:
+        late = asyncio.create_task(beat(client, live.token, "ws-1"))
+        others = [await beat(client, token_two, "ws-2") for _ in range(5)]
+        assert await late == 503
+        assert others == [200] * 5
+        stuck_ids.clear()
+        assert await beat(client, live.token, "ws-1") == 200

@@ -3,12 +3,22 @@ times, dormancy."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import functools
+import json
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
     Connection,
+    Select,
+    String,
+    Update,
+    any_,
     bindparam,
+    func,
     insert,
     select,
     update,
@@ -24,6 +34,8 @@ from controller.store.tables import (
     Base,
     WorkspaceRow,
 )
+
+T = TypeVar("T")
 
 
 def record_register(
@@ -89,19 +101,48 @@ def record_changed_report(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-# Built once: the registry runs this for every group of heartbeats, and building a statement
-# costs more than running it.
-_STORED_REPORT_DIGESTS = (
-    select(WorkspaceRow.workspace_id, WorkspaceRow.report_digest, WorkspaceRow.report_seq)
-    .where(WorkspaceRow.workspace_id.in_(bindparam("ids", expanding=True)),
-           WorkspaceRow.url.is_not(None)))
+_WORKSPACES = Base.metadata.tables[WorkspaceRow.__tablename__]
+
+
+def _among(dialect: str) -> ColumnElement[bool]:
+    """`workspace_id IN (the ids)` with the ids bound as one parameter (`ids`, see _ids):
+    a PostgreSQL array, a JSON array on SQLite. Unlike an expanding IN, the statement's text
+    does not change with the number of ids, so it is compiled and prepared once, and no
+    Python work is done per id: the registry's hot queries share the GIL with its event
+    loop."""
+    workspace_id = _WORKSPACES.c.workspace_id
+    if dialect == "postgresql":
+        return workspace_id == any_(bindparam("ids", type_=ARRAY(String)))
+    if dialect == "sqlite":
+        return workspace_id.in_(
+            select(func.json_each(bindparam("ids", type_=String)).table_valued("value").c.value))
+    return workspace_id.in_(bindparam("ids", expanding=True))
+
+
+def _ids(dialect: str, ids: list[str]) -> object:
+    """The value of _among's `ids` parameter."""
+    return json.dumps(ids) if dialect == "sqlite" else ids
+
+
+def _per_dialect(build: Callable[[str], T]) -> Callable[[str], T]:
+    """A statement built once per dialect (building one costs more than running it)."""
+    return functools.cache(build)
+
+
+@_per_dialect
+def _stored_report_digests(dialect: str) -> Select[str, str | None, int | None]:
+    return (select(_WORKSPACES.c.workspace_id, _WORKSPACES.c.report_digest,
+                   _WORKSPACES.c.report_seq)
+            .where(_among(dialect), _WORKSPACES.c.url.is_not(None)))
 
 
 def stored_report_digests(connection: Connection, workspace_ids: Collection[str]
                           ) -> dict[str, tuple[str | None, int | None]]:
     """(report digest, report seq) of each of these workspaces that is registered (one
-    query)."""
-    rows = connection.execute(_STORED_REPORT_DIGESTS, {"ids": list(workspace_ids)})
+    query; the registry runs it for every group of heartbeats)."""
+    dialect = connection.dialect.name
+    rows = connection.execute(_stored_report_digests(dialect),
+                              {"ids": _ids(dialect, list(workspace_ids))})
     return {workspace_id: (digest, seq) for workspace_id, digest, seq in rows}
 
 
@@ -110,21 +151,29 @@ def stored_report_digests(connection: Connection, workspace_ids: Collection[str]
 CLOCK_SKEW = timedelta(minutes=5)
 
 
+@_per_dialect
+def _touch(dialect: str) -> Update:
+    seen = _WORKSPACES.c.last_seen_at
+    return (update(_WORKSPACES)
+            .where(_among(dialect), _WORKSPACES.c.url.is_not(None),
+                   seen.is_(None) | (seen < bindparam("seen")) | (seen > bindparam("ahead")))
+            .values(last_seen_at=bindparam("seen")))
+
+
 def touch(session: Session, seen: dict[str, datetime]) -> None:
     """Record batched "still alive" times; never moves last_seen back (batches of several
     replicas arrive out of order) unless it is ahead by more than CLOCK_SKEW (a clock that
-    jumped back), and never makes an unregistered workspace look registered. One
-    executemany (pipelined by psycopg)."""
-    table = Base.metadata.tables[WorkspaceRow.__tablename__]
-    session.execute(
-        update(table)
-        .where(table.c.workspace_id == bindparam("b_id"), table.c.url.is_not(None),
-               table.c.last_seen_at.is_(None) | (table.c.last_seen_at < bindparam("b_seen"))
-               | (table.c.last_seen_at > bindparam("b_ahead")))
-        .values(last_seen_at=bindparam("b_seen")),
-        [{"b_id": workspace_id, "b_seen": at, "b_ahead": at + CLOCK_SKEW}
-         for workspace_id, at in seen.items()],
-    )
+    jumped back), and never makes an unregistered workspace look registered. A batch holds
+    few distinct times (the registry stamps a whole group of heartbeats at once): one UPDATE
+    per time, so that the work in Python is per statement, not per workspace."""
+    by_time: dict[datetime, list[str]] = {}
+    for workspace_id, at in seen.items():
+        by_time.setdefault(at, []).append(workspace_id)
+    dialect = session.get_bind().dialect.name
+    statement = _touch(dialect)
+    for at, ids in by_time.items():
+        session.execute(statement, {"ids": _ids(dialect, ids), "seen": at,
+                                    "ahead": at + CLOCK_SKEW})
 
 
 def set_dormant(session: Session, workspace_id: str, dormant: bool) -> None:
