@@ -628,7 +628,9 @@ async def test_api_server_unreachable_pauses_the_loop_not_the_registry(
     proxy.reachable.set()
     await wait_for(lambda: "seo-all" in runtime.plugins, "convergence once back", 90,
                    blocking=True, every=0.25)
-    assert operator.passes() > paused.value  # leading again
+    # Leading again: the pass that installed it is counted once it ends (after its calls).
+    await wait_for(lambda: operator.passes() > paused.value, "passes counted again", 30,
+                   blocking=True, every=0.25)
 
 
 # --- 6. RBAC: enough and no more -------------------------------------------------------------
