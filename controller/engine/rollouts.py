@@ -39,6 +39,8 @@ class Gated:
     def held(self, before: Desired) -> dict[str, DesiredWorkspace]:
         """The workspaces held to their template's stable revision (`before`: the desired
         state given to `gate`)."""
+        if self.desired is before:
+            return {}
         return {workspace_id: wanted for workspace_id, wanted in self.desired.workspaces.items()
                 if wanted is not before.workspaces.get(workspace_id)}
 

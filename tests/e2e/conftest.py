@@ -3,10 +3,11 @@ Kubernetes tests run on one xdist worker, so one kube-apiserver and etcd serve t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from controller.agent.simulated import ReferenceRuntime
 from tests.support import kube
 
 
@@ -25,3 +26,12 @@ def plane() -> Iterator[kube.ControlPlane]:
         yield control_plane
     finally:
         control_plane.stop()
+
+
+@pytest.fixture
+async def runtimes() -> AsyncIterator[list[ReferenceRuntime]]:
+    """Reference runtimes a test starts; stopped after it."""
+    started: list[ReferenceRuntime] = []
+    yield started
+    for runtime in started:
+        await runtime.stop()

@@ -27,7 +27,6 @@ from tests.e2e.test_kubernetes import (
     namespace,
     operators,
     runtime_for,
-    runtimes,
     template,
     token_of,
     workspace,
@@ -35,7 +34,7 @@ from tests.e2e.test_kubernetes import (
 from tests.support import kube
 
 pytestmark = pytest.mark.kubernetes
-__all__ = ["namespace", "operators", "runtimes"]  # fixtures shared with test_kubernetes
+__all__ = ["namespace", "operators"]  # fixtures shared with test_kubernetes
 
 BIN = Path(sys.executable).parent
 CRONJOB = ROOT / "manifests" / "examples" / "reconcile-cronjob" / "cronjob.yaml"

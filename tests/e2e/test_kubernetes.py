@@ -192,14 +192,6 @@ def token_of(plane: kube.ControlPlane, namespace: str, workspace_name: str) -> s
         result.stdout else None
 
 
-@pytest.fixture
-async def runtimes() -> AsyncIterator[list[ReferenceRuntime]]:
-    started: list[ReferenceRuntime] = []
-    yield started
-    for runtime in started:
-        await runtime.stop()
-
-
 async def runtime_for(plane: kube.ControlPlane, namespace: str, name: str, registry: str,
                       started: list[ReferenceRuntime], *, workspace_id: str | None = None,
                       report: bool = True, faults: Faults | None = None) -> ReferenceRuntime:

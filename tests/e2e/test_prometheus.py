@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from controller.agent.simulated import Faults, ReferenceRuntime
@@ -105,14 +103,6 @@ class Prometheus:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(30)
-
-
-@pytest.fixture
-async def runtimes() -> AsyncIterator[list[ReferenceRuntime]]:
-    started: list[ReferenceRuntime] = []
-    yield started
-    for runtime in started:
-        await runtime.stop()
 
 
 async def test_alert_rules_fire_in_a_real_prometheus(

@@ -24,7 +24,6 @@ from tests.e2e.test_kubernetes import (
     namespace,
     operators,
     runtime_for,
-    runtimes,
     wait_ready,
     workspace,
 )
@@ -32,7 +31,7 @@ from tests.support import kube
 from tests.support.helpers import wait_for
 
 pytestmark = pytest.mark.kubernetes
-__all__ = ["namespace", "operators", "runtimes"]  # fixtures shared with test_kubernetes
+__all__ = ["namespace", "operators"]  # fixtures shared with test_kubernetes
 
 BROKEN = ("broken", "local://plugins/broken")
 EXTRA = ("extra", "local://plugins/extra")

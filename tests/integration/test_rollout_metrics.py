@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from freezegun import freeze_time
 
-from controller.agent.simulated import Faults, ReferenceRuntime
+from controller.agent.simulated import Faults
 from controller.domain.desired import Desired
 from controller.domain.models import Policy
 from controller.domain.version import python_version, version
@@ -36,7 +36,7 @@ from tests.support.helpers import (
     scrape,
     workspace_yaml,
 )
-from tests.support.rollouts import IDS, KEY, fleet_of, order_of, template
+from tests.support.rollouts import IDS, KEY, fleet_of, order_of, start, template
 
 CALENDAR = "local://plugins/calendar"
 POLICY = Policy(call_timeout=2.0, workspace_timeout=10.0, offline_after=timedelta(days=1))
@@ -77,15 +77,6 @@ async def scraped(sessions: Sessions) -> AsyncIterator[Scraped]:
         yield Scraped(sessions, server, metrics)
     finally:
         await server.close()
-
-
-async def start(runtime_factory: RuntimeFactory, faults: Faults | None = None
-                ) -> dict[str, ReferenceRuntime]:
-    runtimes = {}
-    for workspace_id in IDS:
-        runtimes[workspace_id] = await runtime_factory(workspace_id, faults=faults)
-        await runtimes[workspace_id].register()
-    return runtimes
 
 
 def rollout_of(samples: Samples, template_key: str = KEY) -> dict[str, float]:

@@ -18,7 +18,7 @@ from controller.domain.rollout import Revision, Rollout, RolloutError, RolloutPh
 from controller.engine import rollouts
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction
 from tests.support.helpers import NOTES, SEO, RuntimeFactory, desired_from, one_pass, workspace_yaml
-from tests.support.rollouts import IDS, KEY, fleet_of, template
+from tests.support.rollouts import IDS, KEY, fleet_of, start, template
 
 CALENDAR = "local://plugins/calendar"
 
@@ -33,15 +33,6 @@ def with_calendar(runtimes: dict[str, ReferenceRuntime]) -> set[str]:
 
 def calendar_calls(runtime: ReferenceRuntime) -> int:
     return sum(1 for call in runtime.calls if "calendar" in str(call))
-
-
-async def start(runtime_factory: RuntimeFactory, faults: Faults | None = None
-                ) -> dict[str, ReferenceRuntime]:
-    runtimes = {}
-    for workspace_id in IDS:
-        runtimes[workspace_id] = await runtime_factory(workspace_id, faults=faults)
-        await runtimes[workspace_id].register()
-    return runtimes
 
 
 def stored(sessions: Sessions) -> Rollout:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.domain import desired as desired_mod
 from controller.domain.rollout import Revision, wave_order
-from tests.support.helpers import desired_from, workspace_yaml
+from tests.support.helpers import RuntimeFactory, desired_from, workspace_yaml
 
 IDS = [f"ws-{i}" for i in range(10)]
 KEY = "default/base"
@@ -35,3 +36,13 @@ def order_of(template_yaml: str) -> list[str]:
     desired = fleet_of(template_yaml)
     revision = Revision.of(desired.templates[KEY].plugins)
     return wave_order(KEY, revision.digest, IDS)
+
+
+async def start(runtime_factory: RuntimeFactory, faults: Faults | None = None
+                ) -> dict[str, ReferenceRuntime]:
+    """A registered reference runtime for each of IDS."""
+    runtimes = {}
+    for workspace_id in IDS:
+        runtimes[workspace_id] = await runtime_factory(workspace_id, faults=faults)
+        await runtimes[workspace_id].register()
+    return runtimes
