@@ -275,9 +275,11 @@ class Acting:
         while len(self.running) >= until_below:
             complete, self.running = await asyncio.wait(
                 self.running, return_when=asyncio.FIRST_COMPLETED)
-            for task in complete:
-                result = task.result()
+            results = tuple(task.result() for task in complete)
+            for result in results:
                 self._finish(result.workspace_id, result)
+            if self.ctx.acted is not None:  # released first: no longer held by this pass
+                self.ctx.acted(results)
 
     def _finish(self, workspace_id: str, result: WorkspaceResult | None) -> None:
         if result is not None:

@@ -15,12 +15,15 @@ from datetime import datetime
 from controller.domain.desired import Desired
 from controller.domain.models import DesiredWorkspace, Policy
 from controller.engine.queue import Trigger
+from controller.engine.report import WorkspaceResult
 from controller.runtime.driver import RuntimeDriver
 from controller.store import Sessions
 
 DEFAULT_REPLICA = f"{socket.gethostname()}-{os.getpid()}"
 
 Progress = Callable[[int, int], None]  # (workspaces done, workspaces in the pass)
+#: Told the results of workspaces a pass has finished acting on, as they finish.
+Acted = Callable[[tuple[WorkspaceResult, ...]], None]
 
 
 class Tally:
@@ -52,6 +55,7 @@ class PassContext:
     trigger: Trigger = Trigger.MANUAL  # what started the pass
     triggers: Mapping[str, Trigger] = field(default_factory=dict)  # what brought each one in
     tally: Tally = field(default_factory=Tally)
+    acted: Acted | None = None
 
     def wanted(self, workspace_id: str) -> DesiredWorkspace:
         return self.desired.workspaces[workspace_id]

@@ -30,6 +30,7 @@ HINT_GATHER = 0.05  # seconds a hint waits for others before its pass starts
 PassCallback = Callable[[PassReport, Trigger], None]  # (report, what started the pass)
 FailureCallback = Callable[[Trigger], None]  # (what started a pass that could not run)
 RunningCallback = Callable[[bool], None]  # the loop started (True) or stopped (False)
+EarlyCallback = Callable[[PassReport], None]  # a pass's early report (PassReport.early)
 PRUNE_EVERY = 3600.0  # seconds between prunes of the store (store/queries/prune.py)
 
 
@@ -45,6 +46,7 @@ async def run_forever(
     on_pass: PassCallback | None = None,
     on_failure: FailureCallback | None = None,
     on_running: RunningCallback | None = None,
+    on_early: EarlyCallback | None = None,
     replica: str = DEFAULT_REPLICA,
     jitter: float = 0.1,
     rand: Callable[[], float] = random.random,
@@ -54,12 +56,13 @@ async def run_forever(
     between. A pass is started on time even if an earlier one still waits on a slow runtime:
     that runtime's workspace is busy and skipped, every other workspace is served. It
     returns once any of the `stop` events is set. `on_running` hears when it starts and when
-    its passes have ended (the metrics: a replica that runs no passes reports none)."""
+    its passes have ended (the metrics: a replica that runs no passes reports none);
+    `on_early` hears each pass's early reports, as its workspaces finish."""
     stops = stop if isinstance(stop, tuple) else (stop,)
     clock = asyncio.get_running_loop().time
     passes = Passes(source=source, sessions=sessions, driver=driver, policy=policy,
                     queue=queue or WorkQueue(), replica=replica, rand=rand,
-                    on_pass=on_pass, on_failure=on_failure)
+                    on_pass=on_pass, on_failure=on_failure, on_early=on_early)
     pruning = Pruning(sessions=sessions, policy=policy)
     next_full = clock()
     if on_running is not None:
@@ -110,6 +113,7 @@ class Passes:
     rand: Callable[[], float]
     on_pass: PassCallback | None
     on_failure: FailureCallback | None
+    on_early: EarlyCallback | None = None
     running: set[asyncio.Task[None]] = field(default_factory=set)
     full_planned: asyncio.Event = field(default_factory=_planned)  # the last full pass's
     last_errors: tuple[ObjectError, ...] = ()  # logged already: not again every pass
@@ -160,7 +164,7 @@ class Passes:
             return await reconcile_once(
                 desired, self.sessions, self.driver, self.policy, request=request,
                 dry_run=self.policy.dry_run, replica=self.replica, rand=self.rand,
-                queue=self.queue, planned=planned)
+                queue=self.queue, planned=planned, early=self.on_early)
         except DatabaseError as error:
             log.error("pass failed, will retry: %s", error)
             return None

@@ -10,6 +10,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 
 from controller.domain import planner
@@ -27,7 +28,7 @@ from controller.domain.models import (
 )
 from controller.engine import rollouts
 from controller.engine.act import Acting, chunks
-from controller.engine.context import DEFAULT_REPLICA, PassContext, Progress, Tally
+from controller.engine.context import DEFAULT_REPLICA, Acted, PassContext, Progress, Tally
 from controller.engine.queue import Request, Reservation, Trigger, WorkQueue
 from controller.engine.report import PassReport, WorkspaceResult
 from controller.runtime.driver import RuntimeDriver
@@ -55,6 +56,7 @@ async def reconcile_once(
     progress: Progress | None = None,
     queue: WorkQueue | None = None,
     planned: asyncio.Event | None = None,
+    early: Callable[[PassReport], None] | None = None,
 ) -> PassReport:
     """One level-triggered pass: for every online workspace, desired vs observed -> actions.
     Nothing here asks how a workspace got online.
@@ -71,9 +73,14 @@ async def reconcile_once(
     starting the next pass): those sharing a `queue` skip each other's workspaces and share
     its concurrency limit. `planned` is set once reading and planning are over. Before
     acting, the blast-radius guard weighs what the pass would do; if it is too much (or
-    `request.hold` stands) the pass acts on nothing and says why, unless `force`."""
+    `request.hold` stands) the pass acts on nothing and says why, unless `force`.
+
+    `early`, if given, hears about the workspaces acted on as they finish, in early reports
+    (`PassReport.early`), long before the slowest runtime lets the pass end; the pass's own
+    report then names them (`streamed`)."""
     queue = queue or WorkQueue()
     now = utcnow()
+    streamed: set[str] = set()  # the workspaces `early` has heard about
     # Each workspace of a template rolling out asks for the revision its wave allows; a
     # full pass that acts also moves the rollouts on (rollouts.gate).
     gated = await rollouts.gate(desired, sessions, policy, now=now,
@@ -88,7 +95,9 @@ async def reconcile_once(
         desired=desired, sessions=sessions, driver=driver, policy=policy, now=now,
         limit=queue.limit(policy.concurrency), rand=rand, replica=replica, dry_run=dry_run,
         trigger=request.trigger, triggers=triage.triggers,
-        tally=Tally(progress, total=len(triage.todo) + triage.synced, done=triage.synced))
+        tally=Tally(progress, total=len(triage.todo) + triage.synced, done=triage.synced),
+        acted=None if early is None else streaming(early, streamed, started_at=now,
+                                                   held_back=held))
     if triage.synced:
         ctx.tally.advance(0)
     guarded = 0
@@ -110,7 +119,19 @@ async def reconcile_once(
         started_at=now, finished_at=utcnow(), dry_run=dry_run, results=tuple(results),
         invalid=tuple(triage.invalid), skipped=triage.skipped, busy=triage.busy,
         synced=triage.synced, guard=guard, guarded=guarded, manifest_errors=desired.errors,
-        scope=request.only, rollouts=rollouts.summaries(gated, now=now), held_back=held)
+        scope=request.only, rollouts=rollouts.summaries(gated, now=now), held_back=held,
+        streamed=frozenset(streamed))
+
+
+def streaming(early: Callable[[PassReport], None], streamed: set[str], *,
+              started_at: datetime, held_back: Mapping[str, DesiredWorkspace]) -> Acted:
+    """What a pass tells `early` as workspaces finish; `streamed` collects their ids."""
+
+    def acted(results: tuple[WorkspaceResult, ...]) -> None:
+        streamed.update(r.workspace_id for r in results)
+        early(PassReport.early(results, started_at=started_at, held_back=held_back))
+
+    return acted
 
 
 # --- triage: from two digests, before anything is loaded ----------------------------------------

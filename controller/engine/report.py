@@ -21,6 +21,7 @@ from controller.domain.models import (
     Wait,
     WaitKind,
     WorkspacePlan,
+    utcnow,
 )
 from controller.domain.rollout import Summary
 from controller.engine.queue import Trigger
@@ -88,6 +89,25 @@ class PassReport:
     # the workspaces a rollout holds to their template's stable revision: what they are
     # asked for instead of what the desired state given to the pass says
     held_back: Mapping[str, DesiredWorkspace] = field(default_factory=dict)
+    # the workspaces whose results went out before the pass ended, in early reports
+    # (`early`): what those said is not to be said twice
+    streamed: frozenset[str] = frozenset()
+
+    @classmethod
+    def early(cls, results: tuple[WorkspaceResult, ...], *, started_at: datetime,
+              held_back: Mapping[str, DesiredWorkspace]) -> PassReport:
+        """A pass still acting, about the workspaces it has just finished acting on (its
+        scope): for a mirror that need not wait for the slowest runtime of the pass."""
+        return cls(started_at=started_at, finished_at=utcnow(), dry_run=False,
+                   results=results, scope=frozenset(r.workspace_id for r in results),
+                   held_back=held_back)
+
+    @property
+    def unsaid(self) -> tuple[WorkspaceResult, ...]:
+        """The results no early report carried."""
+        if not self.streamed:
+            return self.results
+        return tuple(r for r in self.results if r.workspace_id not in self.streamed)
 
     @property
     def online(self) -> int:

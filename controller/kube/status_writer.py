@@ -115,6 +115,9 @@ class StatusWriter:
     policy: Policy
     identity: str
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status
+    #: uid -> the resourceVersion our last status write went over: while the watch still
+    #: shows that version, it has not brought the write back, and what we wrote stands
+    over: dict[str, str] = field(default_factory=dict)
     secrets: dict[Key, str] = field(default_factory=dict)  # secret key -> token we wrote
     writes: int = 0  # API writes made, for tests and metrics
     #: Whether a pass in flight holds a workspace (the work queue's `in`): its status is
@@ -166,7 +169,7 @@ class StatusWriter:
             is_claimant = claimants.get(wanted.workspace_id) == wanted.object_ref
             state = status.build(wanted, observed.get(wanted.workspace_id) if is_claimant
                                  else None, now, self.policy)
-            current = obj.get("status") or {}
+            current = self._current(obj)
             previous_status[wanted.workspace_id if is_claimant else uid] = current
             base = dict(obj, status=self.written.get(uid, current))
             new = mirror.workspace_status(state, base, now, token_secret=secret_names.get(key),
@@ -183,6 +186,7 @@ class StatusWriter:
                                                                *view.templates]}
             for uid in set(self.written) - live:
                 del self.written[uid]
+                self.over.pop(uid, None)
             self.commanded = {seen for seen in self.commanded if seen[0] in live}
         await self._templates(view, desired, by_object, ready, report=report, now=now)
         await self._rollout_commands(view, now=now)
@@ -207,7 +211,7 @@ class StatusWriter:
             namespace, name = key = key_of(template)
             mine = users.get(key, [])
             plugins = len((template.get("spec") or {}).get("plugins") or [])
-            current = template.get("status") or {}
+            current = self._current(template)
             base = self.written.get(template["metadata"].get("uid", ""), current)
             parsed = desired.templates.get(f"{namespace}/{name}")
             new = mirror.template_status(
@@ -295,6 +299,21 @@ class StatusWriter:
             return
         self.writes += 1
         self.written[uid] = write.new
+        version = write.obj["metadata"].get("resourceVersion")
+        if version:
+            self.over[uid] = version
+
+    def _current(self, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        """An object's status as the API server holds it: the view's, unless the view still
+        shows the version our last write to it went over (the watch has not brought that
+        write back yet): then what we wrote. A lagging watch (10,000 status writes echo
+        back slowly) thus never causes the same write twice; any other change to the
+        object, a person's edit included, is judged as the view shows it."""
+        metadata = obj["metadata"]
+        uid = metadata.get("uid", "")
+        if uid in self.over and self.over[uid] == metadata.get("resourceVersion"):
+            return self.written.get(uid) or {}
+        return obj.get("status") or {}
 
     async def _events(self, view: ClusterView, claimants: Mapping[str, str],
                       report: PassReport, *,
@@ -303,7 +322,7 @@ class StatusWriter:
         objects = {f"{k[0]}/{k[1]}": obj for obj in view.workspaces for k in [key_of(obj)]}
         # Per object: a mirror may carry several passes' results for one workspace.
         events: dict[str, tuple[Mapping[str, Any], list[mirror.Event]]] = {}
-        for result in report.results:
+        for result in report.unsaid:  # an early report said the others already
             ref = claimants.get(result.workspace_id)
             obj = objects.get(ref or "")
             if obj is None:

@@ -807,6 +807,50 @@ async def test_a_mirror_leaves_a_workspace_a_pass_in_flight_holds_to_that_pass(
         engine.dispose()
 
 
+async def test_a_watch_that_lags_behind_a_write_never_causes_it_twice(
+    plane: kube.ControlPlane, namespace: str, sqlite_url: str,
+) -> None:
+    """A mirror that still sees the version its last write went over (at 10,000 Workspaces
+    the watch brings status writes back seconds late) trusts what it wrote: no second
+    write. A change made by someone else is a new version, judged as the view shows it."""
+    from controller.domain.models import Policy
+    from controller.kube.client import KubeClient
+    from controller.kube.status_writer import StatusWriter
+    from controller.kube.view import ClusterView
+    from controller.store import make_engine, make_sessions, upgrade
+
+    apply(plane, namespace, template("base", SEO), workspace("w"))
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    client = KubeClient(str(plane.kubeconfig))
+
+    async def listed() -> ClusterView:
+        view = await client.call(ClusterView.listed, client)
+        mine = {kind: [o for o in view.of(kind) if o["metadata"].get("namespace") ==
+                       namespace] for kind in ("workspaces", "templates", "secrets")}
+        return ClusterView(mine["workspaces"], mine["templates"], mine["secrets"])
+
+    def plugins_ready() -> str:
+        return get(plane, namespace, "ws", "w", "-o", "jsonpath={.status.pluginsReady}")
+
+    try:
+        writer = StatusWriter(client, make_sessions(engine), Policy(), "e2e-writer")
+        stale = await listed()
+        await writer.apply(stale, stale.desired(), None)
+        assert plugins_ready() == "0/1"
+        first = writer.writes
+        await writer.apply(stale, stale.desired(), None)  # the watch has not caught up
+        assert writer.writes == first
+        plane.kubectl("patch", "workspace", "w", "-n", namespace, "--subresource=status",
+                      "--type=merge", "-p", '{"status":{"pluginsReady":"7/7"}}')
+        assert plugins_ready() == "7/7"
+        fresh = await listed()
+        await writer.apply(fresh, fresh.desired(), None)
+        assert writer.writes == first + 1 and plugins_ready() == "0/1"
+    finally:
+        engine.dispose()
+
+
 def test_listing_reads_pages_and_drops_managed_fields(
     plane: kube.ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -663,3 +663,44 @@ async def test_a_pass_cut_off_gives_back_its_claims(
         await passing
     await wait_until(lambda: claim() is None, 5, "the claim to be given back")
     assert runtime.count("PUT") == 1
+
+
+async def test_a_pass_reports_each_workspace_as_it_finishes(
+    sessions: Sessions, registry: Registry, runtime_factory: RuntimeFactory
+) -> None:
+    """`early` hears about each workspace as the pass finishes acting on it, while a slow
+    runtime still holds the pass (the operator mirrors those into status at once); the
+    pass's own report names them, so that what they said is said once."""
+    policy = Policy(call_timeout=5.0)
+    slow = await runtime_factory("slow", faults=Faults(install_delay=1.0, restart_required=False))
+    fast = await runtime_factory("fast", faults=Faults(restart_required=False))
+    await slow.register()
+    await fast.register()
+    early: list[PassReport] = []
+    passing = asyncio.create_task(one_pass(fleet("slow", "fast"), sessions, policy,
+                                           early=early.append))
+    await wait_until(lambda: bool(early), 5, "an early report")
+    assert not passing.done() and len(slow.plugins) < 2, "it came before the pass ended"
+    assert early[0].scope == frozenset({"fast"}) and has(fast, SEO, NOTES)
+    report = await passing
+    assert [sorted(r.scope or ()) for r in early] == [["fast"], ["slow"]]
+    for told in early:
+        assert [r.workspace_id for r in told.results] == sorted(told.scope or ())
+        assert told.results[0].outcomes and all(o.ok for o in told.results[0].outcomes)
+    assert report.streamed == frozenset({"fast", "slow"}) and report.unsaid == ()
+    assert {r.workspace_id for r in report.results} == {"fast", "slow"}
+
+
+async def test_a_dry_run_or_a_pass_with_nothing_to_do_reports_nothing_early(
+    sessions: Sessions, registry: Registry, runtime_factory: RuntimeFactory
+) -> None:
+    policy = Policy(call_timeout=5.0)
+    runtime = await runtime_factory("fast", faults=Faults(restart_required=False))
+    await runtime.register()
+    early: list[PassReport] = []
+    dry = await one_pass(fleet("fast"), sessions, policy, dry_run=True, early=early.append)
+    assert early == [] and dry.streamed == frozenset() and len(dry.unsaid) == 1
+    await one_pass(fleet("fast"), sessions, policy, early=early.append)
+    assert len(early) == 1
+    quiet = await one_pass(fleet("fast"), sessions, policy, early=early.append)
+    assert len(early) == 1 and quiet.streamed == frozenset()

@@ -79,3 +79,16 @@ def test_merged_keeps_the_rollouts_the_newest_full_pass_judged() -> None:
     hinted = report("b", scope=frozenset({"b"}))
     assert merged([full, hinted]).rollouts == judged
     assert merged([hinted, full]).rollouts == judged
+
+
+def test_merged_says_each_result_once_though_an_early_report_carried_it() -> None:
+    """A pass's early reports and its own report, merged into one mirror: each workspace's
+    result once (its Events said once), the early one kept."""
+    first = PassReport.early(report("a").results, started_at=NOW, held_back={})
+    own = dataclasses.replace(report("a", "b"), streamed=frozenset({"a"}))
+    assert own.unsaid == (own.results[1],)
+    one = merged([first, own])
+    assert [r.workspace_id for r in one.results] == ["a", "b"]
+    assert one.results[0] is first.results[0]
+    assert one.streamed == frozenset() and one.scope is None
+    assert first.scope == frozenset({"a"})

@@ -75,3 +75,22 @@ def test_desired_state_is_built_at_most_half_the_time_and_what_it_missed_is_hint
         clock.tick(60)
         assert set(watch.desired().workspaces) == {"w1", "w2"}
         assert queue.take() == {}
+
+
+def test_a_list_keeps_only_what_may_ever_win_and_the_merge_is_the_same() -> None:
+    """`slimmed` drops the LIST's copies the watch already holds at least as new; merging
+    with what is left gives the same view, now and after the watch moves on."""
+    from controller.kube.operator import slimmed
+
+    listed = [obj("same", "10"), obj("watch-newer", "10", 1), obj("list-newer", "20", 2),
+              obj("lost-add", "15"), obj("no-version", None, 4)]
+    watched = [obj("same", "10"), obj("watch-newer", "12", 3), obj("list-newer", "18", 1),
+               obj("no-version", "9", 5), obj("created-since", "31")]
+    slim, away = slimmed(watched, listed)
+    assert sorted(names(slim)) == ["list-newer", "lost-add", "no-version"]
+    assert away == {("ns", "same"), ("ns", "watch-newer")}
+    later = [obj("same", "40", 7), obj("list-newer", "19", 1), obj("created-since", "31")]
+    deleted = {("ns", "watch-newer"): 33, ("ns", "no-version"): 34}
+    for now, gone in ((watched, {}), (later, deleted)):
+        assert names(merge_listed(now, slim, "30", gone, slimmed_away=away)) == names(
+            merge_listed(now, listed, "30", gone))
