@@ -58,6 +58,10 @@ def desired_by_object(view: ClusterView, desired: Desired) -> dict[Key, DesiredW
 WRITES_IN_FLIGHT = 16
 
 
+#: Seconds without a status patch before queued Events go out.
+EVENTS_SETTLE = 0.5
+
+
 async def _bounded(calls: Iterable[Awaitable[None]], limit: int = WRITES_IN_FLIGHT) -> None:
     """Await `calls` (a lazy iterable: each call starts only when a worker takes it), at most
     `limit` at a time."""
@@ -106,9 +110,10 @@ class StatusWriter:
     cache that lags behind never causes a second write. Writes to different objects go out
     together (WRITES_IN_FLIGHT at a time); one mirror writes an object once, and mirrors run
     one after another (`Mirrors`), so two writes to one object never race. Events go out
-    behind the status, as client-go's event recorder sends them: queued, written while no
-    status patch waits (a storm's next Ready never queues behind the last one's Events);
-    `flush` waits for them."""
+    behind the status, as client-go's event recorder sends them: queued, written once no
+    status patch has gone out for EVENTS_SETTLE seconds (a rollout's next Ready never queues
+    behind the last one's Events, whose writes cost the API server as much); `flush` waits
+    for them."""
 
     kube: KubeClient
     sessions: Sessions
@@ -127,6 +132,7 @@ class StatusWriter:
     in_flight: Callable[[str], bool] = lambda _workspace_id: False
     events: collections.deque[PendingEvent] = field(default_factory=collections.deque)
     quiet: asyncio.Event = field(default_factory=_quiet)  # set while no status patch waits
+    patched_at: float = float("-inf")  # (event loop time) when the last status patches ended
     sending: asyncio.Task[None] | None = None  # writes the queued Events
     #: Templates (uid, resourceVersion) whose rollout command was applied: never twice.
     commanded: set[tuple[str, str]] = field(default_factory=set)
@@ -281,6 +287,7 @@ class StatusWriter:
             await _bounded(self._patch(write) for write in writes)
         finally:
             self.quiet.set()
+            self.patched_at = asyncio.get_running_loop().time()
 
     async def _patch(self, write: StatusWrite) -> None:
         uid = write.obj["metadata"].get("uid", "")
@@ -345,12 +352,23 @@ class StatusWriter:
         if self.events and (self.sending is None or self.sending.done()):
             self.sending = asyncio.create_task(self._send_events())
 
+    async def _settled(self) -> None:
+        """Return once no status patch has gone out for EVENTS_SETTLE seconds: the mirrors
+        of a pass that reports its workspaces as they finish come one after another."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.quiet.wait()
+            left = self.patched_at + EVENTS_SETTLE - loop.time()
+            if left <= 0 and self.quiet.is_set():
+                return
+            await asyncio.sleep(max(left, 0.0))
+
     async def _send_events(self) -> None:
-        """Write queued Events, WRITES_IN_FLIGHT at a time, while no status patch waits."""
+        """Write queued Events, WRITES_IN_FLIGHT at a time, while status writes rest."""
 
         async def worker() -> None:
             while self.events:
-                await self.quiet.wait()
+                await self._settled()
                 if not self.events:
                     return
                 obj, event, now = self.events.popleft()

@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime
 
+import pytest
+
 from controller.domain.desired import Desired
 from controller.domain.rollout import RolloutPhase
 from controller.engine.queue import Trigger
@@ -92,3 +94,33 @@ def test_merged_says_each_result_once_though_an_early_report_carried_it() -> Non
     assert one.results[0] is first.results[0]
     assert one.streamed == frozenset() and one.scope is None
     assert first.scope == frozenset({"a"})
+
+
+async def test_events_wait_until_status_writes_have_rested(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued Events go out only once no status patch waits and none has gone out for
+    EVENTS_SETTLE seconds: a rollout's early mirrors come one after another, and every
+    Event written between them delays the next Ready."""
+    from controller.domain.models import Policy
+    from controller.kube import status_writer
+    from controller.kube.status_writer import StatusWriter
+
+    monkeypatch.setattr(status_writer, "EVENTS_SETTLE", 0.2)
+    writer = StatusWriter(kube=None, sessions=None, policy=Policy(),  # type: ignore[arg-type]
+                          identity="test")
+    loop = asyncio.get_running_loop()
+    writer.patched_at = loop.time()
+    settled = asyncio.create_task(writer._settled())
+    await asyncio.sleep(0.05)
+    assert not settled.done()  # patched 0.05 s ago
+    await asyncio.wait_for(settled, 5)
+    assert loop.time() - writer.patched_at >= 0.2
+    writer.quiet.clear()  # a mirror's patches are going out
+    writer.patched_at = float("-inf")
+    settled = asyncio.create_task(writer._settled())
+    await asyncio.sleep(0.05)
+    assert not settled.done()
+    writer.patched_at = loop.time()
+    writer.quiet.set()
+    await asyncio.wait_for(settled, 5)
+    assert loop.time() - writer.patched_at >= 0.2
