@@ -157,7 +157,10 @@ class Built:
 
     workspaces: dict[Key, SpecKey]
     templates: tuple[SpecKey, ...]
-    view: ClusterView
+    #: Kept only while a pass may still plan on this build instead of building again (the
+    #: mirror needs the objects it was built from): a status write replaces an object in
+    #: the index, and a view kept after that holds a stale copy of every object.
+    view: ClusterView | None
     desired: Desired
 
 
@@ -209,9 +212,11 @@ class Watch:
         built = self._built
         if built is not None and built.workspaces == workspaces \
                 and built.templates == templates:
+            if built.view is not None:  # planned on by no pass again
+                self._built = dataclasses.replace(built, view=None)
             self.planned = (view, built.desired)
             return built.desired
-        if built is not None and built.templates == templates \
+        if built is not None and built.view is not None and built.templates == templates \
                 and time.monotonic() < self._next_build:
             for obj in view.workspaces:
                 if built.workspaces.get(key_of(obj)) != workspaces[key_of(obj)]:
@@ -452,8 +457,9 @@ class Mirrors:
                 self.wake.clear()
                 continue
             batch, self.pending = self.pending, []
-            if self.newest is not None:
-                await _mirror_safely(self.sink, *self.newest, merged(batch))
+            newest, self.newest = self.newest, None  # not kept once mirrored
+            if newest is not None:
+                await _mirror_safely(self.sink, *newest, merged(batch))
 
 
 def merged(reports: list[PassReport]) -> PassReport:

@@ -73,6 +73,7 @@ async def test_mirrors_run_one_at_a_time_and_merge_what_ended_meanwhile() -> Non
     assert second is not None
     assert [r.workspace_id for r in second.results] == ["b", "c"]
     assert second.scope == frozenset({"b", "c"})
+    assert mirrors.newest is None  # a view of every object is not kept once mirrored
 
 
 def test_merged_keeps_the_rollouts_the_newest_full_pass_judged() -> None:

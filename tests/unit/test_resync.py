@@ -75,6 +75,14 @@ def test_desired_state_is_built_at_most_half_the_time_and_what_it_missed_is_hint
         clock.tick(60)
         assert set(watch.desired().workspaces) == {"w1", "w2"}
         assert queue.take() == {}
+        assert watch._built is not None and watch._built.view is not None
+        # A pass that plans on the build with nothing changed: no pass will need the objects
+        # it was built from again, and they are not kept (a stale copy of every object).
+        assert set(watch.desired().workspaces) == {"w1", "w2"}
+        assert watch._built.view is None and watch.planned is not None
+        assert len(watch.planned[0].workspaces) == 2
+        workspaces[("ns", "w3")] = [_workspace("w3", "u3")]
+        assert set(watch.desired().workspaces) == {"w1", "w2", "w3"}  # built again at once
 
 
 def test_a_list_keeps_only_what_may_ever_win_and_the_merge_is_the_same() -> None:
