@@ -28,7 +28,7 @@ from controller.kube import conditions as mirror
 from controller.kube.client import TEMPLATES, WORKSPACES, KubeClient, KubeError
 from controller.kube.leader import LeaderElector, LeaseConfig
 from controller.kube.status_writer import StatusWriter
-from controller.kube.view import KINDS, Key, key_of
+from controller.kube.view import KINDS, Key, key_of, workspace_id_of
 from controller.kube.view import ClusterView as ClusterView  # `pluginctl --kubernetes` lists
 from controller.runtime.driver import RuntimeDriver
 from controller.store import DatabaseError, Sessions
@@ -147,10 +147,6 @@ def _spec_key(obj: Mapping[str, Any]) -> SpecKey:
     return metadata.get("uid"), metadata.get("generation")
 
 
-def _workspace_id(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("spec") or {}).get("workspaceId") or obj["metadata"]["name"])
-
-
 @dataclasses.dataclass(frozen=True)
 class Built:
     """Desired state as last built, and the objects it was built from."""
@@ -220,7 +216,7 @@ class Watch:
                 and time.monotonic() < self._next_build:
             for obj in view.workspaces:
                 if built.workspaces.get(key_of(obj)) != workspaces[key_of(obj)]:
-                    self.hints(_workspace_id(obj), Trigger.TEMPLATE_CHANGE)
+                    self.hints(workspace_id_of(obj), Trigger.TEMPLATE_CHANGE)
             self.planned = (built.view, built.desired)
             return built.desired
         started = time.monotonic()

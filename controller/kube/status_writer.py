@@ -25,7 +25,7 @@ from controller.engine import rollouts
 from controller.engine.report import PassReport
 from controller.kube import conditions as mirror
 from controller.kube.client import TEMPLATES, WORKSPACES, KubeClient, KubeError
-from controller.kube.view import ClusterView, Key, key_of
+from controller.kube.view import ClusterView, Key, key_of, workspace_id_of
 from controller.store import DatabaseError, Session, Sessions, in_thread, queries
 
 log = logging.getLogger("pluginctl.operator")
@@ -33,15 +33,19 @@ log = logging.getLogger("pluginctl.operator")
 ISSUER = "operator"
 
 
-def desired_by_object(view: ClusterView, desired: Desired) -> dict[Key, DesiredWorkspace]:
+def desired_by_object(objects: Iterable[Mapping[str, Any]], desired: Desired
+                      ) -> dict[Key, DesiredWorkspace]:
     """Each Workspace object's desired state; objects the schema let through but the core
     refused (so they are in neither list) get an Invalid entry with the reason."""
-    by_ref = {w.object_ref: w for w in [*desired.workspaces.values(), *desired.rejected]}
+    rejected = {w.object_ref: w for w in desired.rejected}
     errors = {e.ref: e for e in desired.errors}
     result: dict[Key, DesiredWorkspace] = {}
-    for obj in view.workspaces:
+    for obj in objects:
         namespace, name = key_of(obj)
-        found = by_ref.get(f"{namespace}/{name}")
+        ref = f"{namespace}/{name}"
+        found = desired.workspaces.get(workspace_id_of(obj))
+        if found is None or found.object_ref != ref:
+            found = rejected.get(ref)
         if found is None:
             error = errors.get(f"Workspace {namespace}/{name}")
             spec = obj.get("spec") or {}
@@ -120,6 +124,8 @@ class StatusWriter:
     policy: Policy
     identity: str
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> status
+    #: uid -> (template name, Ready) of each Workspace as the last mirror of it judged
+    users: dict[str, tuple[str | None, bool]] = field(default_factory=dict)
     #: uid -> the resourceVersion our last status write went over: while the watch still
     #: shows that version, it has not brought the write back, and what we wrote stands
     over: dict[str, str] = field(default_factory=dict)
@@ -149,30 +155,28 @@ class StatusWriter:
         that have none yet (a new Workspace gets its token without waiting for a full pass)."""
         now = utcnow()
         scope = report.scope if report is not None else None
-        by_object = desired_by_object(view, desired)
+        # After a pass about a few workspaces, only their objects: at 10,000 Workspaces a
+        # mirror of everything takes the event loop for a second, and a pass hands its
+        # workspaces over as they finish, a few at a time.
+        objects = view.workspaces if scope is None else view.claiming(scope)
+        by_object = desired_by_object(objects, desired)
         if report is not None and report.held_back:  # a rollout holds them back
             by_object = {key: report.held_back.get(wanted.workspace_id, wanted)
                          for key, wanted in by_object.items()}
-        # Objects that lost their workspace id to another are in `desired.rejected`, never
-        # among the claimants.
-        claimants = {w.workspace_id: w.object_ref for w in desired.workspaces.values()}
-        secret_names = await self._tokens(view, by_object, claimants, now=now, scope=scope)
+        secret_names = await self._tokens(view, by_object, desired, now=now, scope=scope)
         # `now` bounds the restarts read to the budget's window, as a pass reads them.
         observed = await in_thread(self.sessions, functools.partial(
             queries.load_observed, now=now, only=scope,
             restart_window=self.policy.restart_window))
-        ready: dict[Key, bool] = {}
         previous_status: dict[str, Mapping[str, Any]] = {}
         writes: list[StatusWrite] = []
-        for obj in view.workspaces:
+        for obj in objects:
             key = key_of(obj)
             wanted = by_object[key]
             uid = obj["metadata"].get("uid", "")
-            if (scope is not None and wanted.workspace_id not in scope) or (
-                    self.in_flight(wanted.workspace_id) and uid in self.written):
-                ready[key] = mirror.is_ready(self.written.get(uid, obj.get("status") or {}))
+            if self.in_flight(wanted.workspace_id) and uid in self.written:
                 continue
-            is_claimant = claimants.get(wanted.workspace_id) == wanted.object_ref
+            is_claimant = _claims(desired, wanted)
             state = status.build(wanted, observed.get(wanted.workspace_id) if is_claimant
                                  else None, now, self.policy)
             current = self._current(obj)
@@ -180,12 +184,12 @@ class StatusWriter:
             base = dict(obj, status=self.written.get(uid, current))
             new = mirror.workspace_status(state, base, now, token_secret=secret_names.get(key),
                                           guard=report.guard if report is not None else None)
-            ready[key] = mirror.is_ready(new)
+            self.users[uid] = (wanted.template, mirror.is_ready(new))
             if not (self.written.get(uid) == new and current == new):
                 writes.append(StatusWrite(WORKSPACES, obj, current, new))
         await self._patch_all(writes)
         if report is not None:
-            await self._events(view, claimants, report, previous_status=previous_status,
+            await self._events(view, desired, report, previous_status=previous_status,
                                now=now)
         if scope is None:  # forget what was written for objects that are gone
             live = {obj["metadata"].get("uid", "") for obj in [*view.workspaces,
@@ -193,22 +197,36 @@ class StatusWriter:
             for uid in set(self.written) - live:
                 del self.written[uid]
                 self.over.pop(uid, None)
+            for uid in set(self.users) - live:
+                del self.users[uid]
             self.commanded = {seen for seen in self.commanded if seen[0] in live}
-        await self._templates(view, desired, by_object, ready, report=report, now=now)
+        await self._templates(view, desired, report=report, now=now)
         await self._rollout_commands(view, now=now)
 
-    async def _templates(self, view: ClusterView, desired: Desired,
-                         by_object: Mapping[Key, DesiredWorkspace],
-                         ready: Mapping[Key, bool], *, report: PassReport | None,
-                         now: datetime) -> None:
+    def _ready(self, view: ClusterView, desired: Desired) -> dict[Key, list[bool]]:
+        """Per template: whether each of its Workspaces is Ready, as last judged (or, for one
+        not judged yet, as its status says)."""
+        users: dict[Key, list[bool]] = {}
+        unjudged: dict[Key, Mapping[str, Any]] = {}
+        for obj in view.workspaces:
+            judged = self.users.get(obj["metadata"].get("uid", ""))
+            if judged is None:
+                unjudged[key_of(obj)] = obj
+            elif judged[0] is not None:
+                users.setdefault((obj["metadata"].get("namespace") or "default", judged[0]),
+                                 []).append(judged[1])
+        for key, wanted in desired_by_object(unjudged.values(), desired).items():
+            if wanted.template is not None:
+                users.setdefault((key[0], wanted.template), []).append(
+                    mirror.is_ready(unjudged[key].get("status")))
+        return users
+
+    async def _templates(self, view: ClusterView, desired: Desired, *,
+                         report: PassReport | None, now: datetime) -> None:
         """Each template's status: its workspaces' readiness and, after a full pass (the
         one that judges the waves), its rollout; a mirror of a few workspaces keeps what
         the last full one said of it. A rollout's steps become Events on the template."""
-        users: dict[Key, list[bool]] = {}
-        for key, is_ready in ready.items():
-            template_name = by_object[key].template
-            if template_name is not None:
-                users.setdefault((key[0], template_name), []).append(is_ready)
+        users = self._ready(view, desired)
         full = report is not None and report.scope is None
         rollouts = {s.template: s for s in report.rollouts} if report is not None else {}
         errors = {e.ref: e.message for e in desired.errors}
@@ -322,16 +340,15 @@ class StatusWriter:
             return self.written.get(uid) or {}
         return obj.get("status") or {}
 
-    async def _events(self, view: ClusterView, claimants: Mapping[str, str],
-                      report: PassReport, *,
+    async def _events(self, view: ClusterView, desired: Desired, report: PassReport, *,
                       previous_status: Mapping[str, Mapping[str, Any]],
                       now: datetime) -> None:
-        objects = {f"{k[0]}/{k[1]}": obj for obj in view.workspaces for k in [key_of(obj)]}
         # Per object: a mirror may carry several passes' results for one workspace.
         events: dict[str, tuple[Mapping[str, Any], list[mirror.Event]]] = {}
         for result in report.unsaid:  # an early report said the others already
-            ref = claimants.get(result.workspace_id)
-            obj = objects.get(ref or "")
+            claimant = desired.workspaces.get(result.workspace_id)
+            ref = claimant.object_ref if claimant is not None else None
+            obj = view.by_ref.get(ref or "")
             if obj is None:
                 continue
             before = previous_status.get(result.workspace_id) or {}
@@ -394,13 +411,23 @@ class StatusWriter:
         return tokens.runtime_secret_for(self.policy.runtime_secret, workspace_id)
 
     async def _tokens(self, view: ClusterView, by_object: Mapping[Key, DesiredWorkspace],
-                      claimants: Mapping[str, str], *, now: datetime,
+                      desired: Desired, *, now: datetime,
                       scope: frozenset[str] | None) -> dict[Key, str]:
         """Every claimed Workspace has a Secret with a live registry token; tokens and
         Secrets of Workspaces that are gone are revoked and deleted. After a hint's pass
         (`scope`), only the Secrets missing altogether: a full pass checks the rest."""
         names = {key: mirror.token_secret_name(key[1]) for key, w in by_object.items()
-                 if claimants.get(w.workspace_id) == w.object_ref}
+                 if _claims(desired, w)}
+        if scope is not None:
+            missing = [SecretWrite(key, (key[0], name), by_object[key].workspace_id, None,
+                                   self._controller_secret(by_object[key].workspace_id))
+                       for key, name in names.items()
+                       if by_object[key].workspace_id in scope
+                       and (key[0], name) not in view.secret_keys
+                       and (key[0], name) not in self.secrets]
+            await self._write_secrets(view, missing, now=now)
+            return names
+        claimants = {w.workspace_id: w.object_ref for w in desired.workspaces.values()}
         existing: dict[Key, str | None] = {}
         shown: dict[Key, str | None] = {}  # the controller secret each Secret holds
         for secret in view.secrets:
@@ -408,14 +435,6 @@ class StatusWriter:
             existing[key_of(secret)], shown[key_of(secret)] = (
                 base64.b64decode(data[k]).decode() if data.get(k) else None
                 for k in (mirror.TOKEN_KEY, mirror.CONTROLLER_SECRET_KEY))
-        if scope is not None:
-            missing = [SecretWrite(key, (key[0], name), by_object[key].workspace_id, None,
-                                   self._controller_secret(by_object[key].workspace_id))
-                       for key, name in names.items()
-                       if by_object[key].workspace_id in scope
-                       and (key[0], name) not in existing and (key[0], name) not in self.secrets]
-            await self._write_secrets(view, missing, now=now)
-            return names
         active = await in_thread(self.sessions, functools.partial(queries.active_tokens,
                                                                   issuer=ISSUER))
         wanted = []
@@ -483,6 +502,13 @@ class StatusWriter:
         except KubeError as error:
             log.warning("%s", error)
         self.secrets.pop(key, None)
+
+
+def _claims(desired: Desired, wanted: DesiredWorkspace) -> bool:
+    """Whether this object holds its workspace id (one that lost it to another object is
+    in `desired.rejected`)."""
+    claimant = desired.workspaces.get(wanted.workspace_id)
+    return claimant is not None and claimant.object_ref == wanted.object_ref
 
 
 def _store_tokens(session: Session, *, issued: Mapping[str, str], now: datetime) -> None:

@@ -295,9 +295,11 @@ async def test_register_only_workspace_becomes_ready(
     assert row[:5] == ["alpha", "base", "Online", "2/2", "True"]
     row = get(plane, namespace, "wst", "base").splitlines()[1].split()
     assert row[:3] == ["base", "2", "1/1"]
-    described = plane.kubectl("describe", "ws", "alpha", "-n", namespace).stdout
+    # Events go out behind the status writes (once those have rested): wait for them.
+    described = await wait_for(lambda: (text := plane.kubectl(
+        "describe", "ws", "alpha", "-n", namespace).stdout) and "Restarted" in text and text,
+        "the Events", 30, blocking=True, every=0.25)
     assert "Installed" in described and "installed seo-all from" in described
-    assert "Restarted" in described
     status = json.loads(get(plane, namespace, "ws", "alpha", "-o", "json"))["status"]
     assert status["observedGeneration"] == 1
     assert status["tokenSecretName"] == "alpha-pluginctl-token"
@@ -395,10 +397,14 @@ async def test_suspend_requested_at_template_edit_and_stalled(
     apply(plane, namespace, template("base", ("seo-all", SEO[1].replace("#v1", "#v2"))))
     await wait_for(lambda: runtime.plugins["seo-all"].source.endswith("#v2"), "upgrade", 30,
                    blocking=True, every=0.25)
-    described = plane.kubectl("describe", "ws", "w1", "-n", namespace).stdout
-    assert "Removed" in described and "seo-all -> " not in described
-    installs = get(plane, namespace, "events", "--field-selector",
-                   "involvedObject.name=w1,reason=Installed", "-o", "jsonpath={.items[*].message}")
+    described = await wait_for(lambda: (text := plane.kubectl(
+        "describe", "ws", "w1", "-n", namespace).stdout) and "Removed" in text and text,
+        "the Removed Event", 30, blocking=True, every=0.25)
+    assert "seo-all -> " not in described
+    installs = await wait_for(lambda: (text := get(
+        plane, namespace, "events", "--field-selector", "involvedObject.name=w1,reason=Installed",
+        "-o", "jsonpath={.items[*].message}")) and "#v2 (source" in text and text,
+        "the upgrade's Installed Event", 30, blocking=True, every=0.25)
     assert "#v2 (source" in installs and "[trigger: template-change]" in installs
 
     # requestedAt is echoed once handled.
@@ -462,11 +468,16 @@ async def test_a_failure_makes_one_event_not_one_per_retry(
     runtime = await runtime_for(plane, namespace, "w", operator.registry, runtimes,
                                 faults=Faults(failing_plugins={"notes"}))
     runtime.start_heartbeats()
-    await wait_for(lambda: runtime.count("PUT", "/plugins/notes") >= 2,
-                   "a retry of the failing install", 60)
-    events = get(plane, namespace, "events", "--field-selector",
-                 "involvedObject.name=w,reason=InstallFailed", "-o", "name")
-    assert len(events.split()) == 1
+    def failed_events() -> list[str]:
+        return get(plane, namespace, "events", "--field-selector",
+                   "involvedObject.name=w,reason=InstallFailed", "-o", "name").split()
+
+    await wait_for(failed_events, "the InstallFailed Event", 60, blocking=True, every=0.25)
+    tries = runtime.count("PUT", "/plugins/notes")
+    await wait_for(lambda: runtime.count("PUT", "/plugins/notes") >= tries + 1,
+                   "a retry of the failing install after the Event", 60)
+    await asyncio.sleep(1)  # more than EVENTS_SETTLE: a second Event would be out by now
+    assert len(failed_events()) == 1
     status = json.loads(get(plane, namespace, "ws", "w", "-o", "json"))["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "Failed"
@@ -665,8 +676,9 @@ async def test_rbac_in_manifests_is_enough_and_no_more(
     await wait_for(lambda: get(plane, namespace, "wst", "base").splitlines()[1].split()[:3]
                    == ["base", "2", "1/1"], "the template's status", 30, blocking=True,
                    every=0.25)
-    assert get(plane, namespace, "events", "--field-selector",
-               "involvedObject.name=w,reason=Installed", "-o", "name"), operator.log_tail()
+    await wait_for(lambda: get(plane, namespace, "events", "--field-selector",
+                               "involvedObject.name=w,reason=Installed", "-o", "name"),
+                   "the Installed Event", 30, blocking=True, every=0.25)
     # A rollout command by annotation is read, answered (nothing to resume) and removed.
     plane.kubectl("annotate", "-n", namespace, "wst/base", "reconcile.pluginctl.dev/rollout=resume")
     await wait_for(lambda: "reconcile.pluginctl.dev/rollout" not in get(

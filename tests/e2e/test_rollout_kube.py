@@ -152,9 +152,12 @@ async def test_a_template_rollout_on_the_api_server_halts_resumes_and_aborts(
     done = status_of(plane, namespace, "research")
     assert done["rollout"]["phase"] == "Complete" and done["revision"] != first["revision"]
     assert annotation(plane, namespace) == ""
-    reasons = {e["reason"] for e in events_of(plane, namespace, "research")}
-    assert {"RolloutStarted", "RolloutHalted", "RolloutCommand", "RolloutWave",
-            "RolloutComplete"} <= reasons, reasons
+    steps = {"RolloutStarted", "RolloutHalted", "RolloutCommand", "RolloutWave",
+             "RolloutComplete"}
+    # Events go out behind the status writes (once those have rested): wait for them.
+    await wait_for(lambda: steps <= {e["reason"] for e in events_of(plane, namespace,
+                                                                    "research")},
+                   f"the Events {sorted(steps)}", 30, blocking=True, every=0.25)
 
     # A release on its way (a long bake holds it at the first wave), aborted: the first
     # wave goes back to what it had, and the rest never heard of it.
