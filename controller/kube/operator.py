@@ -169,6 +169,7 @@ class Watch:
         self.indexes: dict[str, Mapping[Any, Any]] = {}
         self.listed: ClusterView | None = None  # the last periodic LIST (resync), slimmed
         self.slimmed_away: dict[str, frozenset[Key]] = {}  # what `slimmed` left out of it
+        self.repairing: set[str] = set()  # the kinds whose view that LIST changes
         self.deleted: dict[str, dict[Key, int]] = {kind: {} for kind in KINDS}
         self.planned: tuple[ClusterView, Desired] | None = None  # the newest pass's
         self._built: Built | None = None  # the last desired state built, and from what
@@ -185,12 +186,12 @@ class Watch:
     def view(self) -> ClusterView:
         watched = self._view_of_index()
         listed = self.listed
-        if listed is None:
+        if listed is None or not self.repairing:
             return watched
         workspaces, templates, secrets = (
             merge_listed(watched.of(kind), listed.of(kind), listed.versions.get(kind),
                          self.deleted[kind], slimmed_away=self.slimmed_away.get(kind, ()))
-            for kind in KINDS)
+            if kind in self.repairing else watched.of(kind) for kind in KINDS)
         return ClusterView(workspaces, templates, secrets)
 
     def desired(self) -> Desired:
@@ -237,6 +238,13 @@ class Watch:
             since = _version(listed.versions.get(kind))
             if since is not None:
                 self.deleted[kind] = {k: v for k, v in self.deleted[kind].items() if v > since}
+        # The kinds whose view the LIST repairs: it adds or replaces an object, or shows
+        # one the watch holds as deleted. Until the next LIST no other object can need it
+        # (the watch's later objects are newer than the LIST), so every other kind's view
+        # is the watch's own, without a merge of every object every pass.
+        self.repairing = {kind for kind in KINDS if self.listed.of(kind) or len(merge_listed(
+            watched.of(kind), [], listed.versions.get(kind), {},
+            slimmed_away=self.slimmed_away[kind])) != len(watched.of(kind))}
 
     def _event(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         if event_type == "DELETED":

@@ -64,6 +64,8 @@ WRITES_IN_FLIGHT = 16
 
 #: Seconds without a status patch before queued Events go out.
 EVENTS_SETTLE = 0.5
+#: Workspaces a mirror judges between two turns it gives the event loop.
+YIELD_EVERY = 500
 
 
 async def _bounded(calls: Iterable[Awaitable[None]], limit: int = WRITES_IN_FLIGHT) -> None:
@@ -170,7 +172,9 @@ class StatusWriter:
             restart_window=self.policy.restart_window))
         previous_status: dict[str, Mapping[str, Any]] = {}
         writes: list[StatusWrite] = []
-        for obj in objects:
+        for count, obj in enumerate(objects, 1):
+            if count % YIELD_EVERY == 0:  # a full mirror of 10,000 takes most of a second:
+                await asyncio.sleep(0)  # the registry and the passes' runtime calls go on
             key = key_of(obj)
             wanted = by_object[key]
             uid = obj["metadata"].get("uid", "")

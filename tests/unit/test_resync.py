@@ -102,3 +102,25 @@ def test_a_list_keeps_only_what_may_ever_win_and_the_merge_is_the_same() -> None
     for now, gone in ((watched, {}), (later, deleted)):
         assert names(merge_listed(now, slim, "30", gone, slimmed_away=away)) == names(
             merge_listed(now, listed, "30", gone))
+
+
+def test_a_view_is_merged_with_the_list_only_where_the_list_repairs_it() -> None:
+    """After a LIST that shows what the watch shows, the view is the watch's own (no merge
+    of every object every pass); a lost add or a lost delete is still repaired."""
+    from controller.engine.queue import WorkQueue
+    from controller.kube.operator import Watch
+    from controller.kube.view import ClusterView
+
+    watch = Watch(WorkQueue())
+    index = {("ns", "a"): [obj("a", "10")], ("ns", "b"): [obj("b", "12")]}
+    watch.indexes = {"workspace_index": index}
+    listing = {"workspaces": "20", "templates": "20", "secrets": "20"}
+    watch.resynced(ClusterView([obj("a", "10"), obj("b", "12")], [], [], versions=listing))
+    assert watch.repairing == set()
+    assert watch.view().workspaces == [index[("ns", "a")][0], index[("ns", "b")][0]]
+    # The LIST lost b's DELETE and c's ADD: both repaired, for this kind only.
+    watch.resynced(ClusterView([obj("a", "10"), obj("c", "15")], [], [], versions=listing))
+    assert watch.repairing == {"workspaces"}
+    assert names(watch.view().workspaces) == {"a": 1, "c": 1}
+    index[("ns", "d")] = [obj("d", "25")]  # created since: the watch's own
+    assert names(watch.view().workspaces) == {"a": 1, "c": 1, "d": 1}
