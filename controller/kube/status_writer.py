@@ -210,19 +210,21 @@ class StatusWriter:
     def _ready(self, view: ClusterView, desired: Desired) -> dict[Key, list[bool]]:
         """Per template: whether each of its Workspaces is Ready, as last judged (or, for one
         not judged yet, as its status says)."""
-        users: dict[Key, list[bool]] = {}
+        tally: collections.Counter[tuple[str, str, bool]] = collections.Counter()
         unjudged: dict[Key, Mapping[str, Any]] = {}
-        for obj in view.workspaces:
-            judged = self.users.get(obj["metadata"].get("uid", ""))
+        judged_of = self.users.get
+        for (uid, namespace), obj in zip(view.uids, view.workspaces, strict=True):
+            judged = judged_of(uid)
             if judged is None:
                 unjudged[key_of(obj)] = obj
             elif judged[0] is not None:
-                users.setdefault((obj["metadata"].get("namespace") or "default", judged[0]),
-                                 []).append(judged[1])
+                tally[namespace, judged[0], judged[1]] += 1
         for key, wanted in desired_by_object(unjudged.values(), desired).items():
             if wanted.template is not None:
-                users.setdefault((key[0], wanted.template), []).append(
-                    mirror.is_ready(unjudged[key].get("status")))
+                tally[key[0], wanted.template, mirror.is_ready(unjudged[key].get("status"))] += 1
+        users: dict[Key, list[bool]] = {}
+        for (namespace, template, is_ready), count in tally.items():
+            users.setdefault((namespace, template), []).extend([is_ready] * count)
         return users
 
     async def _templates(self, view: ClusterView, desired: Desired, *,

@@ -67,6 +67,12 @@ class ClusterView:
         return {"/".join(key_of(obj)): obj for obj in self.workspaces}
 
     @cached_property
+    def uids(self) -> list[tuple[str, str]]:
+        """(uid, namespace) of each Workspace object, in order."""
+        return [(obj["metadata"].get("uid", ""), obj["metadata"].get("namespace") or "default")
+                for obj in self.workspaces]
+
+    @cached_property
     def secret_keys(self) -> frozenset[Key]:
         return frozenset(key_of(secret) for secret in self.secrets)
 

@@ -68,6 +68,7 @@ def test_desired_state_is_built_at_most_half_the_time_and_what_it_missed_is_hint
     with freeze_time("2026-01-01", tick=True) as clock:
         assert set(watch.desired().workspaces) == {"w1"}
         workspaces[("ns", "w2")] = [_workspace("w2", "u2")]
+        watch.workspace_changed(workspaces[("ns", "w2")][0], "ADDED")  # as kopf delivers it
         clock.tick(0)
         # Built a moment ago: the same build, and w2 hinted for a later pass.
         assert set(watch.desired().workspaces) == {"w1"}
@@ -82,7 +83,36 @@ def test_desired_state_is_built_at_most_half_the_time_and_what_it_missed_is_hint
         assert watch._built.view is None and watch.planned is not None
         assert len(watch.planned[0].workspaces) == 2
         workspaces[("ns", "w3")] = [_workspace("w3", "u3")]
+        watch.workspace_changed(workspaces[("ns", "w3")][0], "ADDED")
         assert set(watch.desired().workspaces) == {"w1", "w2", "w3"}  # built again at once
+
+
+def test_a_pass_compares_every_object_only_when_the_watch_saw_a_change_or_now_and_then(
+) -> None:
+    """Status writes (most watch events) change no spec: a pass then plans on the last
+    build without comparing 10,000 objects. A change the events never showed is still
+    found within CHECK_EVERY seconds."""
+    from freezegun import freeze_time
+
+    from controller.engine.queue import WorkQueue
+    from controller.kube.operator import CHECK_EVERY, Watch
+
+    watch = Watch(WorkQueue())
+    workspaces = {("ns", "w1"): [_workspace("w1", "u1")]}
+    watch.indexes = {"workspace_index": workspaces, "template_index": {}}
+    with freeze_time("2026-01-01") as clock:
+        first = watch.desired()
+        status_write = dict(workspaces[("ns", "w1")][0], status={"phase": "Online"})
+        watch.workspace_changed(status_write, "MODIFIED")
+        assert watch.desired() is first and not watch.changed
+        workspaces[("ns", "w2")] = [_workspace("w2", "u2")]  # its event is lost
+        assert watch.desired() is first
+        clock.tick(CHECK_EVERY + 1)
+        assert set(watch.desired().workspaces) == {"w1", "w2"}
+        watch.workspace_changed(workspaces[("ns", "w2")][0], "DELETED")
+        del workspaces[("ns", "w2")]
+        clock.tick(60)  # past the rate limit on building
+        assert set(watch.desired().workspaces) == {"w1"}
 
 
 def test_a_list_keeps_only_what_may_ever_win_and_the_merge_is_the_same() -> None:
