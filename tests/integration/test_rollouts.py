@@ -16,9 +16,18 @@ from controller.domain.desired import Desired
 from controller.domain.models import Policy, utcnow
 from controller.domain.rollout import Revision, Rollout, RolloutError, RolloutPhase, wave_order
 from controller.engine import rollouts
+from controller.engine.report import PassReport
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction
-from tests.support.helpers import NOTES, SEO, RuntimeFactory, desired_from, one_pass, workspace_yaml
-from tests.support.rollouts import IDS, KEY, fleet_of, start, template
+from tests.support import helpers
+from tests.support.helpers import NOTES, SEO, RuntimeFactory, desired_from, workspace_yaml
+from tests.support.rollouts import IDS, KEY, fleet_of, restarts_over, start, template
+
+
+async def one_pass(*args: object, **kwargs: object) -> PassReport:
+    """A pass, then the restarts it asked for, over (they register again after)."""
+    report = await helpers.one_pass(*args, **kwargs)  # type: ignore[arg-type]
+    await restarts_over()
+    return report
 
 CALENDAR = "local://plugins/calendar"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from controller.agent.simulated import Faults, ReferenceRuntime
 from controller.domain import desired as desired_mod
 from controller.domain.rollout import Revision, wave_order
@@ -38,10 +40,22 @@ def order_of(template_yaml: str) -> list[str]:
     return wave_order(KEY, revision.digest, IDS)
 
 
+#: The runtimes the last `start` made: `restarts_over` waits on them.
+STARTED: dict[str, ReferenceRuntime] = {}
+
+
+async def restarts_over() -> None:
+    """Wait until the runtimes `start` made have finished every restart asked of them (a
+    restart answers 202 and registers again after): a test that moves the clock on at once
+    would otherwise date that register after the move, as a crash."""
+    await asyncio.gather(*(runtime.restarted() for runtime in STARTED.values()))
+
+
 async def start(runtime_factory: RuntimeFactory, faults: Faults | None = None
                 ) -> dict[str, ReferenceRuntime]:
     """A registered reference runtime for each of IDS."""
-    runtimes = {}
+    runtimes = STARTED
+    runtimes.clear()
     for workspace_id in IDS:
         runtimes[workspace_id] = await runtime_factory(workspace_id, faults=faults)
         await runtimes[workspace_id].register()
