@@ -285,10 +285,9 @@ class Watch:
         """A Workspace event: hint it if a person asked for a pass or its spec changed."""
         self.ready.set()
         self._event("workspaces", event_type, body)
-        spec, meta, current = body.get("spec") or {}, body.get("metadata") or {}, \
-            body.get("status") or {}
+        meta, current = body.get("metadata") or {}, body.get("status") or {}
         requested = (meta.get("annotations") or {}).get(mirror.REQUESTED_AT)
-        workspace_id = str(spec.get("workspaceId") or meta.get("name"))
+        workspace_id = workspace_id_of(body)
         if requested is not None and requested != current.get("lastHandledReconcileAt"):
             self.hints(workspace_id, Trigger.MANUAL)
         elif current.get("observedGeneration") != meta.get("generation"):
@@ -306,8 +305,7 @@ class Watch:
             spec = obj.get("spec") or {}
             if obj["metadata"].get("namespace") == namespace and \
                     (spec.get("templateRef") or {}).get("name") == name:
-                self.hints(str(spec.get("workspaceId") or obj["metadata"]["name"]),
-                           Trigger.TEMPLATE_CHANGE)
+                self.hints(workspace_id_of(obj), Trigger.TEMPLATE_CHANGE)
 
     def registry(self, kube: KubeClient, *, on_cleanup: Callable[[], None]
                  ) -> kopf.OperatorRegistry:
