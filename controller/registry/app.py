@@ -36,6 +36,7 @@ from controller.store import (
     Sessions,
     in_thread,
     queries,
+    run_transaction,
     transaction,
 )
 
@@ -196,9 +197,9 @@ class Ingest:
         now = utcnow()
         registers = [waiting for waiting in batch if waiting.url is not None]
         if registers:
-            with transaction(self.sessions) as session:
-                queries.record_registers(session, [(w.workspace_id, w.url or "", w.report,
-                                                    w.seq, w.error) for w in registers], now)
+            rows = [(w.workspace_id, w.url or "", w.report, w.seq, w.error) for w in registers]
+            run_transaction(self.sessions, lambda session: queries.record_registers(
+                session, rows, now))
         changed = {waiting.workspace_id for waiting in registers}  # a register always hints
         ids = {waiting.workspace_id for waiting in batch if waiting.url is None}
         stored = self.reader.run(
@@ -225,13 +226,14 @@ class Ingest:
             else:
                 differ.pop(workspace_id, None)
         if differ:
-            with transaction(self.sessions) as session:
-                for workspace_id, waiting in differ.items():
-                    # Conditional: whatever another writer stored meanwhile is compared again.
-                    if queries.record_changed_report(session, workspace_id,
-                                                     waiting.report or [], now=now, seq=waiting.seq,
-                                                     error=waiting.error):
-                        changed.add(workspace_id)
+            def record(session: Session) -> set[str]:
+                # Conditional: whatever another writer stored meanwhile is compared again.
+                return {workspace_id for workspace_id, waiting in differ.items()
+                        if queries.record_changed_report(
+                            session, workspace_id, waiting.report or [], now=now,
+                            seq=waiting.seq, error=waiting.error)}
+
+            changed |= run_transaction(self.sessions, record)
         return answers, changed
 
     def take_alive(self) -> dict[str, datetime]:

@@ -15,6 +15,7 @@ from controller.store.database import (
     in_thread,
     make_engine,
     make_sessions,
+    run_transaction,
     transaction,
     upgrade,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "in_thread",
     "make_engine",
     "make_sessions",
+    "run_transaction",
     "transaction",
     "upgrade",
 ]

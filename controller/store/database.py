@@ -225,14 +225,41 @@ def _writer_lock(sessions: Sessions) -> contextlib.AbstractContextManager[Any]:
 T = TypeVar("T")
 
 
-async def in_thread(sessions: Sessions, work: Callable[[Session], T]) -> T:
-    """Run `work` in one transaction on a worker thread, so that a long read or write never
-    stalls the event loop (the registry shares it with the loop)."""
-    def run() -> T:
-        with transaction(sessions) as session:
-            return work(session)
+#: SQLSTATEs after which PostgreSQL asks the client to run the transaction again: a
+#: deadlock (two transactions took row locks in different orders, as a heartbeat flush and
+#: a pass's claim of the same workspaces may; the server aborts one of them) and a
+#: serialization failure.
+RETRY_STATES = frozenset({"40P01", "40001"})
+#: Times a unit of work is tried before such an error reaches the caller.
+ATTEMPTS = 3
 
-    return await asyncio.to_thread(run)
+
+def _retryable(error: BaseException | None) -> bool:
+    return getattr(getattr(error, "orig", None), "sqlstate", None) in RETRY_STATES
+
+
+def run_transaction(sessions: Sessions, work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction. One the database aborted to break a deadlock (or for a
+    serialization failure) is rolled back and run again, up to ATTEMPTS times in all: `work`
+    must do nothing but speak to the session (so that a second run is the same as a
+    first). SQLite never raises these (it has one writer at a time)."""
+    attempt = 1
+    while True:
+        try:
+            with transaction(sessions) as session:
+                return work(session)
+        except DatabaseError as error:
+            if attempt == ATTEMPTS or not _retryable(error.__cause__):
+                raise
+            attempt += 1
+            log.info("%s; trying the transaction again (%d of %d)", error, attempt, ATTEMPTS)
+
+
+async def in_thread(sessions: Sessions, work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction (`run_transaction`: tried again after a deadlock) on a
+    worker thread, so that a long read or write never stalls the event loop (the registry
+    shares it with the loop)."""
+    return await asyncio.to_thread(run_transaction, sessions, work)
 
 
 class PinnedReader:
