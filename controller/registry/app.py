@@ -250,16 +250,15 @@ class Ingest:
         # Revoked rows are pruned a while after revocation (store/queries/prune.py): a
         # registry that could not read them for that long loads the live tokens afresh.
         reload = revocations and now - since > queries.REVOKED_TOKEN_RETENTION / 2
-        revoked: list[str] = []
-        active: dict[str, str] | None = None
+        def write(session: Session) -> tuple[dict[str, str] | None, list[str]]:
+            if alive:
+                queries.touch(session, alive)
+            if reload:
+                return queries.all_active_tokens(session), []
+            return None, queries.revoked_since(session, since) if revocations else []
+
         try:
-            with transaction(self.sessions) as session:
-                if alive:
-                    queries.touch(session, alive)
-                if reload:
-                    active = queries.all_active_tokens(session)
-                elif revocations:
-                    revoked = queries.revoked_since(session, since)
+            active, revoked = run_transaction(self.sessions, write)
         except DatabaseError:
             for workspace_id, seen in alive.items():  # keep them for the next flush
                 self.alive.setdefault(workspace_id, seen)
