@@ -824,7 +824,9 @@ async def test_a_watch_that_lags_behind_a_write_never_causes_it_twice(
 ) -> None:
     """A mirror that still sees the version its last write went over (at 10,000 Workspaces
     the watch brings status writes back seconds late) trusts what it wrote: no second
-    write. A change made by someone else is a new version, judged as the view shows it."""
+    write. Once the watch shows the write, the writer keeps the watch's copy of it, not a
+    second one. A change made by someone else is a new version, judged as the view shows
+    it."""
     from controller.domain.models import Policy
     from controller.kube.client import KubeClient
     from controller.kube.status_writer import StatusWriter
@@ -853,6 +855,11 @@ async def test_a_watch_that_lags_behind_a_write_never_causes_it_twice(
         first = writer.writes
         await writer.apply(stale, stale.desired(), None)  # the watch has not caught up
         assert writer.writes == first
+        caught_up = await listed()  # now it has: what it shows is kept, not a second copy
+        await writer.apply(caught_up, caught_up.desired(), None)
+        shown = caught_up.workspaces[0]
+        assert writer.writes == first
+        assert writer.written[shown["metadata"]["uid"]] is shown["status"]
         plane.kubectl("patch", "workspace", "w", "-n", namespace, "--subresource=status",
                       "--type=merge", "-p", '{"status":{"pluginsReady":"7/7"}}')
         assert plugins_ready() == "7/7"
