@@ -81,11 +81,6 @@ class WorkQueue:
             return Request(trigger=Trigger.HINT_STORM, hinted=hinted)
         return Request(trigger=Trigger.HINT, hinted=hinted, only=frozenset(hinted))
 
-    @property
-    def backlog(self) -> int:
-        """Workspaces this process's passes hold, and those hinted and not taken yet."""
-        return len(self._held) + len(self._hints)
-
     def __contains__(self, workspace_id: object) -> bool:
         """Whether a pass of this process holds this workspace (planning or acting on it)."""
         return workspace_id in self._held

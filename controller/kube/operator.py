@@ -410,10 +410,8 @@ async def run_operator(
     kopf_task.add_done_callback(lambda _task: stop.set())
     elector = LeaderElector(kube, lease, identity) if lease is not None else None
     elector_task = asyncio.create_task(elector.run(stop)) if elector else None
-    # A mass change (a template of thousands) is under way while more workspaces wait than
-    # the passes act on at once: its Events then wait, so that status comes first.
-    sink = StatusWriter(kube, sessions, policy, identity, in_flight=hints.__contains__,
-                        busy=lambda: hints.backlog > policy.concurrency)
+    sink = StatusWriter(kube, sessions, policy, identity,
+                        in_flight=hints.__contains__)
 
     def after_pass(report: PassReport, trigger: Trigger) -> None:
         if on_pass is not None:

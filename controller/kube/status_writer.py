@@ -64,8 +64,6 @@ WRITES_IN_FLIGHT = 16
 
 #: Seconds without a status patch before queued Events go out.
 EVENTS_SETTLE = 0.5
-#: Seconds an Event waits at most for a mass change to end (`StatusWriter.busy`).
-EVENTS_MAX_WAIT = 60.0
 #: Workspaces a mirror judges between two turns it gives the event loop.
 YIELD_EVERY = 500
 
@@ -110,7 +108,6 @@ def _quiet() -> asyncio.Event:
 
 
 PendingEvent = tuple[Mapping[str, Any], mirror.Event, datetime]
-Queued = tuple[PendingEvent, float]  # and when it was queued (event loop time)
 
 
 @dataclass
@@ -121,10 +118,8 @@ class StatusWriter:
     one after another (`Mirrors`), so two writes to one object never race. Events go out
     behind the status, as client-go's event recorder sends them: queued, written once no
     status patch has gone out for EVENTS_SETTLE seconds (a rollout's next Ready never queues
-    behind the last one's Events, whose writes cost the API server as much) and, while a
-    mass change is under way (`busy`), for at most EVENTS_MAX_WAIT seconds: a change to
-    10,000 Workspaces shows Ready everywhere before its 10,000 Events go out, instead of
-    paying for them on the way. `flush` waits for them."""
+    behind the last one's Events, whose writes cost the API server as much); `flush` waits
+    for them."""
 
     kube: KubeClient
     sessions: Sessions
@@ -143,9 +138,7 @@ class StatusWriter:
     #: would otherwise write a half-done install's status just before that pass writes the
     #: finished one: a storm of registers paid two status writes a Workspace.
     in_flight: Callable[[str], bool] = lambda _workspace_id: False
-    #: Whether a mass change is under way (more workspaces wait than passes act on at once)
-    busy: Callable[[], bool] = lambda: False
-    events: collections.deque[Queued] = field(default_factory=collections.deque)
+    events: collections.deque[PendingEvent] = field(default_factory=collections.deque)
     quiet: asyncio.Event = field(default_factory=_quiet)  # set while no status patch waits
     patched_at: float = float("-inf")  # (event loop time) when the last status patches ended
     sending: asyncio.Task[None] | None = None  # writes the queued Events
@@ -388,24 +381,19 @@ class StatusWriter:
 
     def _queue(self, events: Iterable[PendingEvent]) -> None:
         """Queue Events, to go out behind the status writes."""
-        queued_at = asyncio.get_running_loop().time()
-        self.events.extend((event, queued_at) for event in events)
+        self.events.extend(events)
         if self.events and (self.sending is None or self.sending.done()):
             self.sending = asyncio.create_task(self._send_events())
 
-    async def _settled(self, queued_at: float) -> None:
-        """Return once no status patch has gone out for EVENTS_SETTLE seconds (the mirrors
-        of a pass that reports its workspaces as they finish come one after another) and
-        no mass change is under way, unless an Event queued at `queued_at` has waited
-        EVENTS_MAX_WAIT seconds for that."""
+    async def _settled(self) -> None:
+        """Return once no status patch has gone out for EVENTS_SETTLE seconds: the mirrors
+        of a pass that reports its workspaces as they finish come one after another."""
         loop = asyncio.get_running_loop()
         while True:
             await self.quiet.wait()
             left = self.patched_at + EVENTS_SETTLE - loop.time()
             if left <= 0 and self.quiet.is_set():
-                if not self.busy() or loop.time() - queued_at >= EVENTS_MAX_WAIT:
-                    return
-                left = EVENTS_SETTLE  # look again
+                return
             await asyncio.sleep(max(left, 0.0))
 
     async def _send_events(self) -> None:
@@ -413,10 +401,10 @@ class StatusWriter:
 
         async def worker() -> None:
             while self.events:
-                await self._settled(self.events[0][1])
+                await self._settled()
                 if not self.events:
                     return
-                (obj, event, now), _ = self.events.popleft()
+                obj, event, now = self.events.popleft()
                 await self._event(obj, event, now=now)
 
         while self.events:  # Events queued as the last workers ended are not left behind

@@ -111,58 +111,17 @@ async def test_events_wait_until_status_writes_have_rested(
                           identity="test")
     loop = asyncio.get_running_loop()
     writer.patched_at = loop.time()
-    settled = asyncio.create_task(writer._settled(loop.time()))
+    settled = asyncio.create_task(writer._settled())
     await asyncio.sleep(0.05)
     assert not settled.done()  # patched 0.05 s ago
     await asyncio.wait_for(settled, 5)
     assert loop.time() - writer.patched_at >= 0.2
     writer.quiet.clear()  # a mirror's patches are going out
     writer.patched_at = float("-inf")
-    settled = asyncio.create_task(writer._settled(loop.time()))
+    settled = asyncio.create_task(writer._settled())
     await asyncio.sleep(0.05)
     assert not settled.done()
     writer.patched_at = loop.time()
     writer.quiet.set()
     await asyncio.wait_for(settled, 5)
     assert loop.time() - writer.patched_at >= 0.2
-
-
-async def test_events_wait_for_a_mass_change_but_not_forever(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a mass change is under way (`busy`), Events wait even once status writes
-    rest; they go out when it ends, or once they have waited EVENTS_MAX_WAIT seconds."""
-    from controller.domain.models import Policy
-    from controller.kube import status_writer
-    from controller.kube.status_writer import StatusWriter
-
-    monkeypatch.setattr(status_writer, "EVENTS_SETTLE", 0.05)
-    monkeypatch.setattr(status_writer, "EVENTS_MAX_WAIT", 0.5)
-    busy = [True]
-    writer = StatusWriter(kube=None, sessions=None, policy=Policy(),  # type: ignore[arg-type]
-                          identity="test", busy=lambda: busy[0])
-    loop = asyncio.get_running_loop()
-    settled = asyncio.create_task(writer._settled(loop.time()))
-    await asyncio.sleep(0.2)
-    assert not settled.done()  # status writes rest, but the change goes on
-    busy[0] = False
-    await asyncio.wait_for(settled, 5)
-
-    busy[0] = True  # and never ends: the Event goes out after EVENTS_MAX_WAIT
-    queued_at = loop.time()
-    await asyncio.wait_for(writer._settled(queued_at), 5)
-    assert loop.time() - queued_at >= 0.5
-
-
-def test_the_backlog_counts_held_and_hinted_workspaces() -> None:
-    from controller.engine.queue import WorkQueue
-
-    queue = WorkQueue()
-    queue("a")
-    queue("b")
-    assert queue.backlog == 2
-    with queue.reserve(queue.take()) as reservation:
-        queue("c")
-        assert queue.backlog == 3
-        reservation.release(["a"])
-        assert queue.backlog == 2
-    assert queue.backlog == 1
