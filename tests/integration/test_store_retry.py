@@ -5,7 +5,7 @@ heartbeat flush and a pass's claim may, both get their work done."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -16,28 +16,15 @@ from controller.store import (
     DatabaseError,
     Session,
     Sessions,
-    make_engine,
-    make_sessions,
     queries,
     run_transaction,
     transaction,
-    upgrade,
 )
-from tests.support.helpers import fresh_postgres_database
 
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_sessions(postgres_url: str) -> Iterator[Sessions]:
-    url, drop = fresh_postgres_database(postgres_url)
-    engine = make_engine(url)
-    upgrade(engine)
-    try:
-        yield make_sessions(engine)
-    finally:
-        engine.dispose()
-        drop()
+# PostgreSQL only (SQLite has one writer and never deadlocks): the shared `sessions` fixture,
+# on that database alone.
+pytestmark = [pytest.mark.postgres,
+              pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)]
 
 
 def _register(sessions: Sessions, *ids: str) -> None:
@@ -62,37 +49,38 @@ def _touching(first: str, second: str, *, meet: threading.Barrier, attempts: lis
     return work
 
 
-def test_a_deadlocked_transaction_is_run_again(pg_sessions: Sessions) -> None:
-    _register(pg_sessions, "ws-a", "ws-b")
+def _two_writers_in_opposite_orders(sessions: Sessions) -> tuple[list[BaseException | None],
+                                                                 list[str]]:
+    """Run the two deadlocking writers at once: what each raised, and every run of either."""
+    _register(sessions, "ws-a", "ws-b")
     meet, attempts = threading.Barrier(2), []
     with ThreadPoolExecutor(2) as pool:
-        done = [pool.submit(run_transaction, pg_sessions,
+        done = [pool.submit(run_transaction, sessions,
                             _touching(a, b, meet=meet, attempts=attempts))
                 for a, b in (("ws-a", "ws-b"), ("ws-b", "ws-a"))]
-        for future in done:
-            future.result(timeout=60)  # neither raised
+        errors = [future.exception(timeout=60) for future in done]
+    return errors, attempts
+
+
+def test_a_deadlocked_transaction_is_run_again(sessions: Sessions) -> None:
+    errors, attempts = _two_writers_in_opposite_orders(sessions)
+    assert errors == [None, None]
     # The server aborted one of the two (after its deadlock_timeout); it ran again.
     assert len(attempts) == 3, attempts
 
 
-def test_a_deadlock_is_not_tried_forever(pg_sessions: Sessions,
+def test_a_deadlock_is_not_tried_forever(sessions: Sessions,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With one attempt allowed, the deadlock reaches the caller as a DatabaseError."""
     monkeypatch.setattr("controller.store.database.ATTEMPTS", 1)
-    _register(pg_sessions, "ws-a", "ws-b")
-    meet, attempts = threading.Barrier(2), []
-    with ThreadPoolExecutor(2) as pool:
-        done = [pool.submit(run_transaction, pg_sessions,
-                            _touching(a, b, meet=meet, attempts=attempts))
-                for a, b in (("ws-a", "ws-b"), ("ws-b", "ws-a"))]
-        errors = [future.exception(timeout=60) for future in done]
+    errors, attempts = _two_writers_in_opposite_orders(sessions)
     failed = [e for e in errors if e is not None]
     assert len(failed) == 1 and isinstance(failed[0], DatabaseError)
     assert "deadlock detected" in str(failed[0])
     assert len(attempts) == 2
 
 
-def test_other_errors_are_not_tried_again(pg_sessions: Sessions) -> None:
+def test_other_errors_are_not_tried_again(sessions: Sessions) -> None:
     runs = []
 
     def work(session: Session) -> None:
@@ -101,5 +89,5 @@ def test_other_errors_are_not_tried_again(pg_sessions: Sessions) -> None:
         raise DatabaseError("not a deadlock")
 
     with pytest.raises(DatabaseError, match="not a deadlock"):
-        run_transaction(pg_sessions, work)
+        run_transaction(sessions, work)
     assert runs == [1]
