@@ -3,9 +3,10 @@ passes (`reconcile --once`, `plan`, `apply`), inspection (`status`, `explain`), 
 pausing, rollouts, migrations, the reference runtime (`agent`), `bench`, `soak` and the `demo`.
 Exit codes: 0 in sync / done, 2 out of sync, 1 could not run.
 
-The command modules load on first use (`main`, or `controller.cli.cli`), so that the kubectl
-plugin (`controller.cli.kubectl`), a sibling that needs none of them, starts in a fraction of
-the time."""
+Each command's module loads when that command runs (`base.COMMAND_MODULES`; all of them for
+`--help` and for `controller.cli.cli`), so that a command starts without the libraries only
+others use, and the kubectl plugin (`controller.cli.kubectl`), a sibling that needs none of
+them, starts in a fraction of the time."""
 
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ COMMANDS = ("admin", "inspection", "loop", "rollout", "tools")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`pluginctl`: every command, then the entry point of `controller.cli.base`."""
+    """`pluginctl`: the entry point of `controller.cli.base`."""
     from controller.cli.base import main as run
 
-    __getattr__("cli")
     run(argv)
 
 

@@ -21,7 +21,7 @@ from controller.cli.base import (
 from controller.domain import tokens
 from controller.domain.models import InvalidSpec, check_workspace_id, utcnow
 from controller.domain.render import table
-from controller.registry.app import issue_token
+from controller.registry.tokens import issue_token, issue_tokens
 from controller.store import (
     current_revision,
     database_url,
@@ -88,12 +88,7 @@ def _create_from_file(source: TextIO, db: str | None, *, dry_run: bool) -> None:
         click.echo(f"would create a token for each of {len(workspace_ids)} workspace(s) "
                    f"({len(live)} of them have live tokens already)")
         return
-    secrets = [tokens.generate() for _ in workspace_ids]
-    with transaction(sessions) as session:
-        queries.add_tokens(session, [(workspace_id, tokens.digest(secret)) for
-                                     workspace_id, secret in zip(workspace_ids, secrets,
-                                                                 strict=True)],
-                           now=utcnow(), issuer="cli")
+    secrets = issue_tokens(sessions, workspace_ids)
     # Shown only once the transaction is committed: a token printed is a token that works.
     click.echo("".join(json.dumps({"workspace_id": workspace_id, "token": secret}) + "\n"
                        for workspace_id, secret in zip(workspace_ids, secrets, strict=True)),

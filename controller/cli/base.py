@@ -3,6 +3,7 @@ the database, desired state, policy and output, logging, and formatting helpers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -209,7 +210,29 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Which module of `controller.cli` adds each command: `pluginctl status` loads the store and
+#: the status code, not the registry server or the Kubernetes client it does not use.
+COMMAND_MODULES = {
+    "agent": "tools", "apply": "loop", "bench": "tools", "db": "admin", "demo": "tools",
+    "digest": "tools", "explain": "inspection", "plan": "loop", "reconcile": "loop",
+    "rollout": "rollout", "run": "loop", "soak": "tools", "status": "inspection",
+    "token": "admin", "workspace": "admin",
+}
+
+
+class LazyGroup(click.Group):
+    """A command group whose commands are imported when asked for (`COMMAND_MODULES`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(COMMAND_MODULES))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            importlib.import_module(f"controller.cli.{COMMAND_MODULES[cmd_name]}")
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_print_version, help="Print the version (and Python's) and exit.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),

@@ -498,15 +498,6 @@ async def openapi(_request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
 
-def issue_token(sessions: Sessions, workspace_id: str, issuer: str = "cli") -> str:
-    """Create a registry token for a workspace; the caller shows it once, only its hash is
-    kept."""
-    secret = tokens.generate()
-    with transaction(sessions) as session:
-        queries.add_token(session, workspace_id, tokens.digest(secret), now=utcnow(), issuer=issuer)
-    return secret
-
-
 def _no_hint(_workspace_id: str) -> None:
     return None
 

@@ -56,7 +56,7 @@ from controller.domain.render import table
 from controller.domain.rollout import RolloutPhase
 from controller.engine import manifests, rollouts, service
 from controller.engine.report import PassReport, WorkspaceResult
-from controller.registry.app import issue_token
+from controller.registry.tokens import issue_token
 from controller.store import (
     Sessions,
     ensure_schema,

@@ -28,8 +28,8 @@ import aiohttp
 import yaml
 
 from controller.domain.models import Policy, utcnow
-from controller.domain.tokens import digest, generate
 from controller.registry.serving import free_port
+from controller.registry.tokens import issue_tokens
 from controller.sim.fleet import FleetProcess, Misbehaviour, Trouble
 from controller.sim.memory import proc_status_kb
 from controller.sim.scrape import Scrape, scrape
@@ -126,10 +126,7 @@ def _bad_requests(token: str, other_token: str) -> list[tuple[str, dict[str, str
 
 
 def _issue_tokens(sessions: Sessions, ids: list[str], path: Path) -> dict[str, str]:
-    secrets = {workspace_id: generate() for workspace_id in ids}
-    with transaction(sessions) as session:
-        for workspace_id, secret in secrets.items():
-            queries.add_token(session, workspace_id, digest(secret), now=utcnow(), issuer="soak")
+    secrets = dict(zip(ids, issue_tokens(sessions, ids, issuer="soak"), strict=True))
     path.write_text(json.dumps(secrets))
     return secrets
 

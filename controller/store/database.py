@@ -14,20 +14,20 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, Engine, create_engine, event, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from controller.domain.models import Unavailable
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 DEFAULT_URL = "sqlite:///pluginctl.db"
 MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "alembic_version"  # Alembic's default
 # Any constant will do: it only has to be the same for every replica of pluginctl.
 _ADVISORY_LOCK_ID = 0x706C7567  # "plug"
 
@@ -77,6 +77,8 @@ def make_sessions(engine: Engine) -> sessionmaker[Session]:
 
 
 def _alembic_config(connection: Connection) -> Config:
+    from alembic.config import Config  # Alembic loads only to migrate (or to test migrations)
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -84,12 +86,22 @@ def _alembic_config(connection: Connection) -> Config:
 
 
 def head_revision() -> str:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    if head is None:
+    """The newest schema: the highest revision among the migration files, which are named
+    after their revisions (`0009_rollout_workspaces.py` is "0009"; a test holds the files and
+    Alembic's own idea of the head to that). Read without loading Alembic, which every command
+    would otherwise pay for at start."""
+    revisions = sorted(path.name.partition("_")[0]
+                       for path in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
+    if not revisions:
         raise DatabaseError("no migrations found in the package")
-    return head
+    return revisions[-1]
+
+
+def _revision(connection: Connection) -> str | None:
+    """The schema revision Alembic recorded in the database; None before the first migration."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return None
+    return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one_or_none()
 
 
 @contextmanager
@@ -107,7 +119,7 @@ def _migration_lock(connection: Connection) -> Iterator[None]:
 def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            return _revision(connection)
     except SQLAlchemyError as error:
         raise DatabaseError(f"cannot reach the database {_safe(str(engine.url))}: "
                             f"{_first_line(error)}") from error
@@ -121,7 +133,9 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     try:
         with _embedded_lock(engine), engine.connect() as connection:
             with _migration_lock(connection):
-                before = MigrationContext.configure(connection).get_current_revision()
+                from alembic import command
+
+                before = _revision(connection)
                 command.upgrade(_alembic_config(connection), "head")
                 connection.commit()
             return before, head_revision()

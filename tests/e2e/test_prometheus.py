@@ -20,8 +20,8 @@ import aiohttp
 import yaml
 
 from controller.agent.simulated import Faults, ReferenceRuntime
-from controller.registry.app import issue_token
 from controller.registry.serving import free_port
+from controller.registry.tokens import issue_token
 from controller.store import make_engine, make_sessions, upgrade
 from tests.support.helpers import RunProcess, fleet_dir, metric, scrape, wait_for
 

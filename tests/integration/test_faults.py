@@ -32,8 +32,9 @@ from controller.engine import service
 from controller.engine.loop import PassCallback
 from controller.engine.queue import Trigger, WorkQueue
 from controller.engine.report import PassReport
-from controller.registry.app import Ingest, issue_token
+from controller.registry.app import Ingest
 from controller.registry.serving import start_site
+from controller.registry.tokens import issue_token
 from controller.sim.fleet import serve_fleet
 from controller.store import Sessions, make_engine, make_sessions, queries, transaction, upgrade
 from tests.support import pg

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.registry import app as registry
-from controller.registry.app import issue_token, make_app
+from controller.registry.app import make_app
 from controller.registry.serving import start_site
+from controller.registry.tokens import issue_token
 from controller.store import Sessions, make_engine, make_sessions, upgrade
 from tests.support.helpers import snapshot
 

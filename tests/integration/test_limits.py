@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 
 from controller.domain.models import Plugin
-from controller.registry.app import INGEST, issue_token, make_app
+from controller.registry.app import INGEST, make_app
 from controller.registry.serving import GUARD, Limits, runner_for, start_site
+from controller.registry.tokens import issue_token
 from controller.store import Sessions
 from tests.support.helpers import wait_for
 

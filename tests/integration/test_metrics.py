@@ -16,7 +16,7 @@ from controller.engine.loop import run_forever, wait_any
 from controller.engine.manifests import Source
 from controller.engine.metrics import Metrics
 from controller.engine.queue import WorkQueue
-from controller.registry.app import issue_token
+from controller.registry.tokens import issue_token
 from controller.runtime.driver import RuntimeDriver
 from controller.store import make_engine, make_sessions, upgrade
 from tests.support.helpers import (

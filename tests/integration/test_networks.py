@@ -13,8 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from controller.domain.networks import RuntimeNetworks
-from controller.registry.app import issue_token, make_app
+from controller.registry.app import make_app
 from controller.registry.serving import start_site
+from controller.registry.tokens import issue_token
 from controller.runtime.driver import RuntimeCallError, RuntimeDriver
 from controller.store import Sessions, transaction
 from tests.support.helpers import seen_of

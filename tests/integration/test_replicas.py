@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import create_engine
 
 from controller.agent.simulated import Faults, ReferenceRuntime
-from controller.registry.app import issue_token
 from controller.registry.serving import free_port
+from controller.registry.tokens import issue_token
 from controller.sim.fleet import Fleet, serve_fleet
 from controller.store import make_engine, make_sessions, upgrade
 from controller.store.roles import ExclusiveRole

@@ -32,7 +32,7 @@ from controller.domain.models import WORKSPACE_ID_PATTERN, Policy, utcnow
 from controller.engine.queue import WorkQueue
 from controller.engine.service import serve
 from controller.registry import openapi
-from controller.registry.app import issue_token
+from controller.registry.tokens import issue_token
 from controller.store import Sessions, transaction
 from tests.support.helpers import seen_of, snapshot
 

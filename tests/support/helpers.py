@@ -28,8 +28,8 @@ from controller.domain.models import Plugin, Policy, utcnow
 from controller.engine.passes import reconcile_once
 from controller.engine.queue import WorkQueue
 from controller.engine.report import PassReport
-from controller.registry.app import issue_token
 from controller.registry.serving import free_port
+from controller.registry.tokens import issue_token
 from controller.runtime.driver import RuntimeDriver
 from controller.store import Sessions, transaction
 from controller.store.tables import Base
