@@ -288,7 +288,7 @@ def desired_state(manifests: Path | None, use_kubernetes: bool, kubeconfig: str 
     if manifests is not None:
         return load_manifests(manifests)
     from controller.kube.client import KubeError
-    from controller.kube.operator import ClusterView
+    from controller.kube.view import ClusterView
 
     kube = kube_client(kubeconfig, kube_context)
     try:

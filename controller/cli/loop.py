@@ -110,13 +110,13 @@ def run(*, manifests: Path | None, use_kubernetes: bool, kubeconfig: str | None,
                                 metrics=metrics)
     else:
         from controller.kube import operator
-        from controller.kube.leader import LeaseConfig
+        from controller.kube.leader import LeaseConfig, default_identity
 
         kube = kube_client(kubeconfig, kube_context)
         sessions = open_store(db)
         lease = LeaseConfig(lease_namespace or kube.default_namespace or "default") \
             if leader_election else None
-        me = identity or operator.default_identity()
+        me = identity or default_identity()
 
         after_pass, on_failure = service.observed(metrics)
 
@@ -175,7 +175,7 @@ def reconcile(*, once: bool, manifests: Path | None, use_kubernetes: bool,
         with progress_bar() as progress:
             async with RuntimeDriver.for_policy(policy) as driver:
                 if kube is not None:
-                    from controller.kube.operator import reconcile_cluster_once
+                    from controller.kube.once import reconcile_cluster_once
 
                     return await reconcile_cluster_once(kube, sessions, policy, driver,
                                                         dry_run=dry_run, progress=progress,

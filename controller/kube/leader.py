@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +20,11 @@ from typing import Any
 from controller.kube.client import KubeClient, KubeError
 
 log = logging.getLogger("pluginctl.leader")
+
+
+def default_identity() -> str:
+    """This replica's name, unique per process: the Lease's holder, the Events' reporter."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)

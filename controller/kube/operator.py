@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
@@ -21,15 +18,13 @@ import kopf
 from controller.domain.desired import Desired
 from controller.domain.models import API_GROUP, API_VERSION, Policy
 from controller.engine.loop import FailureCallback, PassCallback, RunningCallback, run_forever
-from controller.engine.passes import reconcile_once
 from controller.engine.queue import Trigger, WorkQueue
 from controller.engine.report import PassReport
 from controller.kube import conditions as mirror
 from controller.kube.client import TEMPLATES, WORKSPACES, KubeClient, KubeError
 from controller.kube.leader import LeaderElector, LeaseConfig
 from controller.kube.status_writer import StatusWriter
-from controller.kube.view import KINDS, Key, key_of, workspace_id_of
-from controller.kube.view import ClusterView as ClusterView  # `pluginctl --kubernetes` lists
+from controller.kube.view import KINDS, ClusterView, Key, key_of, workspace_id_of
 from controller.runtime.driver import RuntimeDriver
 from controller.store import DatabaseError, Sessions
 
@@ -378,10 +373,6 @@ class Watch:
         return registry
 
 
-def default_identity() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
 async def run_operator(
     kube: KubeClient,
     sessions: Sessions,
@@ -583,19 +574,3 @@ async def _wait_first(event: asyncio.Event, stop: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-async def reconcile_cluster_once(kube: KubeClient, sessions: Sessions, policy: Policy,
-                                 driver: RuntimeDriver, *, dry_run: bool,
-                                 progress: Callable[[int, int], None] | None = None,
-                                 force: bool = False) -> PassReport:
-    """`pluginctl reconcile --once` against the cluster: list, pass, mirror (unless dry)."""
-    view = await kube.call(ClusterView.listed, kube)
-    desired = view.desired()
-    report = await reconcile_once(desired, sessions, driver, policy, dry_run=dry_run,
-                                  progress=progress, force=force)
-    if not dry_run:
-        writer = StatusWriter(kube, sessions, policy, default_identity())
-        await writer.apply(view, desired, report)
-        await writer.flush()
-    return report
