@@ -279,11 +279,22 @@ async def test_register_only_workspace_becomes_ready(
     runtimes: list[ReferenceRuntime],
 ) -> None:
     apply(plane, namespace, template("base", SEO, NOTES), workspace("alpha"))
+    # Every status the object goes through, as a watch sees it.
+    watching = subprocess.Popen(
+        ["kubectl", "get", "ws", "alpha", "-n", namespace, "--watch",
+         "-o", 'jsonpath={.status.pluginsReady}{"\\n"}'],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=plane.env())
     operator = operators()
     runtime = await runtime_for(plane, namespace, "alpha", operator.registry, runtimes,
-                                report=False)  # registers, never heartbeats
+                                report=False,  # registers, never heartbeats
+                                faults=Faults(install_delay=0.5))
 
     await wait_ready(plane, namespace, "alpha")
+    watching.terminate()
+    seen, _ = watching.communicate(timeout=30)
+    # Both plugins installed in one pass, half a second apart: one status write for the two,
+    # never one showing the first alone.
+    assert "2/2" in seen.split() and "1/2" not in seen.split(), seen
 
     assert set(runtime.plugins) == {"seo-all", "notes"}
     with urllib.request.urlopen(operator.registry + "/metrics", timeout=10) as response:
