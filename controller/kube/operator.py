@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
@@ -35,11 +36,16 @@ CHECK_EVERY = 5.0  # seconds between passes that compare every object's spec to 
 
 
 def _plain(value: Any) -> Any:
-    """A deep copy made of dicts and lists, from kopf's read-only body views."""
+    """A deep copy made of dicts and lists, from kopf's read-only body views. Keys and
+    strings are interned: each watch event is parsed on its own, so 10,000 Workspaces would
+    otherwise hold 10,000 copies of every key and of every value they share (phase, states,
+    reasons, sources, the namespace...)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {sys.intern(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if type(value) is str:
+        return sys.intern(value)
     return value
 
 
@@ -47,9 +53,9 @@ def _indexed(body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain copy of a watched object without its managedFields (the server's record of
     who wrote which field: about half of a Workspace with status, and read by nobody here;
     10,000 of them are tens of megabytes)."""
-    obj = {str(k): _plain(v) for k, v in body.items() if k != "metadata"}
-    obj["metadata"] = {str(k): _plain(v) for k, v in (body.get("metadata") or {}).items()
-                       if k != "managedFields"}
+    obj = {sys.intern(str(k)): _plain(v) for k, v in body.items() if k != "metadata"}
+    obj["metadata"] = {sys.intern(str(k)): _plain(v)
+                       for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     return obj
 
 
