@@ -1161,6 +1161,9 @@ async def test_bench_kubernetes_section_runs_tiny(plane: kube.ControlPlane,
                                   said.append, plane=plane)
     assert result["workspaces"] == 5
     assert result["steady_pass_writes"] == 0, said
+    assert set(result["phases"]) == {"objects_to_secrets", "registers_to_ready",
+                                     "steady_passes", "template_change_to_ready"}
+    assert result["phases"]["steady_passes"]["api_writes"] == {}
     assert result["installed_more_than_once"] == 0
     assert result["installs_seen_by_runtimes"] == 5 * 4  # three plugins, then one more
     assert result["baseline"]["standalone"]["installs_seen_by_runtimes"] == 5 * 3
