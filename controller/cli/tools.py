@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -337,17 +337,30 @@ def digest(directory: Path) -> None:
 KUBE_BENCH_WORKSPACES = 1000  # controller.sim.kube_bench.DEFAULT_WORKSPACES: about a minute
 
 
-def _bench_kubernetes(workspaces: int, *, as_json: bool) -> None:
-    """`bench --kubernetes`: the operator on a real API server, vs standalone mode."""
+@contextlib.contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A fresh directory for a bench's databases and process logs: removed when the bench
+    succeeds, kept (and named on stderr) when it fails, so that the logs can be read."""
+    import shutil
     import tempfile
 
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield scratch
+    except BaseException:
+        click.echo(f"the bench failed; its databases and logs are kept in {scratch}", err=True)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench_kubernetes(workspaces: int, *, as_json: bool) -> None:
+    """`bench --kubernetes`: the operator on a real API server, vs standalone mode."""
     from controller.sim import control_plane, kube_bench
 
     say = functools.partial(click.echo, err=True)
     try:
-        with tempfile.TemporaryDirectory(prefix="pluginctl-kube-bench-") as scratch:
-            result = asyncio.run(kube_bench.run(kube_bench.Sizes(workspaces), Path(scratch),
-                                                say))
+        with scratch_directory("pluginctl-kube-bench-") as scratch:
+            result = asyncio.run(kube_bench.run(kube_bench.Sizes(workspaces), scratch, say))
     except control_plane.KubeUnavailable as error:
         raise Failure(f"bench --kubernetes needs a control plane: {error}") from error
     if as_json:
@@ -416,8 +429,6 @@ def bench(*, as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspace
           memory_workspaces: int, single_registers: int, postgres_url: str | None,
           use_kubernetes: bool, kube_workspaces: int) -> None:
     """Measure pluginctl against naive baselines run in the same command."""
-    import tempfile
-
     from controller.sim import bench as bench_mod
 
     if logging.getLogger().level > logging.DEBUG:
@@ -428,8 +439,8 @@ def bench(*, as_json: bool, noop_sizes: str, naive_max: int, heartbeat_workspace
     sizes = bench_mod.Sizes(_sizes(noop_sizes), naive_max, heartbeat_workspaces,
                             heartbeat_seconds, connections, converge_workspaces,
                             memory_workspaces, single_registers)
-    with tempfile.TemporaryDirectory(prefix="pluginctl-bench-") as scratch:
-        result = asyncio.run(bench_mod.run(sizes, postgres_url, Path(scratch),
+    with scratch_directory("pluginctl-bench-") as scratch:
+        result = asyncio.run(bench_mod.run(sizes, postgres_url, scratch,
                                            lambda line: click.echo(line, err=True)))
     if as_json:
         click.echo(json.dumps(result, indent=2))

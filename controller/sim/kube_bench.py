@@ -11,6 +11,7 @@ same registers and installs in standalone mode (`pluginctl run --manifests`), as
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import subprocess
@@ -138,6 +139,25 @@ class ApiServer:
         await self.client.close()
 
 
+def status_said(status: dict[str, Any]) -> dict[str, str]:
+    """What a Workspace status says, flat: phase, pluginsReady, each condition's status and
+    reason, how many plugins are in each state (the fields that change when something
+    happens; a write that changes none of them changed a message, a time or an attempt)."""
+    said = {"phase": str(status.get("phase")), "pluginsReady": str(status.get("pluginsReady"))}
+    for condition in status.get("conditions") or []:
+        said[f"condition {condition.get('type')}"] = \
+            f"{condition.get('status')} ({condition.get('reason')})"
+    states = collections.Counter(str(p.get("state")) for p in status.get("plugins") or [])
+    said["plugins"] = " ".join(f"{state}x{n}" for state, n in sorted(states.items()))
+    return said
+
+
+def status_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Each field of `status_said` that differs, as "field: before -> after"."""
+    return [f"{key}: {before.get(key)} -> {after.get(key)}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
 @dataclass
 class ReadyWatch:
     """Every Workspace's Ready and pluginsReady, from a LIST then a WATCH of the namespace;
@@ -151,10 +171,17 @@ class ReadyWatch:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     last_at: float = 0.0  # when the newest change arrived (wall clock)
     broken: str | None = None  # the last error of the watch
+    said: dict[str, dict[str, str]] = field(default_factory=dict)  # status_said, per name
+    changes: collections.Counter[str] | None = None  # while recording: what changed, how often
 
     def _update(self, obj: dict[str, Any], deleted: bool = False) -> None:
         name = obj["metadata"]["name"]
         status = obj.get("status") or {}
+        said = status_said(status)
+        if self.changes is not None and name in self.said:
+            self.changes.update(status_changes(self.said[name], said)
+                                or ["none of these (a message, a time or attempts)"])
+        self.said[name] = said
         ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                     for c in status.get("conditions") or [])
         self.seen[name] = (ready and not deleted, str(status.get("pluginsReady")))
@@ -164,6 +191,15 @@ class ReadyWatch:
             self.good.discard(name)
         self.last_at = time.time()
         self.changed.set()
+
+    def record(self) -> None:
+        """From now on, count what each status change changed (`changes`)."""
+        self.changes = collections.Counter()
+
+    def recorded(self) -> dict[str, int]:
+        """What was counted since `record`, most frequent first; recording stops."""
+        changes, self.changes = self.changes or collections.Counter(), None
+        return dict(changes.most_common())
 
     def target(self, want: str) -> None:
         self.want = want
@@ -361,9 +397,9 @@ class Run:
                  f"every Workspace Ready after {ready - started:.1f}s")
         await self.end("registers_to_ready", began)
 
-    async def steady_writes(self, fleet: FleetProcess, ids: list[str]) -> None:
+    async def steady_writes(self, watch: ReadyWatch) -> None:
         """Heartbeats flow (since the registers), two full passes run: how many writes did
-        they make?"""
+        they make, and what did the Workspace status writes among them change?"""
         client = self.api.client
         last = await self.api.writes()
         while True:  # what the last passes left to write is written first
@@ -373,6 +409,7 @@ class Run:
                 break
             last = now
         began = await self.begin()
+        watch.record()
         passes = (await self.operator.metrics(client)).total("pluginctl_reconcile_total",
                                                               trigger="periodic")
 
@@ -384,9 +421,13 @@ class Run:
                      + self.sizes.deadline, every=0.5)
         await asyncio.sleep(1)  # the second pass's mirror
         await self.end("steady_passes", began)  # which resources, if any were written
+        changes = self.figures["phases"]["steady_passes"]["workspace_status_changes"] = \
+            watch.recorded()
         writes = sum(self.figures["phases"]["steady_passes"]["api_writes"].values())
         self.figures["steady_pass_writes"] = writes
         self.say(f"  two steady full passes under heartbeats: {writes} API writes")
+        for change, count in list(changes.items())[:5]:
+            self.say(f"    {count} Workspace status writes changed {change}")
 
     async def template_change(self, watch: ReadyWatch) -> None:
         """One plugin more in the template, heartbeats still flowing."""
@@ -463,7 +504,7 @@ async def operator_run(plane: control_plane.ControlPlane, sizes: Sizes, scratch:
                              registry_url=operator.url, tokens_file=tokens_file)
         await fleet.started()
         await run.registers_to_ready(fleet, ids, watch)
-        await run.steady_writes(fleet, ids)
+        await run.steady_writes(watch)
         await run.template_change(watch)
         run.figures.update(_fleet_figures(await fleet.get("/fleet/state")))
         run.figures.update(operator_peak_rss_mb=operator.peak_rss_mb(),

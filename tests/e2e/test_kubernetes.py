@@ -1164,6 +1164,7 @@ async def test_bench_kubernetes_section_runs_tiny(plane: kube.ControlPlane,
     assert set(result["phases"]) == {"objects_to_secrets", "registers_to_ready",
                                      "steady_passes", "template_change_to_ready"}
     assert result["phases"]["steady_passes"]["api_writes"] == {}
+    assert result["phases"]["steady_passes"]["workspace_status_changes"] == {}
     assert result["installed_more_than_once"] == 0
     assert result["installs_seen_by_runtimes"] == 5 * 4  # three plugins, then one more
     assert result["baseline"]["standalone"]["installs_seen_by_runtimes"] == 5 * 3
