@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
+import functools
 import json
 import random
 import subprocess
@@ -38,7 +39,6 @@ from controller.sim import processes
 INSTALL_SECONDS = 0.15  # the tests' default: slow enough that overlapping calls are seen
 HANG_SECONDS = 30.0  # a hanging runtime answers nothing for this long (or until stopped)
 REGISTER_ATTEMPTS = 10
-MAX_PENDING_HEARTBEATS = 512  # a registry that falls behind is not buried under more
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -69,12 +69,14 @@ class RegistryTally:
     heartbeats: Counter[int] = field(default_factory=Counter)  # status -> count
     without_answer: int = 0  # connection refused, timeout
     lost_on_purpose: int = 0
+    not_sent: int = 0  # due while the box's previous heartbeat was still unanswered
     register_retries: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"heartbeats": {str(k): v for k, v in sorted(self.heartbeats.items())},
                 "without_answer": self.without_answer,
                 "lost_on_purpose": self.lost_on_purpose,
+                "not_sent": self.not_sent,
                 "register_retries": self.register_retries}
 
 
@@ -226,6 +228,11 @@ class Fleet:
 REGISTRY_CONNECTIONS = 256  # the fleet's connections to the registry, shared by all boxes
 
 
+def _forget(pending: dict[str, asyncio.Task[None]], workspace_id: str,
+            _task: asyncio.Task[None]) -> None:
+    pending.pop(workspace_id, None)
+
+
 class RegistryClient:
     """The fleet's registry side: registers (retrying as a runtime does) and a steady
     heartbeat load over the whole fleet, each with the box's report and the next seq."""
@@ -243,6 +250,11 @@ class RegistryClient:
         # Calls wait for a connection here, not inside aiohttp, whose timeout would count it.
         self._connections = asyncio.Semaphore(REGISTRY_CONNECTIONS)
         self._load: asyncio.Task[None] | None = None
+        self._pending: dict[str, asyncio.Task[None]] = {}  # workspace -> its heartbeat
+
+    @property
+    def heartbeats_in_flight(self) -> int:
+        return len(self._pending)
 
     async def _post(self, path: str, workspace_id: str, body: dict[str, Any]) -> int:
         async with self._connections:
@@ -308,10 +320,13 @@ class RegistryClient:
             self._load = None
 
     async def _heartbeats(self, rate: float) -> None:
+        """As boxes do: each sends its next heartbeat when it is due, unless its previous one
+        is still waiting for an answer (counted as `not_sent`: a registry that falls behind
+        is not buried under more, and a box is never silenced by the others' backlog)."""
         tick = 0.05
         carry, index = 0.0, 0
         next_at = time.monotonic()
-        pending: set[asyncio.Task[None]] = set()
+        pending = self._pending
         ids = sorted(self.tokens)
         try:
             while True:
@@ -322,14 +337,17 @@ class RegistryClient:
                     index += 1
                     if self.loss and self._rand.random() < self.loss:
                         self.tally.lost_on_purpose += 1
-                    elif len(pending) < MAX_PENDING_HEARTBEATS:
+                    elif workspace_id in pending:
+                        self.tally.not_sent += 1
+                    else:
                         task = asyncio.create_task(self.heartbeat(workspace_id))
-                        pending.add(task)
-                        task.add_done_callback(pending.discard)
+                        pending[workspace_id] = task
+                        task.add_done_callback(
+                            functools.partial(_forget, pending, workspace_id))
                 next_at += tick
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         finally:
-            for task in pending:
+            for task in list(pending.values()):
                 task.cancel()
 
     async def recreate(self, workspace_ids: list[str]) -> None:

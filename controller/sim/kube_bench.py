@@ -321,10 +321,12 @@ def _tokens_of(secrets: list[dict[str, Any]]) -> dict[str, str]:
 
 @dataclass
 class Phase:
-    """What one phase cost: API writes per resource and CPU seconds per process."""
+    """Where a phase began: API writes per resource and CPU seconds per process so far,
+    and when (monotonic)."""
 
     writes: dict[str, int]
     cpu: dict[str, float]
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -333,6 +335,7 @@ class Run:
 
     api: ApiServer
     operator: Controller
+    watch: ReadyWatch
     sizes: Sizes
     scratch: Path
     say: Say
@@ -340,15 +343,21 @@ class Run:
     figures: dict[str, Any] = field(default_factory=dict)
 
     async def begin(self) -> Phase:
+        self.watch.record()
         return Phase(await self.api.writes_by_resource(), self.cpu())
 
-    async def end(self, name: str, began: Phase) -> None:
-        """Record what the phase `name` cost since `began`, under `phases` in the figures."""
+    async def end(self, name: str, began: Phase) -> dict[str, Any]:
+        """Record what the phase `name` cost since `began` (its length, API writes per
+        resource, CPU per process, what the Workspace status writes changed), under `phases`
+        in the figures."""
         writes, cpu = await self.api.writes_by_resource(), self.cpu()
-        self.figures.setdefault("phases", {})[name] = {
+        phase = self.figures.setdefault("phases", {})[name] = {
+            "seconds": round(time.monotonic() - began.at, 1),
             "api_writes": {k: v - began.writes.get(k, 0) for k, v in writes.items()
                            if v - began.writes.get(k, 0)},
-            "cpu_seconds": {k: round(v - began.cpu.get(k, 0.0), 1) for k, v in cpu.items()}}
+            "cpu_seconds": {k: round(v - began.cpu.get(k, 0.0), 1) for k, v in cpu.items()},
+            "workspace_status_changes": self.watch.recorded()}
+        return phase
 
     async def objects_to_secrets(self, ids: list[str]) -> dict[str, str]:
         began = await self.begin()
@@ -371,10 +380,9 @@ class Run:
         await self.end("objects_to_secrets", began)
         return _tokens_of(await self.api.secrets())
 
-    async def registers_to_ready(self, fleet: FleetProcess, ids: list[str],
-                                 watch: ReadyWatch) -> None:
+    async def registers_to_ready(self, fleet: FleetProcess, ids: list[str]) -> None:
         count = self.sizes.plugins
-        watch.target(f"{count}/{count}")
+        self.watch.target(f"{count}/{count}")
         began = await self.begin()
         started = time.time()
         await fleet.register(ids)
@@ -387,9 +395,9 @@ class Run:
             return await fleet.done_count() >= len(ids)
 
         all_installed = await _until(installed, "every install", started + self.sizes.deadline)
-        ready = await watch.wait_all(started + self.sizes.deadline)
+        ready = await self.watch.wait_all(started + self.sizes.deadline)
         if ready is None:
-            raise RuntimeError(f"registers: {watch.lagging()}")
+            raise RuntimeError(f"registers: {self.watch.lagging()}")
         self.figures.update(registers_seconds=round(registered - started, 2),
                             registers_to_installed_seconds=round(all_installed - started, 2),
                             registers_to_ready_seconds=round(ready - started, 2))
@@ -397,9 +405,11 @@ class Run:
                  f"every Workspace Ready after {ready - started:.1f}s")
         await self.end("registers_to_ready", began)
 
-    async def steady_writes(self, watch: ReadyWatch) -> None:
+    async def steady_writes(self, fleet: FleetProcess) -> None:
         """Heartbeats flow (since the registers), two full passes run: how many writes did
-        they make, and what did the Workspace status writes among them change?"""
+        they make, what did the Workspace status writes among them change, and did the
+        fleet's heartbeats get through meanwhile (a Workspace not heard from for the offline
+        threshold goes Offline, which is a change worth writing)?"""
         client = self.api.client
         last = await self.api.writes()
         while True:  # what the last passes left to write is written first
@@ -409,7 +419,8 @@ class Run:
                 break
             last = now
         began = await self.begin()
-        watch.record()
+        heartbeats = _heartbeat_tally(await fleet.get("/fleet/state"))
+        answers = _heartbeat_seconds(await self.operator.metrics(client))
         passes = (await self.operator.metrics(client)).total("pluginctl_reconcile_total",
                                                               trigger="periodic")
 
@@ -420,26 +431,35 @@ class Run:
         await _until(two_more, "two full passes", time.time() + 3 * self.sizes.interval
                      + self.sizes.deadline, every=0.5)
         await asyncio.sleep(1)  # the second pass's mirror
-        await self.end("steady_passes", began)  # which resources, if any were written
-        changes = self.figures["phases"]["steady_passes"]["workspace_status_changes"] = \
-            watch.recorded()
+        steady = await self.end("steady_passes", began)  # which resources, if any were written
+        changes = steady["workspace_status_changes"]
+        after = _heartbeat_tally(await fleet.get("/fleet/state"))
+        steady["fleet_heartbeats"] = {k: v - heartbeats.get(k, 0) for k, v in after.items()}
+        took = _heartbeat_seconds(await self.operator.metrics(client))
+        answered = {k: int(v - answers.get(k, 0)) for k, v in took.items()}
+        steady["registry_heartbeats"] = {  # as the operator's registry timed them
+            "answered": answered.get("+Inf", 0),
+            "slower_than_1s": answered.get("+Inf", 0) - answered.get("1", 0),
+            "slower_than_5s": answered.get("+Inf", 0) - answered.get("5", 0)}
         writes = sum(self.figures["phases"]["steady_passes"]["api_writes"].values())
         self.figures["steady_pass_writes"] = writes
         self.say(f"  two steady full passes under heartbeats: {writes} API writes")
         for change, count in list(changes.items())[:5]:
             self.say(f"    {count} Workspace status writes changed {change}")
+        self.say(f"    meanwhile the fleet's heartbeats: {steady['fleet_heartbeats']}; "
+                 f"the registry's: {steady['registry_heartbeats']}")
 
-    async def template_change(self, watch: ReadyWatch) -> None:
+    async def template_change(self) -> None:
         """One plugin more in the template, heartbeats still flowing."""
         count = self.sizes.plugins + 1
-        watch.target(f"{count}/{count}")
+        self.watch.target(f"{count}/{count}")
         began = await self.begin()
         started = time.time()
         await self.api.patch("workspacetemplates", TEMPLATE,
                              {"spec": _template(PLUGINS[:count], "")["spec"]})
-        ready = await watch.wait_all(started + self.sizes.deadline)
+        ready = await self.watch.wait_all(started + self.sizes.deadline)
         if ready is None:
-            raise RuntimeError(f"template change: {watch.lagging()}")
+            raise RuntimeError(f"template change: {self.watch.lagging()}")
         self.figures["template_change_to_ready_seconds"] = round(ready - started, 2)
         self.say(f"  template change: every Workspace Ready after {ready - started:.1f}s")
         await self.end("template_change_to_ready", began)
@@ -461,6 +481,24 @@ def _fleet_figures(state: dict[str, Any]) -> dict[str, int]:
             "installed_more_than_once": int(state["puts"]) - installed,
             "overlapping_calls": int(state["overlaps"]),
             "register_retries": int((state.get("registry") or {}).get("register_retries", 0))}
+
+
+def _heartbeat_tally(state: dict[str, Any]) -> dict[str, int]:
+    """The fleet's heartbeats so far: answered (by status code), without an answer, and not
+    sent because too many were still waiting for an answer."""
+    tally = state.get("registry") or {}
+    return {**{f"answered {code}": int(n) for code, n in (tally.get("heartbeats") or {}).items()},
+            "without_answer": int(tally.get("without_answer", 0)),
+            "not_sent": int(tally.get("not_sent", 0))}
+
+
+def _heartbeat_seconds(page: Scrape) -> dict[str, float]:
+    """The registry's heartbeat request-duration histogram: cumulative count per upper
+    bound ("1", "5", "+Inf")."""
+    buckets = page.by("pluginctl_registry_request_seconds_bucket", "le",
+                      endpoint="/registry/heartbeat")
+    return {(bound if bound == "+Inf" else f"{float(bound):g}"): count
+            for bound, count in buckets.items()}
 
 
 def _database(scratch: Path, label: str) -> str:
@@ -492,8 +530,8 @@ async def operator_run(plane: control_plane.ControlPlane, sizes: Sizes, scratch:
                 "fleet": cpu_seconds(fleet.process.pid) if fleet is not None else 0.0,
                 "bench": cpu_seconds(os.getpid())}
 
-    run = Run(api, operator, sizes, scratch, say, cpu)
     watch = ReadyWatch(api, len(ids))
+    run = Run(api, operator, watch, sizes, scratch, say, cpu)
     watching = asyncio.create_task(watch.run())
     try:
         await operator.started(api.client)
@@ -503,9 +541,9 @@ async def operator_run(plane: control_plane.ControlPlane, sizes: Sizes, scratch:
         fleet = FleetProcess(install_delay=INSTALL_SECONDS, expected=sizes.plugins,
                              registry_url=operator.url, tokens_file=tokens_file)
         await fleet.started()
-        await run.registers_to_ready(fleet, ids, watch)
-        await run.steady_writes(watch)
-        await run.template_change(watch)
+        await run.registers_to_ready(fleet, ids)
+        await run.steady_writes(fleet)
+        await run.template_change()
         run.figures.update(_fleet_figures(await fleet.get("/fleet/state")))
         run.figures.update(operator_peak_rss_mb=operator.peak_rss_mb(),
                            operator_log_lines=operator.log_lines(), cpu_seconds={

@@ -369,6 +369,7 @@ class Soak:
             "heartbeats_counted_by_registry": {k: int(v) for k, v in sorted(counted.items())},
             "heartbeats_without_answer": fleet_tally["without_answer"],
             "heartbeats_lost_on_purpose": fleet_tally["lost_on_purpose"],
+            "heartbeats_not_sent": fleet_tally["not_sent"],  # the registry was behind
             "register_retries": fleet_tally["register_retries"],
             "faults": self.tally.faults,
             "template_changed": self.tally.template_changed,

@@ -1165,6 +1165,10 @@ async def test_bench_kubernetes_section_runs_tiny(plane: kube.ControlPlane,
                                      "steady_passes", "template_change_to_ready"}
     assert result["phases"]["steady_passes"]["api_writes"] == {}
     assert result["phases"]["steady_passes"]["workspace_status_changes"] == {}
+    assert all(phase["seconds"] > 0 for phase in result["phases"].values())
+    heartbeats = result["phases"]["steady_passes"]["fleet_heartbeats"]
+    assert heartbeats["not_sent"] == heartbeats["without_answer"] == 0, heartbeats
+    assert set(heartbeats) - {"not_sent", "without_answer"} <= {"answered 200"}, heartbeats
     assert result["installed_more_than_once"] == 0
     assert result["installs_seen_by_runtimes"] == 5 * 4  # three plugins, then one more
     assert result["baseline"]["standalone"]["installs_seen_by_runtimes"] == 5 * 3

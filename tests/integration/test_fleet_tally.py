@@ -1,0 +1,41 @@
+"""The simulated fleet paces heartbeats as boxes do and says when they did not get through:
+against a registry that never answers, each box has one heartbeat waiting and sends no other
+meanwhile; every heartbeat due meanwhile is counted as not sent rather than dropped silently
+(the Kubernetes bench reads this beside the writes of its steady passes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from controller.sim import fleet as fleet_mod
+
+
+async def test_a_box_sends_no_heartbeat_while_its_last_is_unanswered() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # keep the connection open, answer nothing
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fleet = fleet_mod.Fleet()
+    ids = [f"ws-{i}" for i in range(50)]
+    registry = fleet.connect(f"http://127.0.0.1:{port}", {w: f"token-{w}" for w in ids})
+    try:
+        registry.start_heartbeats(rate=2_000)  # each box due every 0.025 s
+        deadline = time.monotonic() + 20
+        while registry.tally.not_sent < 500 and time.monotonic() < deadline:
+            assert registry.heartbeats_in_flight <= len(ids)
+            await asyncio.sleep(0.05)
+        assert registry.heartbeats_in_flight == len(ids)  # one waiting per box, no more
+        assert len(accepted) == len(ids)  # (each on a connection of its own)
+        assert registry.tally.not_sent >= 500
+        assert registry.tally.to_json()["not_sent"] == registry.tally.not_sent
+        assert sum(registry.tally.heartbeats.values()) == 0  # none was answered
+    finally:
+        await registry.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
