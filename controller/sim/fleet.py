@@ -251,6 +251,7 @@ class RegistryClient:
         self._connections = asyncio.Semaphore(REGISTRY_CONNECTIONS)
         self._load: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Task[None]] = {}  # workspace -> its heartbeat
+        self.registered: set[str] = set()  # boxes the registry accepted: only they heartbeat
 
     @property
     def heartbeats_in_flight(self) -> int:
@@ -275,6 +276,8 @@ class RegistryClient:
             try:
                 code = await self._post("/registry/register", workspace_id,
                                         {"url": self.fleet.runtime_url(workspace_id)})
+                if 200 <= code < 300:
+                    self.registered.add(workspace_id)  # heartbeats from now on
                 if code < 500:
                     return code
             except (aiohttp.ClientError, TimeoutError):
@@ -320,9 +323,10 @@ class RegistryClient:
             self._load = None
 
     async def _heartbeats(self, rate: float) -> None:
-        """As boxes do: each sends its next heartbeat when it is due, unless its previous one
-        is still waiting for an answer (counted as `not_sent`: a registry that falls behind
-        is not buried under more, and a box is never silenced by the others' backlog)."""
+        """As boxes do: each box the registry accepted (and none before) sends its next
+        heartbeat when it is due, unless its previous one is still waiting for an answer
+        (counted as `not_sent`: a registry that falls behind is not buried under more, and a
+        box is never silenced by the others' backlog)."""
         tick = 0.05
         carry, index = 0.0, 0
         next_at = time.monotonic()
@@ -335,6 +339,8 @@ class RegistryClient:
                 for _ in range(batch):
                     workspace_id = ids[index % len(ids)]
                     index += 1
+                    if workspace_id not in self.registered:
+                        continue
                     if self.loss and self._rand.random() < self.loss:
                         self.tally.lost_on_purpose += 1
                     elif workspace_id in pending:

@@ -384,12 +384,13 @@ class Run:
         count = self.sizes.plugins
         self.watch.target(f"{count}/{count}")
         began = await self.begin()
+        # Each runtime heartbeats once registered, as real ones do (every HEARTBEAT_EVERY s):
+        # a register storm longer than the offline threshold must not turn the early ones
+        # Offline.
+        await fleet.post("/fleet/heartbeats", {"rate": len(ids) / HEARTBEAT_EVERY})
         started = time.time()
         await fleet.register(ids)
         registered = time.time()
-        # Runtimes heartbeat from now on, as real ones do (each every HEARTBEAT_EVERY s):
-        # a storm longer than the offline threshold would otherwise end all Offline.
-        await fleet.post("/fleet/heartbeats", {"rate": len(ids) / HEARTBEAT_EVERY})
 
         async def installed() -> bool:
             return await fleet.done_count() >= len(ids)

@@ -9,9 +9,11 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import (
     ColumnElement,
+    Text,
     and_,
     bindparam,
     case,
+    cast,
     select,
     true,
     update,
@@ -23,7 +25,7 @@ from controller.domain.models import (
     Observed,
     Plugin,
 )
-from controller.store.queries.rows import report_from_json
+from controller.store.queries.rows import report_from_text
 from controller.store.tables import (
     AttemptRow,
     Base,
@@ -91,26 +93,32 @@ def load_observed(
     or of `only` these ids; restarts within `restart_window` before `now` (the budget's
     window: older rows are pruned anyway). Four queries, however many workspaces there are."""
     selected = _selection(now, offline_after, only)
-    # Plain column rows, not ORM objects: this is the hot path of every pass.
-    rows = session.execute(select(
+    # Core on the session's connection, not the ORM's execute: plain rows, none of the ORM's
+    # loading machinery per row (this reads every workspace for every full pass and mirror).
+    session.flush()  # (which the ORM's execute would do): what this transaction added counts
+    connection = session.connection()
+    rows = connection.execute(select(
         WorkspaceRow.workspace_id, WorkspaceRow.url, WorkspaceRow.registered_at,
-        WorkspaceRow.last_seen_at, WorkspaceRow.dormant, WorkspaceRow.report,
+        WorkspaceRow.last_seen_at, WorkspaceRow.dormant,
+        cast(WorkspaceRow.report, Text).label("report_text"),
         WorkspaceRow.report_at, WorkspaceRow.restart_pending, WorkspaceRow.runtime_error,
     ).where(selected)).all()
 
     owned: dict[str, dict[str, Plugin]] = defaultdict(dict)
-    for owned_row in session.execute(
+    plugins: dict[tuple[str, str, str | None], Plugin] = {}  # one frozen Plugin per kind
+    for workspace_id, name, source, digest in connection.execute(
         select(OwnedPluginRow.workspace_id, OwnedPluginRow.name, OwnedPluginRow.source,
                OwnedPluginRow.digest)
         .join(WorkspaceRow, WorkspaceRow.workspace_id == OwnedPluginRow.workspace_id)
         .where(selected)
     ):
-        owned[owned_row.workspace_id][owned_row.name] = Plugin(
-            owned_row.name, owned_row.source, owned_row.digest
-        )
+        plugin = plugins.get(key := (name, source, digest))
+        if plugin is None:
+            plugin = plugins[key] = Plugin(name, source, digest)
+        owned[workspace_id][name] = plugin
 
     attempts: dict[str, dict[str, Attempt]] = defaultdict(dict)
-    for attempt_row in session.execute(
+    for attempt_row in connection.execute(
         select(AttemptRow.workspace_id, AttemptRow.key, AttemptRow.failures,
                AttemptRow.last_error, AttemptRow.last_attempt_at, AttemptRow.next_retry_at)
         .join(WorkspaceRow, WorkspaceRow.workspace_id == AttemptRow.workspace_id)
@@ -129,7 +137,7 @@ def load_observed(
         .order_by(RestartRow.at)
     )
     restart_query = restart_query.where(RestartRow.at > now - restart_window)
-    for restart_row in session.execute(restart_query):
+    for restart_row in connection.execute(restart_query):
         restarts[restart_row.workspace_id].append(restart_row.at)
 
     return {
@@ -139,7 +147,7 @@ def load_observed(
             registered_at=row.registered_at,
             last_seen_at=row.last_seen_at,
             dormant=row.dormant,
-            report=report_from_json(row.report),
+            report=report_from_text(row.report_text),
             report_at=row.report_at,
             owned=owned.get(row.workspace_id, {}),
             attempts=attempts.get(row.workspace_id, {}),
