@@ -62,6 +62,9 @@ class Trouble:
                 and zlib.crc32(workspace_id.encode()) % 1000 < self.share * 1000)
 
 
+WAIT_BOUNDS = (0.1, 1.0, 5.0, 20.0)  # seconds: how long heartbeats waited for an answer
+
+
 @dataclass
 class RegistryTally:
     """What the registry answered the fleet's heartbeats and registers."""
@@ -71,13 +74,21 @@ class RegistryTally:
     lost_on_purpose: int = 0
     not_sent: int = 0  # due while the box's previous heartbeat was still unanswered
     register_retries: int = 0
+    #: Answered heartbeats by how long the box waited, from when it was due (the fleet's
+    #: wait for one of its REGISTRY_CONNECTIONS included): upper bound in s -> count
+    waited: Counter[str] = field(default_factory=Counter)
 
     def to_json(self) -> dict[str, Any]:
         return {"heartbeats": {str(k): v for k, v in sorted(self.heartbeats.items())},
                 "without_answer": self.without_answer,
                 "lost_on_purpose": self.lost_on_purpose,
                 "not_sent": self.not_sent,
-                "register_retries": self.register_retries}
+                "register_retries": self.register_retries,
+                "waited": dict(self.waited)}
+
+    def answered_after(self, seconds: float) -> None:
+        self.waited[next((f"{bound:g}" for bound in WAIT_BOUNDS if seconds <= bound),
+                         "longer")] += 1
 
 
 class Fleet:
@@ -302,12 +313,14 @@ class RegistryClient:
         return await self.register(workspace_id)
 
     async def heartbeat(self, workspace_id: str) -> None:
+        due = time.monotonic()
         try:
             code = await self._post("/registry/heartbeat", workspace_id, {})
         except (aiohttp.ClientError, TimeoutError):
             self.tally.without_answer += 1
             return
         self.tally.heartbeats[code] += 1
+        self.tally.answered_after(time.monotonic() - due)
         if code == 409:  # the registry lost us: register again, as the answer asks
             await self.register(workspace_id)
 

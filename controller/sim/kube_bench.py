@@ -485,10 +485,12 @@ def _fleet_figures(state: dict[str, Any]) -> dict[str, int]:
 
 
 def _heartbeat_tally(state: dict[str, Any]) -> dict[str, int]:
-    """The fleet's heartbeats so far: answered (by status code), without an answer, and not
-    sent because too many were still waiting for an answer."""
+    """The fleet's heartbeats so far: answered (by status code, and by how long the box
+    waited), without an answer, and not sent because the box's last was still unanswered."""
     tally = state.get("registry") or {}
     return {**{f"answered {code}": int(n) for code, n in (tally.get("heartbeats") or {}).items()},
+            **{f"waited {'<= ' + bound + ' s' if bound != 'longer' else 'longer'}": int(n)
+               for bound, n in (tally.get("waited") or {}).items()},
             "without_answer": int(tally.get("without_answer", 0)),
             "not_sent": int(tally.get("not_sent", 0))}
 

@@ -76,6 +76,9 @@ async def test_only_boxes_the_registry_accepted_heartbeat() -> None:
         assert min(heard[w] for w in ids[:5]) >= 3  # every accepted box heartbeats
         assert set(heard) == set(ids[:5])  # and no other (each came due 40 times a second)
         assert registry.registered == set(ids[:5])
+        # every answer is counted by how long its box waited, from when it was due
+        assert sum(registry.tally.waited.values()) == sum(registry.tally.heartbeats.values())
+        assert set(registry.tally.waited) <= {"0.1", "1", "5", "20", "longer"}
     finally:
         await registry.close()
         await runner.cleanup()
