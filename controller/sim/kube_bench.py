@@ -384,6 +384,7 @@ class Run:
         count = self.sizes.plugins
         self.watch.target(f"{count}/{count}")
         began = await self.begin()
+        heartbeats = _heartbeat_tally(await fleet.get("/fleet/state"))
         # Each runtime heartbeats once registered, as real ones do (every HEARTBEAT_EVERY s):
         # a register storm longer than the offline threshold must not turn the early ones
         # Offline.
@@ -404,7 +405,10 @@ class Run:
                             registers_to_ready_seconds=round(ready - started, 2))
         self.say(f"  registers: every plugin installed after {all_installed - started:.1f}s, "
                  f"every Workspace Ready after {ready - started:.1f}s")
-        await self.end("registers_to_ready", began)
+        phase = await self.end("registers_to_ready", began)
+        phase["fleet_heartbeats"] = _since(heartbeats,
+                                           _heartbeat_tally(await fleet.get("/fleet/state")))
+        self.say(f"    meanwhile the fleet's heartbeats: {phase['fleet_heartbeats']}")
 
     async def steady_writes(self, fleet: FleetProcess) -> None:
         """Heartbeats flow (since the registers), two full passes run: how many writes did
@@ -434,8 +438,8 @@ class Run:
         await asyncio.sleep(1)  # the second pass's mirror
         steady = await self.end("steady_passes", began)  # which resources, if any were written
         changes = steady["workspace_status_changes"]
-        after = _heartbeat_tally(await fleet.get("/fleet/state"))
-        steady["fleet_heartbeats"] = {k: v - heartbeats.get(k, 0) for k, v in after.items()}
+        steady["fleet_heartbeats"] = _since(heartbeats,
+                                            _heartbeat_tally(await fleet.get("/fleet/state")))
         took = _heartbeat_seconds(await self.operator.metrics(client))
         answered = {k: int(v - answers.get(k, 0)) for k, v in took.items()}
         steady["registry_heartbeats"] = {  # as the operator's registry timed them
@@ -493,6 +497,10 @@ def _heartbeat_tally(state: dict[str, Any]) -> dict[str, int]:
                for bound, n in (tally.get("waited") or {}).items()},
             "without_answer": int(tally.get("without_answer", 0)),
             "not_sent": int(tally.get("not_sent", 0))}
+
+
+def _since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items()}
 
 
 def _heartbeat_seconds(page: Scrape) -> dict[str, float]:

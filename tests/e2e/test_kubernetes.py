@@ -1166,6 +1166,7 @@ async def test_bench_kubernetes_section_runs_tiny(plane: kube.ControlPlane,
     assert result["phases"]["steady_passes"]["api_writes"] == {}
     assert result["phases"]["steady_passes"]["workspace_status_changes"] == {}
     assert all(phase["seconds"] > 0 for phase in result["phases"].values())
+    assert result["phases"]["registers_to_ready"]["fleet_heartbeats"]["without_answer"] == 0
     heartbeats = result["phases"]["steady_passes"]["fleet_heartbeats"]
     assert heartbeats["not_sent"] == heartbeats["without_answer"] == 0, heartbeats
     assert {k for k in heartbeats if not k.startswith("waited ")} - {
