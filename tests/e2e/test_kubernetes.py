@@ -150,6 +150,8 @@ def operators(plane: kube.ControlPlane, namespace: str, tmp_path: Path
     yield start
     for operator in started:
         operator.stop()
+        # Captured, so shown only beside a failure: what the operator said meanwhile.
+        print(f"--- the log of operator {operator.identity} ends:\n{operator.log_tail()}")
 
 
 def _healthy(url: str) -> bool:
