@@ -44,9 +44,11 @@ def namespace(plane: kube.ControlPlane) -> Iterator[str]:
     try:
         yield name
     finally:
-        # Operators of later tests watch cluster-wide: leave nothing of ours behind.
+        # Operators of later tests watch cluster-wide: leave nothing of ours behind (a
+        # Workspace left here would claim its id before a later test's Workspace of the same
+        # name), and say so at once if the delete fails.
         plane.kubectl("delete", "workspaces,workspacetemplates", "--all", "-n", name,
-                      "--wait=false", check=False)
+                      "--wait=true", "--timeout=60s", timeout=90)
 
 
 def apply(plane: kube.ControlPlane, namespace: str, *documents: dict[str, object]) -> None:
