@@ -1061,22 +1061,19 @@ async def test_heartbeats_go_on_after_an_answer_that_is_not_json(tmp_path: Path)
 
     app = web.Application()
     app.router.add_post("/registry/heartbeat", heartbeat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    from aiohttp.test_utils import TestServer
+
     from controller.agent.simulated import ReferenceRuntime
 
-    agent = ReferenceRuntime("ws-1", registry_url=f"http://127.0.0.1:{port}", token="t",
-                             heartbeat_interval=0.1)
-    await agent.start()
-    try:
-        agent.start_heartbeats()
-        await wait_for(lambda: len(heartbeats) >= 4, "heartbeats after the bad answer")
-    finally:
-        await agent.stop()
-        await runner.cleanup()
+    async with TestServer(app, host="127.0.0.1") as server:
+        agent = ReferenceRuntime("ws-1", registry_url=str(server.make_url("")).rstrip("/"),
+                                 token="t", heartbeat_interval=0.1)
+        await agent.start()
+        try:
+            agent.start_heartbeats()
+            await wait_for(lambda: len(heartbeats) >= 4, "heartbeats after the bad answer")
+        finally:
+            await agent.stop()
 
 
 async def test_a_change_made_while_a_restart_runs_still_owes_a_restart(

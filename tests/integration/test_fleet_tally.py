@@ -11,6 +11,7 @@ import collections
 import time
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from controller.sim import fleet as fleet_mod
 
@@ -59,26 +60,22 @@ async def test_only_boxes_the_registry_accepted_heartbeat() -> None:
     app = web.Application()
     app.router.add_post("/registry/register", register)
     app.router.add_post("/registry/heartbeat", heartbeat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    fleet = fleet_mod.Fleet()
-    ids = [f"ws-{i}" for i in range(10)]
-    registry = fleet.connect(f"http://127.0.0.1:{port}", {w: f"token-{w}" for w in ids})
-    try:
-        registry.start_heartbeats(rate=400)  # before any register, as the bench starts them
-        assert await registry.register_all(ids[:5])
-        deadline = time.monotonic() + 20
-        while min(heard[w] for w in ids[:5]) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert min(heard[w] for w in ids[:5]) >= 3  # every accepted box heartbeats
-        assert set(heard) == set(ids[:5])  # and no other (each came due 40 times a second)
-        assert registry.registered == set(ids[:5])
-        # every answer is counted by how long its box waited, from when it was due
-        assert sum(registry.tally.waited.values()) == sum(registry.tally.heartbeats.values())
-        assert set(registry.tally.waited) <= {"0.1", "1", "5", "20", "longer"}
-    finally:
-        await registry.close()
-        await runner.cleanup()
+    async with TestServer(app, host="127.0.0.1") as server:
+        fleet = fleet_mod.Fleet()
+        ids = [f"ws-{i}" for i in range(10)]
+        registry = fleet.connect(str(server.make_url("")).rstrip("/"),
+                                 {w: f"token-{w}" for w in ids})
+        try:
+            registry.start_heartbeats(rate=400)  # before any register, as the bench starts them
+            assert await registry.register_all(ids[:5])
+            deadline = time.monotonic() + 20
+            while min(heard[w] for w in ids[:5]) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert min(heard[w] for w in ids[:5]) >= 3  # every accepted box heartbeats
+            assert set(heard) == set(ids[:5])  # and no other (each came due 40 times a second)
+            assert registry.registered == set(ids[:5])
+            # every answer is counted by how long its box waited, from when it was due
+            assert sum(registry.tally.waited.values()) == sum(registry.tally.heartbeats.values())
+            assert set(registry.tally.waited) <= {"0.1", "1", "5", "20", "longer"}
+        finally:
+            await registry.close()
